@@ -1,0 +1,198 @@
+"""Numpy reference kernels: the ground truth every other backend is tested against.
+
+Written for clarity, vectorised where that stays readable. Attention loops over sequences (each has
+its own length and block table) and is vectorised over heads and tokens inside a sequence. Softmax
+and norms accumulate in float32 with the max subtracted, as the fast kernels must.
+
+Shapes follow `kernels.interface` (T tokens, B sequences, E width, H/Hkv heads, D head dim, N blocks,
+P tokens per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.interface import Array
+
+
+# ---------------------------------------------------------------- elementwise and matmul ops
+def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[V, E], [T] -> [T, E]: one row of the table per token."""
+    return table[ids]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """[T, E] -> [T, E]: x / sqrt(mean(x^2) + eps) * weight (Llama's RMSNorm, no mean subtraction)."""
+    variance = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + np.float32(eps))) * weight
+
+
+def add_rms_norm(residual: np.ndarray, delta: np.ndarray, weight: np.ndarray,
+                 eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """[T, E] x2 -> (residual + delta, rms_norm(residual + delta)): the residual add fused with the
+    next norm, since fast backends save a full read and write of the residual stream this way."""
+    summed = residual + delta
+    return summed, rms_norm(summed, weight, eps)
+
+
+def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """[T, I], [O, I] -> [T, O]: x @ weight.T (weights keep the HF [out, in] layout)."""
+    return x @ weight.T
+
+
+def rope_angles(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """[T] -> cos, sin [T, D/2]. inv_freq[j] = theta^(-2j/D); computed in float64 so that long
+    positions keep their precision, then rounded to float32."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """[T, H, D] -> [T, H, D]: rotary embedding in HF's rotate_half form, i.e. dims (j, j + D/2)
+    of each head rotate together by angle position * inv_freq[j]."""
+    half = x.shape[-1] // 2
+    cos, sin = rope_angles(positions, x.shape[-1], theta)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """[T, 2F] -> [T, F]: silu(gate) * up, with gate and up stored side by side (one GEMM makes both)."""
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+# ---------------------------------------------------------------- paged KV cache
+def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
+             slot_mapping: np.ndarray) -> None:
+    """Store each token's key and value [T, Hkv, D] at its cache slot (in place, caches [N, P, Hkv, D])."""
+    block_tokens = k_cache.shape[1]
+    blocks, rows = np.divmod(slot_mapping, block_tokens)
+    k_cache[blocks, rows] = k
+    v_cache[blocks, rows] = v
+
+
+def gather_context(cache: np.ndarray, block_table: np.ndarray, length: int) -> np.ndarray:
+    """[N, P, Hkv, D], block table [M] -> the first `length` cached tokens [length, Hkv, D]."""
+    num_blocks = -(-length // cache.shape[1])
+    return cache[block_table[:num_blocks]].reshape(-1, *cache.shape[2:])[:length]
+
+
+def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_position: int,
+            scale: float) -> np.ndarray:
+    """Causal GQA attention of one sequence.
+
+    q [Q, H, D] holds the queries at positions first_position .. first_position + Q - 1;
+    keys/values [L, Hkv, D] hold positions 0 .. L - 1 (L = first_position + Q). Query i sees keys
+    0 .. first_position + i.
+    """
+    num_queries, num_heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = num_heads // kv_heads
+    qg = q.reshape(num_queries, kv_heads, group, head_dim)
+    scores = np.einsum("qkgd,tkd->kgqt", qg, keys) * np.float32(scale)          # [Hkv, G, Q, L]
+    query_pos = first_position + np.arange(num_queries)
+    allowed = np.arange(keys.shape[0])[None, :] <= query_pos[:, None]           # [Q, L]
+    scores = np.where(allowed, scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = np.einsum("kgqt,tkd->qkgd", weights, values)                          # [Q, Hkv, G, D]
+    return out.reshape(num_queries, num_heads, head_dim)
+
+
+def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                      query_start: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:
+    """q [T, H, D] packed over B sequences (sequence b owns rows query_start[b]:query_start[b+1]);
+    its queries are the last tokens of its context_lens[b] cached tokens (so a chunked prefill or a
+    cached prefix works). -> [T, H, D]."""
+    out = np.empty_like(q)
+    for b in range(len(context_lens)):
+        lo, hi = int(query_start[b]), int(query_start[b + 1])
+        length = int(context_lens[b])
+        keys = gather_context(k_cache, block_tables[b], length)
+        values = gather_context(v_cache, block_tables[b], length)
+        out[lo:hi] = _attend(q[lo:hi], keys, values, length - (hi - lo), scale)
+    return out
+
+
+def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                     context_lens: np.ndarray, scale: float) -> np.ndarray:
+    """q [B, H, D]: one new query per sequence, at the last of its context_lens[b] cached tokens."""
+    query_start = np.arange(len(context_lens) + 1)
+    return prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
+
+
+# ---------------------------------------------------------------- sampling (host side, every backend)
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one sequence picks its next token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
+    """[V] -> one token id. Temperature, then top-k, then top-p (nucleus), then one draw from `rng`.
+
+    Each request owns its `rng` (seeded from the request's seed), so its draws do not depend on
+    which other requests share the batch: the same seed gives the same text, batched or not.
+    """
+    if settings.greedy:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / settings.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if settings.top_k > 0:
+        order = order[:settings.top_k]
+    chosen = scaled[order]
+    probs = np.exp(chosen - chosen[0])
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p)) + 1
+        probs = probs[:keep] / probs[:keep].sum()
+        order = order[:keep]
+    return int(order[rng.choice(len(probs), p=probs)])
+
+
+# ---------------------------------------------------------------- the backend object
+class ReferenceKernels:
+    """The numpy backend: the functions above behind the `Kernels` protocol."""
+
+    name = "reference"
+
+    def asarray(self, host: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(host)
+
+    def to_numpy(self, a: Array) -> np.ndarray:
+        return np.asarray(a)
+
+    def zeros(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def move_blocks(self, src_cache: np.ndarray, dst_cache: np.ndarray, src_ids: np.ndarray,
+                    dst_ids: np.ndarray) -> None:
+        """Copy blocks src_ids of src_cache into blocks dst_ids of dst_cache (axis 1 = blocks of
+        a [L, N, P, Hkv, D] cache): how a KV resize compacts the used blocks into a new pool."""
+        dst_cache[:, dst_ids] = src_cache[:, src_ids]
+
+    def argmax(self, logits: np.ndarray) -> np.ndarray:
+        return np.argmax(logits, axis=-1)
+
+    embedding = staticmethod(embedding)
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    linear = staticmethod(linear)
+    rope = staticmethod(rope)
+    silu_mul = staticmethod(silu_mul)
+    write_kv = staticmethod(write_kv)
+    prefill_attention = staticmethod(prefill_attention)
+    decode_attention = staticmethod(decode_attention)

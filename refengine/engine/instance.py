@@ -1,0 +1,218 @@
+"""One model on one device, advanced one engine iteration at a time.
+
+`Instance.step()` is the only thing that runs the model. Each call is either a prefill iteration
+(the waiting prompts that fit a token budget, a long prompt in chunks) or a decode iteration (one new
+token for every running sequence), never both: SLINFER times and schedules the two kinds apart
+(§4.2.3). Sequences join and leave between steps, which is all continuous batching is.
+
+A sequence's uncached tokens are what an iteration feeds: its whole prompt (or the rest of it) in a
+prefill, its newest token in a decode. When an iteration leaves a sequence fully cached, the logits of
+its last token pick the next one. A sequence preempted for KV space loses its cache and simply
+becomes waiting again: its next prefill recomputes prompt and output alike.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+import numpy as np
+
+from kernels.reference import sample
+from models.llama import LlamaModel, StepInputs
+from refengine.engine.kv_cache import PagedKVCache, ResizeReport
+from refengine.engine.sequence import FinishReason, RequestError, SamplingParams, Sequence, SequenceStatus
+from refengine.engine.step_result import FinishedSequence, StepKind, StepResult, TokenOutput
+from refengine.engine.text_stream import Detokenizer, TextStream
+
+
+class _NoText:
+    """Detokenizer for token-only use (random-weight models in tests, benchmarks)."""
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens it feeds this iteration)
+
+
+class Instance:
+    def __init__(self, model: LlamaModel, num_blocks: int, *, block_tokens: int = 16,
+                 max_model_len: int | None = None, max_prefill_tokens: int = 2048, max_running: int = 256,
+                 new_detokenizer: Callable[[], Detokenizer] | None = None):
+        self.model = model
+        self.kv = PagedKVCache(model.config, model.kernels, num_blocks, block_tokens)
+        self.max_model_len = min(model.config.max_position_embeddings, max_model_len or 1 << 62)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_running = max_running
+        self.new_detokenizer = new_detokenizer or _NoText
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._streams: dict[int, TextStream] = {}
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- requests in and out
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
+        """Queue a request for the next prefill. Raises RequestError for input it can never serve."""
+        params.validate(len(prompt_ids), self.max_model_len)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        needed = self.kv.blocks_for(len(prompt_ids) + params.max_tokens)
+        if needed > self.kv.num_blocks:
+            raise RequestError(f"the request needs {needed} KV blocks but this instance's cache has "
+                               f"{self.kv.num_blocks}; grow the cache or lower max_tokens")
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params)
+        self._streams[seq.seq_id] = TextStream(self.new_detokenizer(), params.stop)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> FinishedSequence | None:
+        """Cancel a sequence now (between steps): its blocks go back to the pool at once."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    return self._finish(seq, FinishReason.ABORT)
+        return None
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return list(self.waiting) + self.running
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def resize_kv(self, num_blocks: int) -> ResizeReport:
+        return self.kv.resize(num_blocks, self.sequences)
+
+    # ---------------------------------------------------------------- one iteration
+    def step(self) -> StepResult | None:
+        """Run one prefill or decode iteration; None if there is nothing to do."""
+        started = time.perf_counter()
+        kind, scheduled, preempted = self._schedule()
+        if not scheduled:
+            return None
+        inputs = self._step_inputs(scheduled, kind)
+        logits = self.model.forward(inputs, self.kv.k, self.kv.v)
+        for seq, n in scheduled:
+            seq.num_cached_tokens += n
+        completed = [i for i, (seq, _) in enumerate(scheduled) if seq.num_uncached_tokens == 0]
+        new_ids = self._sample([scheduled[i][0] for i in completed], logits, completed)
+        tokens, finished = [], []
+        for i, token_id in zip(completed, new_ids):
+            seq = scheduled[i][0]
+            text, reason = self._append(seq, int(token_id))
+            tokens.append(TokenOutput(seq.seq_id, int(token_id), text))
+            if reason is not None:
+                finished.append(self._finish(seq, reason))
+            elif seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+        return StepResult(
+            kind=kind, seq_ids=tuple(seq.seq_id for seq, _ in scheduled),
+            num_tokens=int(len(inputs.token_ids)), context_tokens=int(inputs.context_lens.sum()),
+            tokens=tuple(tokens), finished=tuple(finished), preempted=tuple(s.seq_id for s in preempted),
+            blocks_used=self.kv.num_used_blocks, blocks_total=self.kv.num_blocks,
+            elapsed_s=time.perf_counter() - started)
+
+    # ---------------------------------------------------------------- steps of a step
+    def _schedule(self) -> tuple[StepKind, Scheduled, list[Sequence]]:
+        """Prefill if any waiting prompt fits; otherwise decode every running sequence, preempting
+        the youngest ones if the pool cannot give each its next slot."""
+        prefill = self._schedule_prefill()
+        if prefill:
+            return StepKind.PREFILL, prefill, []
+        scheduled: Scheduled = []
+        preempted: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while not self.kv.reserve(seq, seq.num_tokens):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, 1))
+        return StepKind.DECODE, scheduled, preempted
+
+    def _schedule_prefill(self) -> Scheduled:
+        budget, scheduled = self.max_prefill_tokens, []
+        for seq in self.waiting:
+            if budget == 0 or len(self.running) + len(scheduled) >= self.max_running:
+                break
+            n = min(seq.num_uncached_tokens, budget)
+            if not self.kv.reserve(seq, seq.num_cached_tokens + n):
+                break
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _step_inputs(self, scheduled: Scheduled, kind: StepKind) -> StepInputs:
+        starts = [seq.num_cached_tokens for seq, _ in scheduled]
+        counts = [n for _, n in scheduled]
+        width = max(len(seq.block_table) for seq, _ in scheduled)
+        tables = np.full((len(scheduled), width), -1, dtype=np.int32)
+        for b, (seq, _) in enumerate(scheduled):
+            tables[b, :len(seq.block_table)] = seq.block_table
+        return StepInputs(
+            is_prefill=kind is StepKind.PREFILL,
+            token_ids=np.concatenate([seq.token_ids[s:s + n] for (seq, n), s in zip(scheduled, starts)]).astype(np.int64),
+            positions=np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]).astype(np.int64),
+            slot_mapping=np.concatenate([self.kv.slots(seq, s, s + n) for (seq, n), s in zip(scheduled, starts)]),
+            block_tables=tables,
+            query_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+            context_lens=np.asarray([s + n for s, n in zip(starts, counts)], dtype=np.int32),
+        )
+
+    def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> Iterable[int]:
+        """Greedy batches stay on the device (only the ids come back); sampled ones go to the host."""
+        if not seqs:
+            return []
+        kern = self.model.kernels
+        if all(seq.params.settings.greedy for seq in seqs):
+            return kern.argmax(logits)[rows]
+        host = kern.to_numpy(logits)
+        return [sample(host[row], seq.params.settings, seq.rng) for seq, row in zip(seqs, rows)]
+
+    def _append(self, seq: Sequence, token_id: int) -> tuple[str, FinishReason | None]:
+        """Record a new token; return the text it releases and why the sequence ends, if it does."""
+        seq.output_ids.append(token_id)
+        stream = self._streams[seq.seq_id]
+        if token_id == self.model.config.eos_token_id and not seq.params.ignore_eos:
+            return stream.finish(), FinishReason.STOP
+        text = stream.push(token_id)
+        if stream.stopped:
+            return text, FinishReason.STOP
+        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return text + stream.finish(), FinishReason.LENGTH
+        return text, None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> FinishedSequence:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.release(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        del self._streams[seq.seq_id]
+        return FinishedSequence(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))
+
+    def text_of(self, seq_id: int) -> str:
+        """The text released so far for a live sequence (stop strings cut)."""
+        stream = self._streams[seq_id]
+        return stream.text[:stream.emitted]

@@ -1,0 +1,99 @@
+"""A request's state inside one instance: its tokens, its KV blocks, and how it samples and stops."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.reference import SamplingSettings
+
+
+class RequestError(ValueError):
+    """A request the engine refuses, with a one-line message fit for a user (CLI or HTTP 400)."""
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # some of its tokens are not in the KV cache yet: needs a prefill iteration
+    RUNNING = "running"    # all but its newest token are cached: advances one token per decode iteration
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"          # end-of-sequence token or a stop string (OpenAI's "stop")
+    LENGTH = "length"      # max_tokens or the context limit (OpenAI's "length")
+    ABORT = "abort"        # cancelled by the caller (client gone, evicted by the scheduler)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks for. `validate` turns nonsense into a RequestError before any work."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # trace replay and benchmarks force an exact output length
+
+    def validate(self, prompt_len: int, max_model_len: int) -> None:
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty")
+        if prompt_len >= max_model_len:
+            raise RequestError(f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} "
+                               f"tokens and at least one must be left to generate")
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if prompt_len + self.max_tokens > max_model_len:
+            raise RequestError(f"the prompt ({prompt_len} tokens) plus max_tokens ({self.max_tokens}) exceeds "
+                               f"this model's context of {max_model_len} tokens")
+        if not self.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty strings")
+
+    @property
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request being generated. Its tokens are prompt_ids + output_ids; the first
+    num_cached_tokens of them have keys and values in the cache blocks listed in block_table."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        # a per-request generator: the same seed gives the same draws whatever shares the batch
+        self.rng = np.random.default_rng(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        """Tokens the next iteration must feed: the prompt (or its rest) in a prefill, 1 in a decode."""
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
