@@ -41,3 +41,19 @@ def run_to_end(instance: Instance, max_steps: int = 10_000) -> list:
             return results
         results.append(result)
     raise AssertionError("instance did not drain")
+
+
+@pytest.fixture(scope="session")
+def model_home(tmp_path_factory) -> Path:
+    """A model cache for this test session, with the real SmolLM2 weights prepared once."""
+    from refengine.store.prepare import prepare
+    home = tmp_path_factory.mktemp("refengine-home")
+    prepare(home=home, progress=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_home):
+    """The real SmolLM2-135M-Instruct on the reference backend."""
+    from refengine.engine.loader import load_model
+    return load_model("smollm2-135m-instruct", get_kernels("reference"), home=model_home)

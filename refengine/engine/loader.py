@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from kernels.interface import Kernels
@@ -37,7 +37,7 @@ def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_pr
     started = time.perf_counter()
     try:
         tensors = load_file(str(files.weights))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise ModelCacheError(f"cannot read {files.weights}: {e}; {PREPARE_HINT}") from None
     config = LlamaConfig.from_json(files.config)
     model = LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels)
