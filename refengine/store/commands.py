@@ -6,13 +6,12 @@ import time
 import click
 
 from refengine.store.cache import ModelCacheError
-from refengine.store.prepare import DEFAULT_MODEL, SOURCES
+from refengine.store.prepare import DEFAULT_MODEL
 from refengine.store.prepare import prepare as prepare_model
 
 
 @click.command()
-@click.option("--model", "name", default=DEFAULT_MODEL, show_default=True,
-              help=f"weights to prepare ({', '.join(sorted(SOURCES))})")
+@click.option("--model", "name", default=DEFAULT_MODEL, show_default=True, help="weights to prepare")
 @click.option("--force", is_flag=True, help="rebuild even if the cache entry verifies")
 def prepare(name: str, force: bool) -> None:
     """Convert a shipped GGUF into float32 safetensors + tokenizer in the model cache ($REFENGINE_HOME)."""

@@ -80,7 +80,11 @@ def prepare(name: str = DEFAULT_MODEL, home: Path | None = None, force: bool = F
     files = model_files(name, home)
     if not force and is_prepared(name, home):
         return files
-    files.dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        files.dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelCacheError(f"cannot create {files.dir.parent} ({e.strerror}); set $REFENGINE_HOME to a writable "
+                              "directory") from None
     with _locked(files), source.path() as gguf_path:
         if not force and is_prepared(name, home):  # another process prepared it while we waited
             return files
