@@ -44,12 +44,15 @@ def run_to_end(instance: Instance, max_steps: int = 10_000) -> list:
 
 
 @pytest.fixture(scope="session")
-def model_home(tmp_path_factory) -> Path:
-    """A model cache for this test session, with the real SmolLM2 weights prepared once."""
+def prepared_model(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct prepared once per session into a private cache home (seconds)."""
     from refengine.store.prepare import prepare
-    home = tmp_path_factory.mktemp("refengine-home")
-    prepare(home=home, progress=False)
-    return home
+    return prepare(home=tmp_path_factory.mktemp("refengine-home"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_home(prepared_model) -> Path:
+    return prepared_model.dir.parent.parent
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from refengine.store.cache import ModelFiles
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_files: ModelFiles) -> Tokenizer:
-    return Tokenizer(tokenizer_files)
+def tokenizer(prepared_model: ModelFiles) -> Tokenizer:
+    return Tokenizer(prepared_model)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,9 @@ def test_every_golden_case_encodes_and_decodes(tokenizer: Tokenizer, cases: list
         assert tokenizer.decode(case["ids"]) == case["decoded"], case["text"]
 
 
-def test_model_facts(tokenizer: Tokenizer, tokenizer_files: ModelFiles) -> None:
+def test_model_facts(tokenizer: Tokenizer, prepared_model: ModelFiles) -> None:
     assert tokenizer.vocab_size == 49152 and tokenizer.eos_token_id == 2
-    assert Tokenizer(tokenizer_files.dir).encode("<|im_end|>") == [2]  # a plain directory works too
+    assert Tokenizer(prepared_model.dir).encode("<|im_end|>") == [2]  # a plain directory works too
     assert tokenizer.encode(" 2024") == [216, 34, 32, 34, 36]
 
 
