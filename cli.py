@@ -12,6 +12,7 @@ import click
 
 from models.catalogue import DEFAULT_MODEL, Catalogue, UnknownModelError
 from refengine.store.cache import ModelCacheError
+from refengine.bench.commands import bench
 from refengine.store.commands import prepare
 
 USER_ERRORS = (ValueError, UnknownModelError, ModelCacheError)
@@ -23,6 +24,7 @@ def cli() -> None:
 
 
 cli.add_command(prepare)
+cli.add_command(bench)
 
 
 @cli.command()
