@@ -5,7 +5,7 @@ Decode steps and short prefill chunks go to `_paged_attention`: one work item pe
 head), so a K or V row is loaded once for the G query heads that share it, straight from its cache
 block (no gather copy). A prompt with many queries would make that kernel re-read the whole context
 per query at scalar-loop speed, so from `BLAS_MIN_QUERIES` queries on a sequence is gathered once and
-attended in query tiles with two batched GEMMs (scores, then weights @ values) around a Numba causal
+attended in query tiles with two GEMMs per KV head (scores, then weights @ values) around a Numba causal
 softmax; each tile only multiplies the keys its last query can see, which halves the causal work.
 
 Shapes follow `kernels.interface`; both paths match `kernels.reference.prefill_attention`.
@@ -16,6 +16,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from kernels.cpu_blas import gemm_nt
 from kernels.reference import gather_context
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -98,16 +99,20 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
     num_queries, num_heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
-    k_heads = np.ascontiguousarray(keys.transpose(1, 0, 2))       # [Hkv, L, D]
-    v_heads = np.ascontiguousarray(values.transpose(1, 0, 2))     # [Hkv, L, D]
+    k_rows = np.ascontiguousarray(keys.transpose(1, 0, 2))        # [Hkv, L, D]
+    v_cols = np.ascontiguousarray(values.transpose(1, 2, 0))      # [Hkv, D, L]: weights @ V as an NT GEMM
     for start in range(0, num_queries, QUERY_TILE):
         stop = min(start + QUERY_TILE, num_queries)
         seen = first + stop                                       # keys the tile's last query sees
         tile = q[start:stop].reshape(stop - start, kv_heads, group, head_dim)
-        rows = tile.transpose(1, 0, 2, 3).reshape(kv_heads, (stop - start) * group, head_dim)
-        scores = np.matmul(rows, k_heads[:, :seen].transpose(0, 2, 1))   # [Hkv, Qt G, seen]
+        rows = np.ascontiguousarray(tile.transpose(1, 0, 2, 3)).reshape(kv_heads, -1, head_dim)  # [Hkv, Qt G, D]
+        scores = np.empty((kv_heads, rows.shape[1], seen), np.float32)
+        mixed = np.empty(rows.shape, np.float32)
+        for h in range(kv_heads):
+            gemm_nt(rows[h], k_rows[h, :seen], out=scores[h])
         _causal_softmax(scores, first + start, group, np.float32(scale))
-        mixed = np.matmul(scores, v_heads[:, :seen])                      # [Hkv, Qt G, D]
+        for h in range(kv_heads):
+            gemm_nt(scores[h], v_cols[h, :, :seen], out=mixed[h])
         out[start:stop] = mixed.reshape(kv_heads, stop - start, group, head_dim).transpose(1, 0, 2, 3) \
                                .reshape(stop - start, num_heads, head_dim)
 
