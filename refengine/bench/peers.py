@@ -16,6 +16,7 @@ Both peers are optional (`pip install 'refengine[bench]'`) and imported inside t
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ class _LlamaCpp:
 
     def __init__(self, gguf: Path, num_seqs: int, ctx_per_seq: int, threads: int):
         import llama_cpp as lc
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # llama.cpp's loading chatter
         self.lc = lc
         lc.llama_backend_init()
         self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
