@@ -24,6 +24,7 @@ from numba import prange
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
 from kernels.cpu_blas import gemm_nt
+from kernels.cpu_math import fast_exp
 from kernels.reference import ReferenceKernels, rope_angles
 
 # no nnan/ninf: attention and norms must keep IEEE semantics; reassoc lets reductions vectorise
@@ -118,7 +119,7 @@ def _silu_mul(gate_up, out):
     for t in prange(gate_up.shape[0]):
         for f in range(width):
             g = gate_up[t, f]
-            out[t, f] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, width + f]
+            out[t, f] = g / (np.float32(1.0) + fast_exp(-g)) * gate_up[t, width + f]
 
 
 @numba.njit(**JIT)

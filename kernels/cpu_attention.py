@@ -16,6 +16,7 @@ import numpy as np
 from numba import prange
 
 from kernels.cpu_blas import gemm_nt
+from kernels.cpu_math import fast_exp
 from kernels.reference import gather_context
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -74,13 +75,13 @@ def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_len
                     for r in range(rows):
                         new_peak = max(new_peak, weights[h, r])
                     if new_peak > peak[h]:
-                        shrink = np.exp(peak[h] - new_peak)
+                        shrink = fast_exp(peak[h] - new_peak)
                         total[h] *= shrink
                         for d in range(head_dim):
                             acc[h, d] *= shrink
                         peak[h] = new_peak
                     for r in range(rows):
-                        w = np.exp(weights[h, r] - new_peak)
+                        w = fast_exp(weights[h, r] - new_peak)
                         weights[h, r] = w
                         total[h] += w
                 for r in range(rows):
@@ -104,23 +105,25 @@ def _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, seq
 
 
 @numba.njit(parallel=True, **JIT)
-def _causal_softmax(scores, first, group, scale):
+def _causal_exp(scores, first, group, scale, totals):
     """In place over scores [Hkv, R, L]: row r belongs to query r // G at position first + r // G,
-    which sees keys 0 .. first + r // G; the rest of the row becomes 0."""
+    which sees keys 0 .. first + r // G. Visible entries become exp(scale * score - row max), the
+    rest 0, and totals [Hkv, R] get the row sums: the softmax without its division, which is done
+    on the [R, D] output of the next GEMM instead of the [R, L] weights."""
     rows, length = scores.shape[1], scores.shape[2]
     for item in prange(scores.shape[0] * rows):
         h, r = item // rows, item % rows
         visible = min(first + r // group + 1, length)
-        peak = scores[h, r, 0] * scale
+        peak = scores[h, r, 0]
         for t in range(1, visible):
-            peak = max(peak, scores[h, r, t] * scale)
+            peak = max(peak, scores[h, r, t])
+        peak *= scale
         total = np.float32(0.0)
         for t in range(visible):
-            w = np.exp(scores[h, r, t] * scale - peak)
+            w = fast_exp(scores[h, r, t] * scale - peak)
             scores[h, r, t] = w
             total += w
-        for t in range(visible):
-            scores[h, r, t] /= total
+        totals[h, r] = total
         for t in range(visible, length):
             scores[h, r, t] = 0.0
 
@@ -140,12 +143,14 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
         tile = q[start:stop].reshape(stop - start, kv_heads, group, head_dim)
         rows = np.ascontiguousarray(tile.transpose(1, 0, 2, 3)).reshape(kv_heads, -1, head_dim)  # [Hkv, Qt G, D]
         scores = np.empty((kv_heads, rows.shape[1], seen), np.float32)
+        totals = np.empty(rows.shape[:2], np.float32)
         mixed = np.empty(rows.shape, np.float32)
         for h in range(kv_heads):
             gemm_nt(rows[h], k_rows[h, :seen], out=scores[h])
-        _causal_softmax(scores, first + start, group, np.float32(scale))
+        _causal_exp(scores, first + start, group, np.float32(scale), totals)
         for h in range(kv_heads):
             gemm_nt(scores[h], v_cols[h, :, :seen], out=mixed[h])
+        mixed /= totals[:, :, None]
         out[start:stop] = mixed.reshape(kv_heads, stop - start, group, head_dim).transpose(1, 0, 2, 3) \
                                .reshape(stop - start, num_heads, head_dim)
 

@@ -4,7 +4,7 @@ Why not numpy's `@`: numpy's OpenBLAS keeps a worker pool of its own that spin-w
 and Numba's OpenMP pool does the same; on two cores the pools preempt each other, and beside any
 other busy process a step collapses (a 0.3 ms GEMM took 36 ms; a SmolLM2 decode step went from
 ~60 ms to 5 s). So every parallel region of a CPU step runs on one pool: here a `prange` over
-column slices of the output, each slice one single-threaded BLAS call (OpenBLAS float32 from numpy's
+slices of the output (rows or columns, whichever are more), each slice one single-threaded BLAS call (OpenBLAS float32 from numpy's
 own wheel, or MKL's bf16 GEMM from `kernels.amx`), and the pool's workers sleep, not spin, between
 regions (`OMP_WAIT_POLICY=PASSIVE`, set before Numba starts OpenMP unless the user chose a policy).
 
@@ -50,14 +50,20 @@ SGEMM = _load_openblas_sgemm()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _sliced_gemm(gemm, rows, cols, inner, a, lda, b, ldb, b_bytes, c, ldc, slices):
-    """c[rows, cols] = a[rows, inner] @ b[cols, inner].T as `slices` BLAS calls over column ranges;
-    a, b, c are addresses, ld* their row strides in elements, b_bytes the size of b's elements."""
-    width = -(-cols // slices)
+def _sliced_gemm(gemm, rows, cols, inner, a, lda, a_bytes, b, ldb, b_bytes, c, ldc, slices):
+    """c[rows, cols] = a[rows, inner] @ b[cols, inner].T as `slices` BLAS calls, each on a range of
+    the longer of c's two dimensions; a, b, c are addresses, ld* their row strides in elements,
+    *_bytes the sizes of a's and b's elements."""
+    split_rows = rows > cols
+    length = rows if split_rows else cols
+    width = -(-length // slices)
     for s in prange(slices):
         lo = s * width
-        n = min(cols - lo, width)
-        if n > 0:
+        n = min(length - lo, width)
+        if n > 0 and split_rows:
+            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n, cols, inner, np.float32(1.0), a + lo * lda * a_bytes, lda,
+                 b, ldb, np.float32(0.0), c + lo * ldc * 4, ldc)
+        elif n > 0:
             gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, rows, n, inner, np.float32(1.0), a, lda,
                  b + lo * ldb * b_bytes, ldb, np.float32(0.0), c + lo * 4, ldc)
 
@@ -87,9 +93,8 @@ def gemm_nt(a: np.ndarray, b: np.ndarray, gemm=None, out: np.ndarray | None = No
         out = np.empty((rows, cols), np.float32)
     if rows and cols and inner:
         (a, lda), (b, ldb) = _blas_rows(a), _blas_rows(b)
-        slices = min(numba.get_num_threads(), cols)
-        _sliced_gemm(gemm, rows, cols, inner, a.ctypes.data, lda, b.ctypes.data, ldb, b.itemsize,
-                     out.ctypes.data, out.strides[0] // 4, slices)
+        _sliced_gemm(gemm, rows, cols, inner, a.ctypes.data, lda, a.itemsize, b.ctypes.data, ldb, b.itemsize,
+                     out.ctypes.data, out.strides[0] // 4, numba.get_num_threads())
     else:
         out[...] = 0.0
     return out
