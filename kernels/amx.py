@@ -8,7 +8,7 @@ per call (round to nearest even) by a parallel Numba kernel, which costs a few p
 
 Availability is decided at run time: the CPU must report `amx_bf16` and the PyPI `mkl` package must
 be installed (`pip install refengine[amx]`). MKL runs sequential, one call per column slice on Numba's
-pool (`kernels.cpu_blas`), so no second thread pool competes for the cores.
+pool (`kernels.cpu_pool`), so no second thread pool competes for the cores.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.cpu_blas import cblas_gemm_argtypes, gemm_nt
+from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt
 
 _MKL_THREADING_SEQUENTIAL = 1
 

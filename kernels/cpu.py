@@ -2,7 +2,7 @@
 
 Why each op is written the way it is (2 cores, memory-bound at small batch):
 - GEMMs of a few tokens (decode) are a Numba kernel that streams each weight row once; larger ones
-  go to BLAS on Numba's thread pool (`kernels.cpu_blas`: one pool for the whole step), float32 or,
+  go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for the whole step), float32 or,
   for steps with many tokens, bf16 on AMX (`kernels.amx`). The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where
   numpy would allocate temporaries and walk the data several times.
 - Attention reads the paged cache in place through the block table (no gather copy); one K/V row read
@@ -23,7 +23,7 @@ from numba import prange
 
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
-from kernels.cpu_blas import gemm_nt
+from kernels.cpu_pool import gemm_nt, run_kernel
 from kernels.cpu_math import fast_exp
 from kernels.reference import ReferenceKernels, rope_angles
 
@@ -167,13 +167,13 @@ class CpuKernels(ReferenceKernels):
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         out = np.empty_like(x)
-        _rms_norm(x, weight, np.float32(eps), out)
+        run_kernel(_rms_norm, x.size, x, weight, np.float32(eps), out)
         return out
 
     def add_rms_norm(self, residual: np.ndarray, delta: np.ndarray, weight: np.ndarray,
                      eps: float) -> tuple[np.ndarray, np.ndarray]:
         summed, out = np.empty_like(residual), np.empty_like(residual)
-        _add_rms_norm(residual, delta, weight, np.float32(eps), summed, out)
+        run_kernel(_add_rms_norm, residual.size, residual, delta, weight, np.float32(eps), summed, out)
         return summed, out
 
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -182,19 +182,19 @@ class CpuKernels(ReferenceKernels):
             return self.bf16.matmul(x, weight)
         if rows <= SKINNY_MAX_TOKENS:
             out = np.empty((rows, weight.shape[0]), np.float32)
-            _skinny_matmul(x, weight, out)
+            run_kernel(_skinny_matmul, weight.size, x, weight, out)
             return out
         return gemm_nt(x, weight)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
         cos, sin = self._rope_table.get(positions, x.shape[-1], theta)
         out = np.empty(x.shape, np.float32)
-        _rope(x, positions, cos, sin, out)
+        run_kernel(_rope, x.size, x, positions, cos, sin, out)
         return out
 
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
-        _silu_mul(gate_up, out)
+        run_kernel(_silu_mul, gate_up.size, gate_up, out)
         return out
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,

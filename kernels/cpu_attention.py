@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.cpu_blas import gemm_nt
+from kernels.cpu_pool import gemm_nt, run_kernel
 from kernels.cpu_math import fast_exp
 from kernels.reference import gather_context
 
@@ -100,8 +100,9 @@ def _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, seq
     """`_paged_attention` with work items sized to the thread count (see its docstring)."""
     group = q.shape[1] // k_cache.shape[2]
     heads_per_item = q.shape[1] if len(seqs) >= 4 * numba.get_num_threads() else group
-    _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, heads_per_item,
-                     np.float32(scale), out)
+    work = int(context_lens[seqs].sum()) * k_cache.shape[2] * k_cache.shape[3]
+    run_kernel(_paged_attention, work, q, k_cache, v_cache, block_tables, query_start, context_lens, seqs,
+               heads_per_item, np.float32(scale), out)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -147,7 +148,7 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
         mixed = np.empty(rows.shape, np.float32)
         for h in range(kv_heads):
             gemm_nt(rows[h], k_rows[h, :seen], out=scores[h])
-        _causal_exp(scores, first + start, group, np.float32(scale), totals)
+        run_kernel(_causal_exp, scores.size, scores, first + start, group, np.float32(scale), totals)
         for h in range(kv_heads):
             gemm_nt(scores[h], v_cols[h, :, :seen], out=mixed[h])
         mixed /= totals[:, :, None]

@@ -1,12 +1,16 @@
-"""Matrix products on Numba's worker pool: single-threaded BLAS calls, one per slice of the output.
+"""One thread pool for every parallel region of a CPU step: Numba's OpenMP workers.
 
-Why not numpy's `@`: numpy's OpenBLAS keeps a worker pool of its own that spin-waits after each call,
-and Numba's OpenMP pool does the same; on two cores the pools preempt each other, and beside any
-other busy process a step collapses (a 0.3 ms GEMM took 36 ms; a SmolLM2 decode step went from
-~60 ms to 5 s). So every parallel region of a CPU step runs on one pool: here a `prange` over
-slices of the output (rows or columns, whichever are more), each slice one single-threaded BLAS call (OpenBLAS float32 from numpy's
-own wheel, or MKL's bf16 GEMM from `kernels.amx`), and the pool's workers sleep, not spin, between
-regions (`OMP_WAIT_POLICY=PASSIVE`, set before Numba starts OpenMP unless the user chose a policy).
+Why: numpy's OpenBLAS keeps a worker pool of its own that spin-waits after each call, and OpenMP's
+workers spin too by default; on two cores the pools preempt each other, and beside any other busy
+process a step collapses (a 0.3 ms GEMM took 36 ms; a SmolLM2 decode step went from ~60 ms to 5 s).
+So here:
+- the workers sleep, not spin, between regions (`OMP_WAIT_POLICY=PASSIVE`, set before Numba starts
+  OpenMP unless the user chose a policy);
+- a GEMM is a `prange` over slices of its output (rows or columns, whichever are more), each slice
+  one single-threaded BLAS call (OpenBLAS float32 from numpy's own wheel, or MKL's bf16 GEMM from
+  `kernels.amx`);
+- work too small to repay waking a sleeping worker runs on the calling thread (`run_kernel`): a
+  wake-up is ~5 us on an idle core, but waits for a time slice when the other core is busy.
 
 Side effect, by design: importing this module makes numpy's OpenBLAS single-threaded for the whole
 process (the reference backend's GEMMs in the same process run on one core).
@@ -24,6 +28,20 @@ import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+PARALLEL_MIN_WORK = 1 << 16   # elements a kernel touches before it is worth a second thread
+
+
+def run_kernel(kernel, work: int, *args) -> None:
+    """kernel(*args), a `parallel=True` Numba function, on one thread if `work` is small."""
+    if work >= PARALLEL_MIN_WORK:
+        kernel(*args)
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def cblas_gemm_argtypes(int_type) -> list:
