@@ -82,8 +82,8 @@ class Bf16Matmul:
     def __init__(self, mkl_rt: Path):
         lib = ctypes.CDLL(str(mkl_rt))
         lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
-        self._gemm = lib.cblas_gemm_bf16bf16f32
-        self._gemm.restype, self._gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
+        self.gemm = lib.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt`
+        self.gemm.restype, self.gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
         self._weights: dict[int, np.ndarray] = {}   # id(float32 weight) -> its bf16 copy
 
     @classmethod
@@ -107,4 +107,4 @@ class Bf16Matmul:
 
     def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32, weight [O, I] float32 -> [T, O] float32."""
-        return gemm_nt(to_bf16(x), self.bf16_weight(weight), gemm=self._gemm)
+        return gemm_nt(to_bf16(x), self.bf16_weight(weight), gemm=self.gemm)

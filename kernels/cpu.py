@@ -204,8 +204,9 @@ class CpuKernels(ReferenceKernels):
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,
                           scale: float) -> np.ndarray:
+        bf16 = self.bf16 if len(q) >= self.amx_min_tokens else None
         return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start,
-                                               context_lens, scale)
+                                               context_lens, scale, bf16)
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:

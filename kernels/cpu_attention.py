@@ -16,6 +16,7 @@ import numpy as np
 from numba import prange
 
 from kernels.cpu_pool import gemm_nt, run_kernel
+from kernels.amx import Bf16Matmul, to_bf16
 from kernels.cpu_math import fast_exp
 from kernels.reference import gather_context
 
@@ -130,14 +131,16 @@ def _causal_exp(scores, first, group, scale, totals):
 
 
 def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: int, scale: float,
-                  out: np.ndarray) -> None:
+                  out: np.ndarray, bf16: Bf16Matmul | None) -> None:
     """One sequence: q [Q, H, D] at positions first .. first + Q - 1 over keys/values [L, Hkv, D]
-    (L = first + Q), into out [Q, H, D]."""
+    (L = first + Q), into out [Q, H, D]. With `bf16`, both GEMMs take bf16 operands (float32
+    accumulation); the softmax stays float32."""
     num_queries, num_heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
-    k_rows = np.ascontiguousarray(keys.transpose(1, 0, 2))        # [Hkv, L, D]
-    v_cols = np.ascontiguousarray(values.transpose(1, 2, 0))      # [Hkv, D, L]: weights @ V as an NT GEMM
+    operand, gemm = (to_bf16, bf16.gemm) if bf16 else (np.ascontiguousarray, None)
+    k_rows = operand(keys.transpose(1, 0, 2))                     # [Hkv, L, D]
+    v_cols = operand(values.transpose(1, 2, 0))                   # [Hkv, D, L]: weights @ V as an NT GEMM
     for start in range(0, num_queries, QUERY_TILE):
         stop = min(start + QUERY_TILE, num_queries)
         seen = first + stop                                       # keys the tile's last query sees
@@ -146,19 +149,23 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
         scores = np.empty((kv_heads, rows.shape[1], seen), np.float32)
         totals = np.empty(rows.shape[:2], np.float32)
         mixed = np.empty(rows.shape, np.float32)
+        rows = operand(rows)
         for h in range(kv_heads):
-            gemm_nt(rows[h], k_rows[h, :seen], out=scores[h])
+            gemm_nt(rows[h], k_rows[h, :seen], gemm=gemm, out=scores[h])
         run_kernel(_causal_exp, scores.size, scores, first + start, group, np.float32(scale), totals)
+        weights = operand(scores)
         for h in range(kv_heads):
-            gemm_nt(scores[h], v_cols[h, :, :seen], out=mixed[h])
+            gemm_nt(weights[h], v_cols[h, :, :seen], gemm=gemm, out=mixed[h])
         mixed /= totals[:, :, None]
         out[start:stop] = mixed.reshape(kv_heads, stop - start, group, head_dim).transpose(1, 0, 2, 3) \
                                .reshape(stop - start, num_heads, head_dim)
 
 
 def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                      query_start: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:
-    """Twin of `kernels.reference.prefill_attention`: q [T, H, D] packed over B sequences -> [T, H, D]."""
+                      query_start: np.ndarray, context_lens: np.ndarray, scale: float,
+                      bf16: Bf16Matmul | None = None) -> np.ndarray:
+    """Twin of `kernels.reference.prefill_attention`: q [T, H, D] packed over B sequences -> [T, H, D].
+    `bf16` puts the GEMMs of long prompts on the AMX route."""
     out = np.empty(q.shape, np.float32)
     counts = np.diff(query_start)
     long = counts >= BLAS_MIN_QUERIES
@@ -169,7 +176,7 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
         lo, hi, length = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
         keys = gather_context(k_cache, block_tables[b], length)
         values = gather_context(v_cache, block_tables[b], length)
-        _attend_tiled(q[lo:hi], keys, values, length - (hi - lo), scale, out[lo:hi])
+        _attend_tiled(q[lo:hi], keys, values, length - (hi - lo), scale, out[lo:hi], bf16)
     return out
 
 
