@@ -4,7 +4,7 @@ table, and BLAS tiles for long prompts.
 Decode steps and short prefill chunks go to `_paged_attention`, which reads K and V straight from
 their cache blocks (no gather copy), each row once for all the query heads that share it (GQA). A prompt with many queries would make that kernel re-read the whole context
 per query at scalar-loop speed, so from `BLAS_MIN_QUERIES` queries on a sequence is gathered once and
-attended in query tiles with two GEMMs per KV head (scores, then weights @ values) around a Numba causal
+attended in query tiles with two batched GEMMs over the KV heads (scores, then weights @ values) around a Numba causal
 softmax; each tile only multiplies the keys its last query can see, which halves the causal work.
 
 Shapes follow `kernels.interface`; both paths match `kernels.reference.prefill_attention`.
@@ -150,12 +150,10 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
         totals = np.empty(rows.shape[:2], np.float32)
         mixed = np.empty(rows.shape, np.float32)
         rows = operand(rows)
-        for h in range(kv_heads):
-            gemm_nt(rows[h], k_rows[h, :seen], gemm=gemm, out=scores[h])
+        gemm_nt(rows, k_rows[:, :seen], gemm=gemm, out=scores)
         run_kernel(_causal_exp, scores.size, scores, first + start, group, np.float32(scale), totals)
         weights = operand(scores)
-        for h in range(kv_heads):
-            gemm_nt(weights[h], v_cols[h, :, :seen], gemm=gemm, out=mixed[h])
+        gemm_nt(weights, v_cols[:, :, :seen], gemm=gemm, out=mixed)
         mixed /= totals[:, :, None]
         out[start:stop] = mixed.reshape(kv_heads, stop - start, group, head_dim).transpose(1, 0, 2, 3) \
                                .reshape(stop - start, num_heads, head_dim)

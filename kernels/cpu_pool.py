@@ -68,51 +68,60 @@ SGEMM = _load_openblas_sgemm()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _sliced_gemm(gemm, rows, cols, inner, a, lda, a_bytes, b, ldb, b_bytes, c, ldc, slices):
-    """c[rows, cols] = a[rows, inner] @ b[cols, inner].T as `slices` BLAS calls, each on a range of
-    the longer of c's two dimensions; a, b, c are addresses, ld* their row strides in elements,
-    *_bytes the sizes of a's and b's elements."""
+def _sliced_gemm(gemm, batch, rows, cols, inner, a, lda, a_step, a_bytes, b, ldb, b_step, b_bytes, c, ldc, c_step,
+                 slices):
+    """c[i] = a[i] @ b[i].T for i < batch (a[i] [rows, inner], b[i] [cols, inner], c[i] [rows, cols]
+    float32) as batch * slices BLAS calls, each on a range of the longer of c's two dimensions.
+    a, b, c are addresses; ld* row strides in elements; *_step batch strides in bytes; *_bytes
+    element sizes."""
     split_rows = rows > cols
     length = rows if split_rows else cols
     width = -(-length // slices)
-    for s in prange(slices):
-        lo = s * width
+    for item in prange(batch * slices):
+        i, lo = item // slices, (item % slices) * width
         n = min(length - lo, width)
+        a_i, b_i, c_i = a + i * a_step, b + i * b_step, c + i * c_step
         if n > 0 and split_rows:
-            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n, cols, inner, np.float32(1.0), a + lo * lda * a_bytes, lda,
-                 b, ldb, np.float32(0.0), c + lo * ldc * 4, ldc)
+            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n, cols, inner, np.float32(1.0), a_i + lo * lda * a_bytes, lda,
+                 b_i, ldb, np.float32(0.0), c_i + lo * ldc * 4, ldc)
         elif n > 0:
-            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, rows, n, inner, np.float32(1.0), a, lda,
-                 b + lo * ldb * b_bytes, ldb, np.float32(0.0), c + lo * 4, ldc)
+            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, rows, n, inner, np.float32(1.0), a_i, lda,
+                 b_i + lo * ldb * b_bytes, ldb, np.float32(0.0), c_i + lo * 4, ldc)
 
 
 def _blas_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """x itself and its row stride in elements if BLAS can read it in place, else a C-contiguous copy."""
-    ld, rem = divmod(x.strides[0], x.itemsize)
-    if x.strides[1] != x.itemsize or rem or ld < x.shape[1]:
+    """x itself and its row stride in elements if BLAS can read each matrix of it in place, else a
+    C-contiguous copy."""
+    ld, rem = divmod(x.strides[-2], x.itemsize)
+    if x.strides[-1] != x.itemsize or rem or ld < x.shape[-1] or x.strides[0] % x.itemsize:
         x = np.ascontiguousarray(x)
-        ld = x.shape[1]
+        ld = x.shape[-1]
     return x, ld
 
 
 def gemm_nt(a: np.ndarray, b: np.ndarray, gemm=None, out: np.ndarray | None = None) -> np.ndarray:
-    """a [M, K] @ b [N, K].T -> float32 [M, N], split across Numba's threads.
+    """a [M, K] @ b [N, K].T -> float32 [M, N], or the same for each matrix of a batch (a [Bt, M, K],
+    b [Bt, N, K], out [Bt, M, N]), all slices of all matrices in one parallel region.
 
     `gemm` is a cblas-style function whose operands are a's and b's dtype (default: float32 sgemm);
-    rows of a and b may be strided (slices of a larger array); other layouts are copied first.
+    rows of a and b may be strided (slices of a larger array); other layouts are copied first; out,
+    if given, must be C-contiguous.
     """
     gemm = gemm or SGEMM
     if gemm is None:
-        return np.matmul(a, b.T, out=out)
-    (rows, inner), cols = a.shape, b.shape[0]
-    if b.shape[1] != inner:
-        raise ValueError(f"cannot multiply [{rows}, {inner}] by [{cols}, {b.shape[1]}].T")
+        return np.matmul(a, b.swapaxes(-1, -2), out=out)
+    *batch, rows, inner = a.shape
+    cols = b.shape[-2]
+    if b.shape[-1] != inner or list(b.shape[:-2]) != batch:
+        raise ValueError(f"cannot multiply {list(a.shape)} by {list(b.shape)} transposed")
     if out is None:
-        out = np.empty((rows, cols), np.float32)
+        out = np.empty((*batch, rows, cols), np.float32)
     if rows and cols and inner:
-        (a, lda), (b, ldb) = _blas_rows(a), _blas_rows(b)
-        _sliced_gemm(gemm, rows, cols, inner, a.ctypes.data, lda, a.itemsize, b.ctypes.data, ldb, b.itemsize,
-                     out.ctypes.data, out.strides[0] // 4, numba.get_num_threads())
+        (a3, lda), (b3, ldb) = _blas_rows(a.reshape(-1, rows, inner)), _blas_rows(b.reshape(-1, cols, inner))
+        c3 = out.reshape(-1, rows, cols)
+        _sliced_gemm(gemm, len(c3), rows, cols, inner, a3.ctypes.data, lda, a3.strides[0], a3.itemsize,
+                     b3.ctypes.data, ldb, b3.strides[0], b3.itemsize, c3.ctypes.data, cols, c3.strides[0],
+                     numba.get_num_threads())
     else:
         out[...] = 0.0
     return out
