@@ -78,7 +78,7 @@ def test_write_kv_matches_reference():
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 4, 9, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 1, 300])
-@pytest.mark.parametrize("outputs", [960, 49])
+@pytest.mark.parametrize("outputs", [960, 49, 50, 51])
 def test_float32_linear_matches_reference(tokens, outputs):
     """Both routes: the few-token kernel (odd output counts, token counts off its blocks of 4) and
     BLAS on strided rows (x as a column slice of a wider array)."""
