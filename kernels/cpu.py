@@ -1,16 +1,16 @@
 """Numba CPU kernels: the fast twins of `kernels.reference`, op for op.
 
 Why each op is written the way it is (2 cores, memory-bound at small batch):
-- GEMMs of a few tokens (decode) are a Numba kernel that streams each weight row once; larger ones
-  go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for the whole step), float32 or,
-  for steps with many tokens, bf16 on AMX (`kernels.amx`). The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where
-  numpy would allocate temporaries and walk the data several times.
-- Attention reads the paged cache in place through the block table (no gather copy); one K/V row read
-  serves the G query heads of its group (GQA). Long prompts switch to BLAS tiles
+- GEMMs of up to 64 tokens (decode) are a Numba kernel that streams each weight row once; larger
+  ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for the whole step), float32
+  or, from `amx_min_tokens` rows, bf16 on AMX (`kernels.amx`).
+- The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
+  temporaries and walk the data several times.
+- Attention reads the paged cache in place through the block table (no gather copy), each K/V row
+  once for the G query heads of its group (GQA); long prompts switch to BLAS tiles
   (`kernels.cpu_attention`).
-- Every kernel is `nogil` (a serving thread runs steps while the asyncio loop and other instances'
-  threads keep going), `cache=True` (a restart loads machine code from `__pycache__` instead of
-  recompiling), and `parallel=True` where rows are independent.
+- Every kernel is `nogil` and cached on disk (`kernels.cpu_math.JIT`), and `parallel=True` where
+  rows are independent; small inputs run on the calling thread (`kernels.cpu_pool.run_kernel`).
 
 Shapes follow `kernels.interface` (T tokens, E width, F MLP width, H/Hkv heads, D head dim, N blocks,
 P tokens per block).
@@ -23,13 +23,10 @@ from numba import prange
 
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
+from kernels.cpu_math import JIT, fast_exp
 from kernels.cpu_pool import gemm_nt, run_kernel
-from kernels.cpu_math import fast_exp
 from kernels.reference import ReferenceKernels, rope_angles
 
-# no nnan/ninf: attention and norms must keep IEEE semantics; reassoc lets reductions vectorise
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-JIT = dict(nogil=True, cache=True, fastmath=FASTMATH)
 SKINNY_MAX_TOKENS = 64   # GEMMs with at most this many rows use `_skinny_matmul`, larger ones BLAS
 
 

@@ -15,13 +15,11 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.cpu_pool import gemm_nt, run_kernel
 from kernels.amx import Bf16Matmul, to_bf16
-from kernels.cpu_math import fast_exp
+from kernels.cpu_math import JIT, fast_exp
+from kernels.cpu_pool import gemm_nt, run_kernel
 from kernels.reference import gather_context
 
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-JIT = dict(nogil=True, cache=True, fastmath=FASTMATH)
 BLAS_MIN_QUERIES = 64   # below this, a sequence's queries go through the paged kernel
 QUERY_TILE = 256        # queries per BLAS tile: scores [Hkv, 256 G, L] stay a few MB
 

@@ -1,4 +1,8 @@
-"""`fast_exp`: an exp that LLVM can vectorise inside Numba loops.
+"""How the Numba CPU kernels compile (`JIT`), and `fast_exp`, an exp LLVM can vectorise in them.
+
+`JIT`: `nogil` (a serving thread runs steps while the asyncio loop and other threads keep going),
+`cache=True` (a restart loads machine code from `__pycache__` instead of recompiling), and fast-math
+without nnan/ninf (attention and norms keep IEEE semantics; reassoc lets reductions vectorise).
 
 Numba's `np.exp` on float32 calls libm's scalar `expf` (pip's llvmlite has no SVML), so every loop
 around it runs one element at a time: a 2048-token prefill spends seconds in the softmax and SiLU
@@ -15,6 +19,9 @@ import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
+
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+JIT = dict(nogil=True, cache=True, fastmath=FASTMATH)
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split so n * _LN2_HI is exact for |n| < 2^9

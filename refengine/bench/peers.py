@@ -14,23 +14,21 @@ tensors refengine serves; the shipped Q4_1 is `gguf_export.source_gguf()`); tran
 HF-layout `model.safetensors` + `config.json` that `prepare` writes into the model cache.
 Both peers are optional (`pip install 'refengine[bench]'`) and imported inside the functions.
 
-Threads: both peers run their CPU work on OpenMP pools, as refengine's CPU backend does; importing
-this module gives them the same wait policy (`OMP_WAIT_POLICY=PASSIVE`, see `kernels.cpu_pool`)
-unless one is set. With the default (spinning) policy, beside any other busy process on 2 cores,
-llama.cpp's batch-8 decode measured 2.5-3.6 tok/s here instead of ~100-116.
+Threads: both peers run their CPU work on OpenMP pools with their own defaults (`threads` workers
+that spin between parallel regions), which is fastest on a quiet machine and collapses beside any
+other busy process (llama.cpp's batch-8 decode measured 2.5-3.6 tok/s instead of ~220 on 2 cores).
+Measured in a process that already runs refengine's CPU backend they inherit its spin limit
+(`GOMP_SPINCOUNT`, see `kernels.cpu_pool`).
 """
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before llama.cpp or torch load their OpenMP
 
 VOCAB_LOW = 100   # random prompt ids stay clear of the control tokens
 
