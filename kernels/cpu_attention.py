@@ -2,7 +2,8 @@
 table, and BLAS tiles for long prompts.
 
 Decode steps and short prefill chunks go to `_paged_attention`, which reads K and V straight from
-their cache blocks (no gather copy), each row once for all the query heads that share it (GQA). A prompt with many queries would make that kernel re-read the whole context
+their cache blocks (no gather copy); at large batch each row once for all the query heads that share
+it (GQA), at small batch with the heads split across the threads instead. A prompt with many queries would make that kernel re-read the whole context
 per query at scalar-loop speed, so from `BLAS_MIN_QUERIES` queries on a sequence is gathered once and
 attended in query tiles with two batched GEMMs over the KV heads (scores, then weights @ values) around a Numba causal
 softmax; each tile only multiplies the keys its last query can see, which halves the causal work.
@@ -17,7 +18,7 @@ from numba import prange
 
 from kernels.amx import Bf16Matmul, to_bf16
 from kernels.cpu_math import JIT, fast_exp
-from kernels.cpu_pool import gemm_nt, run_kernel
+from kernels.cpu_pool import gemm_nt
 from kernels.reference import gather_context
 
 BLAS_MIN_QUERIES = 64   # below this, a sequence's queries go through the paged kernel
@@ -33,9 +34,9 @@ def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_len
 
     One pass over the context per query, block by block, with an online softmax (running max and
     sum, rescaling the accumulator when the max grows): K and V of a block are read together, once.
-    A work item is one sequence and `heads_per_item` query heads (a whole number of GQA groups):
-    all H when there are enough sequences to keep the threads busy, so each block is read as one
-    contiguous run; one group when there are few.
+    A work item is one sequence and `heads_per_item` query heads: all H when there are enough
+    sequences to keep the threads busy, so each block is read as one contiguous run; a single head
+    when there are few, so that 2 threads split 9 heads 5:4 rather than 3 groups 2:1.
     """
     kv_heads, block_tokens = k_cache.shape[2], k_cache.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -97,11 +98,9 @@ def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_len
 
 def _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, scale, out) -> None:
     """`_paged_attention` with work items sized to the thread count (see its docstring)."""
-    group = q.shape[1] // k_cache.shape[2]
-    heads_per_item = q.shape[1] if len(seqs) >= 4 * numba.get_num_threads() else group
-    work = int(context_lens[seqs].sum()) * k_cache.shape[2] * k_cache.shape[3]
-    run_kernel(_paged_attention, work, q, k_cache, v_cache, block_tables, query_start, context_lens, seqs,
-               heads_per_item, np.float32(scale), out)
+    heads_per_item = q.shape[1] if len(seqs) >= 4 * numba.get_num_threads() else 1
+    _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, heads_per_item,
+                     np.float32(scale), out)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -149,7 +148,7 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
         mixed = np.empty(rows.shape, np.float32)
         rows = operand(rows)
         gemm_nt(rows, k_rows[:, :seen], gemm=gemm, out=scores)
-        run_kernel(_causal_exp, scores.size, scores, first + start, group, np.float32(scale), totals)
+        _causal_exp(scores, first + start, group, np.float32(scale), totals)
         weights = operand(scores)
         gemm_nt(weights, v_cols[:, :, :seen], gemm=gemm, out=mixed)
         mixed /= totals[:, :, None]

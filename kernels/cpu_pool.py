@@ -11,8 +11,6 @@ So here:
 - a GEMM is a `prange` over slices of its output (rows or columns, whichever are more), each slice
   one single-threaded BLAS call (OpenBLAS float32 from numpy's own wheel, or MKL's bf16 GEMM from
   `kernels.amx`);
-- work too small to repay waking a sleeping worker runs on the calling thread (`run_kernel`): a
-  wake-up is ~5 us on an idle core, but waits for a time slice when the other core is busy.
 
 Side effect, by design: importing this module makes numpy's OpenBLAS single-threaded for the whole
 process (the reference backend's GEMMs in the same process run on one core).
@@ -31,20 +29,6 @@ import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-PARALLEL_MIN_WORK = 1 << 16   # elements a kernel touches before it is worth a second thread
-
-
-def run_kernel(kernel, work: int, *args) -> None:
-    """kernel(*args), a `parallel=True` Numba function, on one thread if `work` is small."""
-    if work >= PARALLEL_MIN_WORK:
-        kernel(*args)
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
 
 
 def cblas_gemm_argtypes(int_type) -> list:
