@@ -151,8 +151,13 @@ class _RopeTable:
 # ---------------------------------------------------------------- the backend object
 class CpuKernels(ReferenceKernels):
     """Numba + BLAS backend. `amx`: True demands the bf16 AMX GEMM route (error if unavailable),
-    False turns it off, None (default) uses it when the CPU and MKL allow. GEMMs with fewer than
-    `amx_min_tokens` rows (decode steps, small prefills) stay float32.
+    False turns it off, None (default) uses it when the CPU and MKL allow.
+
+    With the route on, a step's GEMMs (and the attention GEMMs of prompts of 64+ tokens) run bf16
+    once the step has `amx_min_tokens` tokens: prefills of 64+ tokens, and decode steps of 64+
+    sequences (2x faster there; below, decode stays float32, which keeps every golden greedy
+    token, where bf16 decode flips one at token 15). Outputs then depend on how tokens were
+    batched, as bf16 results differ from float32 ones; `amx=False` keeps every step float32.
 
     Memory-moving ops (asarray, zeros, embedding, move_blocks) and argmax are numpy's and inherited.
     """
