@@ -206,7 +206,8 @@ class Simulation:
             duration = costs.unload(kind)
         elif isinstance(action, KvResize):
             bb = inst.model.block_bytes
-            duration = costs.resize(kind, inst.kv_blocks * bb, action.blocks * bb)
+            duration = costs.resize(kind, inst.kv_blocks * bb, action.blocks * bb,
+                                    inst.kv_used * bb)
         else:
             for rid in action.requests:
                 inst.remove(rid)
