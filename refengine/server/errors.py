@@ -56,8 +56,10 @@ def _request_error_code(exc: RequestError) -> str | None:
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
-    """A body that is not JSON, or JSON that does not fit the schema: the first problem, one line."""
-    first = exc.errors()[0]
+    """A body that is not JSON, or JSON that does not fit the schema: one problem, one line. Of the
+    errors pydantic reports for a union (one per member), the deepest is the one the client most
+    likely meant (`stop: ["a", ""]` is a list with an empty string, not a bad string)."""
+    first = max(exc.errors(), key=lambda e: len(e["loc"]))
     if first["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     loc = [part for part in first["loc"] if part != "body"]

@@ -29,6 +29,15 @@ MODELS = ["tiny-a", "tiny-b"]
 CONTEXT = 512  # TINY's max_position_embeddings
 
 
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    """For effects the runtime applies between steps (an abort frees its blocks before the next step)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {condition}")
+        time.sleep(0.01)
+
+
 class LiveServer:
     """uvicorn in a background thread on a port the OS picked."""
 
