@@ -17,21 +17,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from refengine.runtime.api import Finished, Runtime, SloOverride
+from scheduler.slo import SloPolicy
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0)
-DEFAULT_TPOT_SLO_S = 0.25
-
-
-def default_ttft_slo(prompt_tokens: int) -> float:
-    """SLINFER §6.1, after Sarathi-Serve and DistServe: 0.5 s, growing with the prompt past 256
-    tokens at 512 tokens a second, capped at 8 s."""
-    return min(max(0.5, prompt_tokens / 512), 8.0)
+PAPER_SLOS = SloPolicy()  # no safety margin: metrics judge against the paper's SLOs, not the scheduler's
 
 
 def meets_slo(finished: Finished, tpot_s: float | None, slo: SloOverride | None) -> bool:
-    ttft_slo = slo.ttft_s if slo and slo.ttft_s is not None else default_ttft_slo(finished.prompt_tokens)
-    tpot_slo = slo.tpot_s if slo and slo.tpot_s is not None else DEFAULT_TPOT_SLO_S
+    """SLINFER §6.1's verdict, with the request's own SLOs where it gave them. Without the cold-start
+    time in `Finished`, a cold start gets no grace (the paper adds its load time to the TTFT SLO)."""
+    ttft_slo = slo.ttft_s if slo and slo.ttft_s is not None else PAPER_SLOS.ttft(finished.prompt_tokens)
+    tpot_slo = slo.tpot_s if slo and slo.tpot_s is not None else PAPER_SLOS.tpot_slo
     return finished.reason != "abort" and finished.ttft_s <= ttft_slo and (tpot_s or 0.0) <= tpot_slo
 
 

@@ -6,10 +6,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from tests.server.conftest import MODELS
+from tests.server.conftest import MODELS, wait_until
 
 MODEL = MODELS[0]
 QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(autouse=True)
+def no_cancellations_or_leaks(fake_runtime):
+    """Requests that run to the end are never cancelled (closing a finished iterator would read as
+    one), and leave no KV blocks behind."""
+    before = len(fake_runtime.cancelled)
+    yield
+    assert len(fake_runtime.cancelled) == before
+    wait_until(lambda: fake_runtime.blocks_in_use == 0)
 
 
 def engine_greedy(loaded, text: str, chat: bool, max_tokens: int):
