@@ -105,6 +105,7 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
     """Serve every catalogue model over an OpenAI-compatible HTTP API (loaded on first use)."""
     import uvicorn
 
+    from refengine.runtime.devices import DeviceSpec
     from refengine.runtime.live import LiveRuntime, RuntimeOptions
     from refengine.server.app import create_app, runtime_lifespan
 
@@ -112,9 +113,10 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
         catalogue = build_catalogue(models, replicas)
     except (ValueError, UnknownModelError) as e:
         raise click.BadParameter(str(e), param_hint="--models") from None
-    runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=devices,
-                                         memory=device_memory(devices, cpu_memory, gpu_memory),
-                                         keep_alive_s=keep_alive, scheduler=scheduler))
+    budgets = device_memory(devices, cpu_memory, gpu_memory)
+    specs = [DeviceSpec(d, budgets.get(d, DeviceSpec(d, 0).default_memory)) for d in devices]
+    runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=specs, keep_alive_s=keep_alive,
+                                         scheduler=scheduler))
     app = create_app(runtime, lifespan=runtime_lifespan(runtime))
     click.echo(f"refengine: {len(catalogue.names)} models on {','.join(devices)} ({scheduler}, keep-alive "
                f"{keep_alive:g} s) at http://{host}:{port}/v1")

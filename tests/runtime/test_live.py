@@ -13,7 +13,7 @@ from models.catalogue import Catalogue
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
 from refengine.runtime.api import Finished, TokenChunk
-from refengine.runtime.devices import DeviceSpec, parse_devices, parse_size
+from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler.slo import SloPolicy
@@ -99,14 +99,3 @@ def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
             await rt.stop()
 
     assert asyncio.run(scenario()).instances == []
-
-
-def test_device_and_size_parsing():
-    assert parse_devices("cpu*2") == ["cpu:0", "cpu:1"]
-    assert parse_devices("cpu,cuda:0") == ["cpu:0", "cuda:0"]
-    assert parse_size("8GiB") == 8 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("100") == 100
-    for bad in ("gpu", "cpu*0", "cpu,cpu"):
-        with pytest.raises(ValueError):
-            parse_devices(bad)
-    with pytest.raises(ValueError, match="size"):
-        parse_size("lots")
