@@ -12,12 +12,13 @@ SMOLLM2_135M = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_l
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                    num_key_value_heads=2, head_dim=16, vocab_size=128, rope_theta=10000.0,
-                   rms_norm_eps=1e-5, max_position_embeddings=512)
+                   rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False)
 
 
 def random_tensors(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Weights scaled like a trained model's (std 1/sqrt(fan_in), norms near 1), so activations stay
-    in range through every layer and greedy decoding does not collapse onto one token."""
+    in range through every layer. Tiny configs untie the lm_head: with a tied one the current token's
+    own embedding dominates the logits and greedy decoding repeats it forever."""
     rng = np.random.default_rng(seed)
     e, f, d = config.hidden_size, config.intermediate_size, config.head_dim
 
@@ -42,4 +43,6 @@ def random_tensors(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
             p + "mlp.up_proj.weight": matrix(f, e),
             p + "mlp.down_proj.weight": matrix(e, f),
         })
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = matrix(config.vocab_size, e) * np.float32(4.0)
     return tensors

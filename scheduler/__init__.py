@@ -1,0 +1,40 @@
+"""SLINFER's scheduler as pure policy (HPCA 2026; `../shared/papers/slinfer.md`).
+
+Events in, actions out: `Scheduler(models, nodes, cost, config).handle(event, now)`. No clock,
+threads, arrays or I/O, so the simulator and the live runtime drive the same code. Module map:
+
+- `specs`       ModelSpec, NodeSpec: what the scheduler is told at construction
+- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, Tick
+- `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
+                Drop, ColdStartGrace
+- `codec`       JSON lines for events and actions (logging, replay)
+- `costmodel`   profiled latency tables, interpolation, the profile JSON format (§4.2.2)
+- `config`      SchedulerConfig and the presets: slinfer, sllm, sllm+c, sllm+c+s, ablations
+- `slo`         SLOs, cumulative deadlines, headroom (§4.2.1)
+- `estimate`    latency estimates with safety margin, time slices, grant length
+- `tokensched`  per-node token-level scheduling (§4.2.3)
+- `admission`   shadow validation (§4.2.4); `shadowsim` its full-simulation variant
+- `kv`          KV demand (Eq. 2), watermark sizing (§4.3.1–4.3.2)
+- `memory`      optimistic budget, pessimistic usage, reservation station (§4.3.3)
+- `partition`   instance caps, fixed KV and static time shares (baselines)
+- `consolidation` bin-packing orders and preemption victims (§4.4)
+- `placement`   existing instance → preemption → new instance (§4.1)
+- `lifecycle`   create, attach, keep-alive reclaim, eviction, cold-start grace (§4.5)
+- `core`        the Scheduler that wires them together
+"""
+from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant,
+                               KvResize, Load, ReleaseInstance, Unload)
+from scheduler.config import PRESETS, SchedulerConfig, preset
+from scheduler.core import Scheduler
+from scheduler.costmodel import CostModel, LatencyTable, load_table
+from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
+                              Tick)
+from scheduler.slo import SloPolicy
+from scheduler.specs import ModelSpec, NodeSpec
+
+__all__ = [
+    "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
+    "Grant", "KvResize", "LatencyTable", "Load", "MemoryDone", "ModelSpec", "NodeSpec", "PRESETS",
+    "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig",
+    "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
+]

@@ -1,0 +1,99 @@
+"""`python cli.py bench ...`: engine throughput and load times, printed and written to docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from kernels import backend_for_device, get_kernels
+from models.catalogue import DEFAULT_MODEL
+from refengine.bench import bandwidth, engine_bench
+from refengine.bench.report import markdown_table, update_section
+
+
+def _load(device: str, backend: str | None):
+    from refengine.engine.loader import load_model
+    name = backend_for_device(device, backend)
+    return name, load_model(DEFAULT_MODEL, get_kernels(name, device))
+
+
+@click.group()
+def bench() -> None:
+    """Measure the engine (medians) and record the figures in docs/BENCHMARKS.md."""
+
+
+_device = click.option("--device", default="cpu", show_default=True)
+_backend = click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]))
+_write = click.option("--write/--no-write", default=True, show_default=True, help="Update docs/BENCHMARKS.md.")
+
+
+@bench.command()
+@_device
+@_backend
+@click.option("--batch", "batches", multiple=True, type=int, default=(1, 8, 32), show_default=True)
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@_write
+def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_len: int, new_tokens: int,
+           write: bool) -> None:
+    """Decode tokens/s per batch size, beside the memory-bandwidth bound."""
+    name, loaded = _load(device, backend)
+    model = loaded.model
+    bw = bandwidth.measure_copy_bandwidth()
+    click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {loaded.model.weights.nbytes() / 1e6:.0f} MB")
+    rows = []
+    for batch in batches:
+        result = engine_bench.measure_decode(model, batch, prompt_len, new_tokens)
+        context = prompt_len + new_tokens // 2
+        bound = bandwidth.decode_bound_tokens_per_s(model.config, model.weights.nbytes(), batch, context, bw)
+        rows.append([name, batch, prompt_len, new_tokens, f"{result.median_step_s * 1e3:.1f}",
+                     f"{result.tokens_per_s:.1f}", f"{bound:.0f}", f"{100 * result.tokens_per_s / bound:.0f}%"])
+        click.echo(f"{name} batch {batch:3d}: {result.tokens_per_s:8.1f} tok/s (median step "
+                   f"{result.median_step_s * 1e3:.1f} ms; bandwidth bound {bound:.0f} tok/s)")
+    if write:
+        table = markdown_table(["backend", "batch", "prompt", "new tokens", "median step ms", "tok/s",
+                                "bandwidth bound tok/s", "of bound"], rows)
+        note = (f"Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s (numpy copy, read + write). "
+                f"Bound = batch × bandwidth ÷ (fp32 weights + K/V of the mean context), per step.")
+        update_section(f"decode-{name}", f"Decode, {name} backend", f"{table}\n\n{note}")
+
+
+@bench.command()
+@_device
+@_backend
+@click.option("--length", "lengths", multiple=True, type=int, default=(128, 512, 1024), show_default=True)
+@_write
+def prefill(device: str, backend: str | None, lengths: tuple[int, ...], write: bool) -> None:
+    """Prefill tokens/s for one prompt per iteration."""
+    name, loaded = _load(device, backend)
+    rows = []
+    for length in lengths:
+        result = engine_bench.measure_prefill(loaded.model, length)
+        rows.append([name, length, f"{result.median_step_s * 1e3:.0f}", f"{result.tokens_per_s:.0f}"])
+        click.echo(f"{name} prefill {length:5d}: {result.tokens_per_s:8.0f} tok/s ({result.median_step_s * 1e3:.0f} ms)")
+    if write:
+        update_section(f"prefill-{name}", f"Prefill, {name} backend",
+                       markdown_table(["backend", "prompt tokens", "median ms", "tok/s"], rows))
+
+
+@bench.command()
+@_write
+def load(write: bool) -> None:
+    """Time `prepare` (cold, into a fresh cache, and a no-op rerun) and loading the weights."""
+    from refengine.engine.loader import load_model
+    from refengine.store.prepare import prepare
+    rows = []
+    with tempfile.TemporaryDirectory() as home:
+        for label in ("prepare (cold)", "prepare (already prepared)"):
+            started = time.perf_counter()
+            files = prepare(home=Path(home), progress=False)
+            rows.append([label, f"{time.perf_counter() - started:.2f}"])
+        size = files.weights.stat().st_size
+        loads = [load_model(DEFAULT_MODEL, get_kernels("reference"), home=Path(home)).load_s for _ in range(3)]
+        rows.append([f"load safetensors → model ({size / 1e6:.0f} MB, median of 3)", f"{sorted(loads)[1]:.2f}"])
+    for label, seconds in rows:
+        click.echo(f"{label}: {seconds} s")
+    if write:
+        update_section("load", "Prepare and load", markdown_table(["what", "seconds"], rows))

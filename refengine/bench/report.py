@@ -1,0 +1,47 @@
+"""Benchmark figures into docs/BENCHMARKS.md: each command owns one marked section and rewrites it,
+so re-running a benchmark replaces its old rows instead of appending stale ones."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / (1 << 20):.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}"
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_section(name: str, title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section `name` of the benchmarks file."""
+    begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+    stamp = datetime.date.today().isoformat()
+    section = f"{begin}\n## {title}\n\nMeasured {stamp} on {machine_description()}.\n\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure is a median; the machine is noted per section.\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,228 @@
+"""Discrete-event cluster simulator: the second executor of the scheduler (DESIGN.md).
+
+A virtual clock and a heap of events, ordered by (time, kind, sequence number); no polling. The
+simulator replays arrivals, carries out the scheduler's actions — steps take their profiled
+latency, memory actions their modelled duration (`cluster.MemoryCosts`) — and reports back the
+events the live runtime would: `StepFinished`, `MemoryDone`, `Tick` at `next_wakeup()`. It holds
+no policy; every decision is `Scheduler.handle`.
+
+Invariant: the scheduler is timed with a real clock around `handle` only.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from time import perf_counter
+from typing import IO, Callable
+
+from refengine.sim.cluster import MemoryCosts, model_spec, nodes as make_nodes
+from refengine.sim.engine import Sequence, SimInstance, StepOutcome
+from refengine.sim.metrics import Recorder, RequestRecord
+from refengine.sim.workload import Workload
+from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
+                       KvResize, Load, MemoryDone, NodeSpec, ReleaseInstance, RequestArrived,
+                       Scheduler, SchedulerConfig, StepFinished, Tick, Unload)
+from scheduler.codec import encode
+
+# Event kinds, in tie-break order at equal times.
+MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(5)
+
+
+class Simulation:
+    def __init__(self, workload: Workload, config: SchedulerConfig, size: str = "7b",
+                 cpus: int = 4, gpus: int = 4, cost: CostModel | None = None,
+                 memory_costs: MemoryCosts = MemoryCosts(), node_specs: list[NodeSpec] | None = None,
+                 log: IO[str] | None = None,
+                 observer: Callable[[object, list], None] | None = None):
+        """`log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
+        self.workload = workload
+        self.cost = cost or CostModel.shipped()
+        self.models = {name: model_spec(name, size) for name in workload.models}
+        self.node_specs = {n.node_id: n for n in (node_specs or make_nodes(cpus, gpus))}
+        self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost, config)
+        self.memory_costs = memory_costs
+        self.log = log
+        self.observer = observer
+        self.rec = Recorder(workload.duration)
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._tick_at: float | None = None
+        self._instances: dict[str, SimInstance] = {}
+        self._grants: dict[str, list] = {}
+        self._born: dict[str, float] = {}
+        self._outputs = {r.request_id: r.output_tokens for r in workload.requests}
+        self._unresolved = len(workload.requests)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _push(self, when: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, kind, self._seq, payload))
+
+    def run(self, on_progress: Callable[[float], None] | None = None) -> Recorder:
+        """Run until every request finished or was dropped; returns the recorder."""
+        for r in self.workload.requests:
+            self.rec.requests[r.request_id] = RequestRecord(r.model, r.arrival, r.input_tokens,
+                                                            r.output_tokens)
+            self._push(r.arrival, ARRIVAL, r)
+        self._push(0.0, SAMPLE, None)
+        handlers = {MEMORY: self._on_memory, STEP: self._on_step, ARRIVAL: self._on_arrival,
+                    TICK: self._on_tick, SAMPLE: self._on_sample}
+        while self._heap:
+            when, kind, _, payload = heapq.heappop(self._heap)
+            self.now = when
+            handlers[kind](payload)
+            if on_progress is not None:
+                on_progress(when)
+            if self._unresolved == 0 and when >= self.workload.duration:
+                break
+        for iid in list(self._born):
+            self._retire_instance(iid)
+        self.rec.kv_overflows = sum(i.kv_overflows for i in self._instances.values())
+        return self.rec
+
+    def _handle(self, event) -> None:
+        t0 = perf_counter()
+        actions = self.scheduler.handle(event, self.now)
+        self.rec.sched_time(type(event).__name__, perf_counter() - t0)
+        if self.log is not None:
+            self._write_log(event, actions)
+        if self.observer is not None:
+            self.observer(event, actions)
+        for action in actions:
+            self._apply(action)
+        wake = self.scheduler.next_wakeup()
+        if wake is not None and (self._tick_at is None or wake < self._tick_at):
+            self._tick_at = max(wake, self.now)
+            self._push(self._tick_at, TICK, self._tick_at)
+
+    def _write_log(self, event, actions) -> None:
+        self.log.write(json.dumps({"t": self.now, "event": encode(event),
+                                   "actions": [encode(a) for a in actions]}) + "\n")
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _on_arrival(self, r) -> None:
+        self._handle(RequestArrived(r.request_id, r.model, r.input_tokens, r.output_tokens,
+                                    r.arrival))
+
+    def _on_tick(self, when: float) -> None:
+        if when != self._tick_at:
+            return
+        self._tick_at = None
+        self._handle(Tick())
+
+    def _on_sample(self, _) -> None:
+        if self.now < self.workload.duration:
+            used = {"cpu": set(), "gpu": set()}
+            for inst in self._instances.values():
+                kind = self.node_specs[inst.node].kind
+                used[kind].add(inst.node)
+                if kind == "gpu" and inst.kv_blocks:
+                    weights = inst.model.weight_bytes
+                    kv_bytes = inst.model.block_bytes
+                    self.rec.kv_util.append(inst.kv_used / inst.kv_blocks)
+                    self.rec.mem_util.append((weights + inst.kv_used * kv_bytes)
+                                             / (weights + inst.kv_blocks * kv_bytes))
+            for kind, nodes in used.items():
+                self.rec.nodes_used[kind].append(len(nodes))
+            self._push(self.now + 1.0, SAMPLE, None)
+
+    def _on_step(self, payload) -> None:
+        inst, grant, outcome = payload
+        state = self._grants[inst.instance_id]
+        state[1] -= 1
+        done = state[1] == 0 or not inst.has_work(grant.kind)
+        kind = self.node_specs[inst.node].kind
+        if outcome.kind == "prefill":
+            for rid in outcome.sequences:
+                rec = self.rec.requests[rid]
+                if rec.first_token is None:
+                    rec.first_token = self.now
+        else:
+            self.rec.decode_tokens[kind] += len(outcome.sequences)
+            self.rec.batch_hist[kind][outcome.batch] += 1
+        for rid in outcome.finished:
+            self.rec.requests[rid].finish = self.now
+            self._unresolved -= 1
+        if done:
+            del self._grants[inst.instance_id]
+        self._handle(StepFinished(inst.instance_id, grant.grant_id, outcome.kind,
+                                  outcome.sequences, outcome.finished, inst.kv_used,
+                                  outcome.elapsed, done))
+        if not done:
+            self._start_step(inst, grant)
+
+    def _on_memory(self, payload) -> None:
+        inst, action, duration = payload
+        if isinstance(action, Load):
+            inst.weights = True
+        elif isinstance(action, Unload):
+            inst.weights = False
+        elif isinstance(action, KvResize):
+            inst.kv_blocks = action.blocks
+            if self.node_specs[inst.node].kind == "gpu":
+                self.rec.resize_seconds += duration
+        self._handle(MemoryDone(inst.instance_id, action.action_id, duration))
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def _start_step(self, inst: SimInstance, grant: Grant) -> None:
+        outcome: StepOutcome = inst.step(grant.kind)
+        self._push(self.now + outcome.elapsed, STEP, (inst, grant, outcome))
+
+    def _apply(self, action) -> None:
+        if isinstance(action, Grant):
+            inst = self._instances[action.instance]
+            if not inst.has_work(action.kind):
+                raise RuntimeError(f"grant {action} for an instance with no {action.kind} work")
+            self._grants[action.instance] = [action, action.iterations]
+            self._start_step(inst, action)
+        elif isinstance(action, Assign):
+            out = self._outputs[action.request_id]
+            self._instances[action.instance].add(
+                Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
+        elif isinstance(action, CreateInstance):
+            model = self.models[action.model]
+            hw = self.node_specs[action.node].hardware
+            self._instances[action.instance] = SimInstance(
+                action.instance, action.node, model, self.cost.table(model.profile, hw))
+            self._born[action.instance] = self.now
+        elif isinstance(action, ReleaseInstance):
+            self._retire_instance(action.instance)
+        elif isinstance(action, (Load, Unload, KvResize, Evict)):
+            self._start_memory(action)
+        elif isinstance(action, Drop):
+            rec = self.rec.requests[action.request_id]
+            rec.dropped = action.reason
+            if rec.finish is None:
+                self._unresolved -= 1
+        elif isinstance(action, ColdStartGrace):
+            self.rec.requests[action.request_id].grace = action.seconds
+
+    def _start_memory(self, action) -> None:
+        inst = self._instances[action.instance]
+        kind = self.node_specs[inst.node].kind
+        costs = self.memory_costs
+        if isinstance(action, Load):
+            duration = costs.load(kind, inst.model.weight_bytes)
+        elif isinstance(action, Unload):
+            duration = costs.unload(kind)
+        elif isinstance(action, KvResize):
+            bb = inst.model.block_bytes
+            duration = costs.resize(kind, inst.kv_blocks * bb, action.blocks * bb,
+                                    inst.kv_used * bb)
+        else:
+            for rid in action.requests:
+                inst.remove(rid)
+                self.rec.requests[rid].evictions += 1
+            duration = 0.0
+        self._push(self.now + duration, MEMORY, (inst, action, duration))
+
+    def _retire_instance(self, iid: str) -> None:
+        born = self._born.pop(iid, None)
+        inst = self._instances.pop(iid, None) if born is not None else None
+        if inst is not None and self.node_specs[inst.node].kind == "gpu":
+            self.rec.gpu_instance_seconds += self.now - born
+            self.rec.kv_overflows += inst.kv_overflows

@@ -1,0 +1,200 @@
+"""The scheduler object both executors drive: `handle(event, now) -> list[Action]`.
+
+It owns the cluster state and wires the mechanisms together: placement with shadow validation
+(§4.1, §4.2.4), the per-node token scheduler (§4.2.3), the memory orchestrator (§4.3.3), the
+consolidator (§4.4) and the lifecycle (§4.5). It never reads a clock, sleeps or does I/O: `now`
+comes with every event, and `next_wakeup()` says when it wants a `Tick` (keep-alive expiry, a
+placement retry, the end of a static time-share pause).
+
+Invariants (checked by the property tests):
+- at most one grant per node is live;
+- pessimistic memory usage of every node ≤ its capacity;
+- every request ends exactly once: finished (the executor says so), cancelled, or dropped with a
+  reason; an evicted request is re-placed, never lost.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from scheduler.actions import Action, Evict, KvResize, Load, Unload
+from scheduler.admission import ShadowValidator
+from scheduler.config import SchedulerConfig
+from scheduler.costmodel import CostModel
+from scheduler.estimate import Estimator
+from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
+                              Tick)
+from scheduler.kv import OutputEstimator
+from scheduler.lifecycle import Lifecycle, Timers
+from scheduler.memory import MemoryOrchestrator
+from scheduler.placement import Placement
+from scheduler.specs import ModelSpec, NodeSpec
+from scheduler.state import MemoryOp, Node, Request
+from scheduler.tokensched import TokenScheduler
+
+
+class Scheduler:
+    """SLINFER (or a baseline preset) over a fixed set of nodes and models."""
+
+    def __init__(self, models: Iterable[ModelSpec], nodes: Iterable[NodeSpec], cost: CostModel,
+                 config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+        self.models = {m.name: m for m in models}
+        self.nodes = {n.node_id: Node(n) for n in nodes}
+        self.cost = cost
+        self._out: list[Action] = []
+        self.timers = Timers()
+        self.memory = MemoryOrchestrator()
+        self.estimator = Estimator(self.config)
+        outputs = OutputEstimator(self.config.output_prior)
+        self.validator = ShadowValidator(self.config, self.estimator, outputs)
+        self.life = Lifecycle(self.config, self.memory, outputs, self._out.append, self.timers)
+        self.placement = Placement(self.config, self.validator, self.life,
+                                   list(self.nodes.values()), cost)
+        self.tokens = TokenScheduler(self.estimator)
+        self._touched: set[str] = set()
+        self._share_timers: dict[str, float] = {}
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        """Apply one event at time `now`; return the actions to carry out, in order."""
+        self._out.clear()
+        self._touched.clear()
+        if isinstance(event, StepFinished):
+            self._step_finished(event, now)
+        elif isinstance(event, MemoryDone):
+            self._memory_done(event, now)
+        elif isinstance(event, RequestArrived):
+            self._arrived(event, now)
+        elif isinstance(event, RequestCancelled):
+            self._cancelled(event, now)
+        elif isinstance(event, Tick):
+            self._tick(now)
+        else:
+            raise TypeError(f"unknown event {event!r}")
+        for node_id in sorted(self._touched):
+            self._pump(self.nodes[node_id], now)
+        return list(self._out)
+
+    def next_wakeup(self) -> float | None:
+        """Earliest time a `Tick` is wanted, or None."""
+        return self.timers.next_time()
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Live requests (queued, attached or being evicted), by id."""
+        return self.life.requests
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def _arrived(self, ev: RequestArrived, now: float) -> None:
+        if ev.request_id in self.life.requests:
+            raise ValueError(f"duplicate request id {ev.request_id!r}")
+        slo = self.config.slo
+        req = Request(ev.request_id, ev.model, ev.input_tokens, ev.max_output_tokens, ev.arrival,
+                      slo.ttft(ev.input_tokens), slo.tpot_slo)
+        self.life.requests[req.id] = req
+        if ev.model not in self.models:
+            self.life.drop(req, "unknown model", now)
+            return
+        self._try_place(req, now)
+
+    def _try_place(self, req: Request, now: float) -> None:
+        inst = self.placement.place(req, self.models[req.model], now)
+        if inst is not None:
+            self._touched.add(inst.node.id)
+        elif now > req.deadline:
+            self.life.drop(req, "first-token deadline passed while queued", now)
+        else:
+            self.life.enqueue(req, now)
+
+    def _step_finished(self, ev: StepFinished, now: float) -> None:
+        inst = self.life.instances.get(ev.instance)
+        if inst is None:
+            return
+        inst.busy_time += ev.elapsed
+        inst.kv_used = ev.kv_blocks_used
+        requests = self.life.requests
+        for rid in ev.sequences:
+            req = requests.get(rid)
+            if req is None:
+                continue
+            req.generated += 1
+            if req.instance is inst:
+                inst.context_tokens += 1
+                if not req.prefilled:
+                    inst.mark_prefilled(req)
+        for rid in ev.finished:
+            req = requests.get(rid)
+            if req is not None:
+                self.life.finish(req, now)
+        if ev.grant_done and inst.node.grant_instance is inst:
+            self.tokens.release(inst.node)
+        self.life.guard_kv(inst, now)
+        self._touched.add(inst.node.id)
+
+    def _memory_done(self, ev: MemoryDone, now: float) -> None:
+        inst = self.life.instances.get(ev.instance)
+        op = inst.in_flight if inst is not None else None
+        if op is None or op.op_id != ev.action_id:
+            raise ValueError(f"MemoryDone for action {ev.action_id} that {ev.instance} is not running")
+        self.memory.complete(op)
+        self.life.note_memory_done(inst, ev.duration)
+        if op.resource is None:
+            inst.kv_used = sum(inst.model.blocks_for(r.context) for r in inst.requests.values()
+                               if r.prefilled)
+            for req in self.life.evicted(op.requests):
+                self._try_place(req, now)
+        self.memory.wake_station(inst.node)
+        self._touched.add(inst.node.id)
+
+    def _cancelled(self, ev: RequestCancelled, now: float) -> None:
+        req = self.life.requests.get(ev.request_id)
+        if req is not None:
+            node = req.instance.node.id if req.instance else None
+            self.life.finish(req, now)
+            if node:
+                self._touched.add(node)
+
+    def _tick(self, now: float) -> None:
+        for kind, key, tag in self.timers.due(now):
+            if kind == "retry":
+                req = self.life.queued.get(key)
+                if req is not None and req.retry_at <= now + 1e-12:
+                    del self.life.queued[key]
+                    self._try_place(req, now)
+            elif kind == "reclaim":
+                inst = self.life.instances.get(key)
+                if inst is not None:
+                    self.life.reclaim_if_idle(inst, tag)
+                    self._touched.add(inst.node.id)
+            elif kind == "share":
+                self._share_timers.pop(key, None)
+                self._touched.add(key)
+
+    # -- per node ----------------------------------------------------------------------------------
+
+    def _pump(self, node: Node, now: float) -> None:
+        """Hand out committed memory actions, grant the permit, release drained instances."""
+        for inst in list(node.instances.values()):
+            op = self.memory.next_dispatch(inst)
+            if op is not None:
+                self._out.append(self._memory_action(op))
+            self.life.release_if_drained(inst)
+        grant = self.tokens.grant(node, now)
+        if grant is not None:
+            self._out.append(grant)
+        elif node.grant_instance is None:
+            wake = self.tokens.share_wakeup(node, now)
+            if wake is not None and self._share_timers.get(node.id) != wake:
+                self._share_timers[node.id] = wake
+                self.timers.add(wake, "share", node.id)
+
+    @staticmethod
+    def _memory_action(op: MemoryOp) -> Action:
+        iid = op.instance.id
+        if op.resource is None:
+            return Evict(op.op_id, iid, op.requests)
+        if op.resource == "weights":
+            return Load(op.op_id, iid) if op.value else Unload(op.op_id, iid)
+        return KvResize(op.op_id, iid, op.value, op.instance.kv.physical)

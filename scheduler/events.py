@@ -1,0 +1,73 @@
+"""Events: what an executor (simulator or live runtime) tells the scheduler.
+
+Every event is a frozen dataclass of ids and numbers, so a run can be logged as JSON lines
+(`codec.py`) and replayed in a test. The executor calls `Scheduler.handle(event, now)` for each
+one, in time order, and carries out the returned actions.
+
+Invariants the executor keeps:
+- one `StepFinished` per engine iteration it ran under a grant; the last one of a grant says
+  `grant_done=True` (it ran all granted iterations or had nothing left of the granted kind);
+- one `MemoryDone` per `Load`/`Unload`/`KvResize`/`Evict` action, echoing its `action_id`, with
+  the measured duration;
+- `RequestCancelled` only after the executor has already stopped the request itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+StepKind = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class RequestArrived:
+    """A request for `model`. `max_output_tokens` is never used to predict (§4.2.2)."""
+
+    request_id: str
+    model: str
+    input_tokens: int
+    max_output_tokens: int
+    arrival: float
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    """One engine iteration of `instance` ran under grant `grant_id`.
+
+    `sequences` produced one token each (a prefill produces a request's next token too);
+    `finished` ended (EOS or max tokens) and left the instance; `kv_blocks_used` is the
+    instance's KV block count after the step (what the engine really holds).
+    """
+
+    instance: str
+    grant_id: int
+    kind: StepKind
+    sequences: tuple[str, ...]
+    finished: tuple[str, ...]
+    kv_blocks_used: int
+    elapsed: float
+    grant_done: bool
+
+
+@dataclass(frozen=True)
+class MemoryDone:
+    """The memory action `action_id` on `instance` completed after `duration` seconds."""
+
+    instance: str
+    action_id: int
+    duration: float
+
+
+@dataclass(frozen=True)
+class RequestCancelled:
+    """The client went away; the executor has already aborted the sequence."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; sent at (or after) `Scheduler.next_wakeup()` for timers."""
+
+
+Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, Tick]
