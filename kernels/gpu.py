@@ -24,7 +24,7 @@ import functools
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cupy
 import numpy as np
@@ -57,7 +57,8 @@ def _grid(n: int, per_block: int = THREADS) -> tuple[int]:
     return (max(1, -(-n // per_block)),)
 
 
-def _compile(source: str, templates: list[str] = ()) -> cupy.RawModule:
+def _compile(source: str, templates: Sequence[str] = ()) -> cupy.RawModule:
+    """A source of kernels/cuda/, its templates instantiated as named (C++ name expressions)."""
     return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=("-std=c++17",),
                           name_expressions=list(templates))
 
