@@ -14,8 +14,9 @@ Why it is built this way:
   block tables to all L layers. Device int32 arrays pass through untouched: that is how a captured
   step reads its static input buffers.
 - Nothing comes back to the host inside a step except `argmax`'s token ids.
-- Decode attention splits each sequence's context over `decode_splits(B, Hkv)` blocks (flash-decoding)
-  chosen from the batch size alone, so an eager step and its captured twin run the same grid.
+- Decode attention splits each context over `decode_splits` blocks (flash-decoding), chosen from
+  shapes the host knows in a captured step too (batch size, block-table width), and merges the
+  splits in the last block to finish, so a layer's attention is one launch.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import functools
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cupy
 import numpy as np
@@ -31,14 +32,17 @@ import numpy as np
 from kernels.interface import Array
 
 CUDA_DIR = Path(__file__).with_name("cuda")
-THREADS = 256                 # block size of the elementwise and norm kernels
+THREADS = 256                 # block size of the elementwise kernels and the GEMV
 GEMV_MAX_ROWS = 64            # linear: our GEMV up to this many rows of x, cuBLAS above
-GEMV_ROWS = 2                 # output features per warp (gemv.cu's ROWS)
-GEMV_TILES = (1, 2, 4, 8, 16)  # rows of x per warp (gemv.cu's BT), the smallest that covers B
+# gemv.cu's (BT, ROWS): rows of x and output features per warp; the first tile that covers B wins.
+# Measured on an H200: one feature per warp streams the weights fastest up to 8 rows of x; at 16
+# the x loads dominate, and 4 features per warp reuse each of them 4 times (twice as fast there).
+GEMV_SHAPES = ((1, 1), (2, 1), (4, 1), (8, 1), (16, 4))
 GEMV_WARPS = THREADS // 32
 PREFILL_ROWS = 32             # query-head rows per prefill block (attention.cu's PREFILL_ROWS)
 ATTENTION_THREADS = 128       # attention.cu's DECODE_WARPS * 32 and PREFILL_WARPS * 32
-MAX_DECODE_SPLITS = 32
+MAX_DECODE_SPLITS = 32        # attention.cu's MAX_SPLITS
+MIN_SPLIT_TOKENS = 16         # shortest decode split: shorter ones lose more to the merge than they gain
 UPLOAD_CACHE = 32             # distinct index arrays kept on the device (a step uses about 6)
 
 
@@ -53,7 +57,8 @@ def _grid(n: int, per_block: int = THREADS) -> tuple[int]:
     return (max(1, -(-n // per_block)),)
 
 
-def _compile(source: str, templates: list[str] = ()) -> cupy.RawModule:
+def _compile(source: str, templates: Sequence[str] = ()) -> cupy.RawModule:
+    """A source of kernels/cuda/, its templates instantiated as named (C++ name expressions)."""
     return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=("-std=c++17",),
                           name_expressions=list(templates))
 
@@ -76,9 +81,11 @@ class GpuKernels:
         self.device = cupy.cuda.Device(_device_index(device))
         self.num_sms = int(self.device.attributes["MultiProcessorCount"])
         self._elementwise = _compile("elementwise.cu")
-        self._gemv = _compile("gemv.cu", [f"gemv<{tile}, {GEMV_ROWS}>" for tile in GEMV_TILES])
+        self._gemv = _compile("gemv.cu", [f"gemv<{tile}, {rows}>" for tile, rows in GEMV_SHAPES])
         self._attention: dict[tuple[int, int], cupy.RawModule] = {}
         self._uploads: OrderedDict[tuple, cupy.ndarray] = OrderedDict()
+        self._inv_freq: dict[tuple[int, float], cupy.ndarray] = {}
+        self._split_counters: dict[int, cupy.ndarray] = {}
         self._functions: dict[tuple[int, str], cupy.RawKernel] = {}
 
     # ---------------------------------------------------------------- memory
@@ -134,19 +141,19 @@ class GpuKernels:
     @_on_device
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """[T, E] -> [T, E]; one block per row."""
-        x = cupy.ascontiguousarray(x)
+        x = _rows_of_float4(x)
         out = cupy.empty_like(x)
         self._kernel(self._elementwise, "rms_norm")(
-            (x.shape[0],), (THREADS,), (x, weight, out, np.int32(x.shape[1]), np.float32(eps)))
+            (x.shape[0],), _norm_block(x.shape[1]), (x, weight, out, np.int32(x.shape[1]), np.float32(eps)))
         return out
 
     @_on_device
     def add_rms_norm(self, residual: Array, delta: Array, weight: Array, eps: float) -> tuple[Array, Array]:
         """[T, E] x2 -> (residual + delta, its rms_norm), one pass over the rows."""
-        residual, delta = cupy.ascontiguousarray(residual), cupy.ascontiguousarray(delta)
+        residual, delta = _rows_of_float4(residual), _rows_of_float4(delta)
         summed, normed = cupy.empty_like(residual), cupy.empty_like(residual)
         self._kernel(self._elementwise, "add_rms_norm")(
-            (residual.shape[0],), (THREADS,),
+            (residual.shape[0],), _norm_block(residual.shape[1]),
             (residual, delta, weight, summed, normed, np.int32(residual.shape[1]), np.float32(eps)))
         return summed, normed
 
@@ -159,10 +166,10 @@ class GpuKernels:
         aligned = cols % 4 == 0 and x.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0
         if rows > GEMV_MAX_ROWS or not aligned or not weight.flags.c_contiguous:
             return x @ weight.T
-        tile = next((t for t in GEMV_TILES if t >= rows), GEMV_TILES[-1])
+        tile, per_warp = next((shape for shape in GEMV_SHAPES if shape[0] >= rows), GEMV_SHAPES[-1])
         out = cupy.empty((rows, features), dtype=cupy.float32)
-        grid = (-(-rows // tile), -(-features // (GEMV_ROWS * GEMV_WARPS)))
-        self._kernel(self._gemv, f"gemv<{tile}, {GEMV_ROWS}>")(
+        grid = (-(-rows // tile), -(-features // (per_warp * GEMV_WARPS)))
+        self._kernel(self._gemv, f"gemv<{tile}, {per_warp}>")(
             grid, (THREADS,), (x, weight, out, np.int32(rows), np.int32(cols), np.int32(features)))
         return out
 
@@ -172,10 +179,13 @@ class GpuKernels:
         num_tokens, heads, head_dim = x.shape
         stride_t, stride_h = _element_strides(x)
         out = cupy.empty((num_tokens, heads, head_dim), dtype=cupy.float32)
+        key = (head_dim, float(theta))
+        if key not in self._inv_freq:  # constant per model: safe to bake into a captured graph
+            self._inv_freq[key] = cupy.asarray(rope_inverse_frequencies(head_dim, theta))
         self._kernel(self._elementwise, "rope")(
             _grid(num_tokens * heads * (head_dim // 2)), (THREADS,),
-            (x, self._index(positions), out, np.int32(num_tokens), np.int32(heads), np.int32(head_dim),
-             np.int64(stride_t), np.int64(stride_h), np.float64(theta)))
+            (x, self._index(positions), self._inv_freq[key], out, np.int32(num_tokens), np.int32(heads),
+             np.int32(head_dim), np.int64(stride_t), np.int64(stride_h)))
         return out
 
     @_on_device
@@ -198,10 +208,13 @@ class GpuKernels:
             (k_cache, v_cache, k, v, self._index(slot_mapping), np.int32(num_tokens), np.int32(kv_heads),
              np.int32(head_dim), *map(np.int64, _element_strides(k)), *map(np.int64, _element_strides(v))))
 
-    def decode_splits(self, batch: int, kv_heads: int) -> int:
+    def decode_splits(self, batch: int, kv_heads: int, max_context: int) -> int:
         """Blocks per (sequence, KV head) in decode attention: enough for about two per SM, since a
-        batch-1 step would otherwise read each layer's cache with Hkv blocks."""
-        return max(1, min(MAX_DECODE_SPLITS, math.ceil(2 * self.num_sms / (batch * kv_heads))))
+        batch-1 step would otherwise read each layer's cache with Hkv blocks, but no split shorter
+        than MIN_SPLIT_TOKENS. `max_context` is the block tables' capacity (M * P): known on the
+        host even when the lengths live on the device, as in a captured step."""
+        fill = math.ceil(2 * self.num_sms / (batch * kv_heads))
+        return max(1, min(MAX_DECODE_SPLITS, fill, math.ceil(max_context / MIN_SPLIT_TOKENS)))
 
     @_on_device
     def decode_attention(self, q: Array, k_cache: Array, v_cache: Array, block_tables: np.ndarray,
@@ -212,18 +225,25 @@ class GpuKernels:
         _, block_tokens, kv_heads, _ = k_cache.shape
         module = self._attention_module(head_dim, heads // kv_heads)
         tables = self._index(block_tables)
-        splits = self.decode_splits(batch, kv_heads)
+        splits = self.decode_splits(batch, kv_heads, tables.shape[1] * block_tokens)
         out = cupy.empty_like(q)
         part_acc = cupy.empty((batch, heads, splits, head_dim), dtype=cupy.float32) if splits > 1 else out
         part_ml = cupy.empty((batch, heads, splits, 2), dtype=cupy.float32) if splits > 1 else out
         self._kernel(module, f"decode_attention<{head_dim}, {heads // kv_heads}>")(
             (splits, kv_heads, batch), (ATTENTION_THREADS,),
             (q, k_cache, v_cache, tables, self._index(context_lens), out, part_acc, part_ml,
-             np.int32(tables.shape[1]), np.int32(block_tokens), np.int32(kv_heads), np.float32(scale)))
-        if splits > 1:
-            self._kernel(module, "decode_combine")(
-                (batch * heads,), (head_dim,), (part_acc, part_ml, out, np.int32(splits), np.int32(head_dim)))
+             self._counters(batch * kv_heads), np.int32(tables.shape[1]), np.int32(block_tokens),
+             np.int32(kv_heads), np.float32(scale)))
         return out
+
+    def _counters(self, count: int) -> cupy.ndarray:
+        """Zeroed int32 counters for decode attention's last-block merge, at least `count` of them.
+        The kernel leaves them at zero, so one buffer per size serves every launch; none is ever
+        freed, because a captured graph keeps the address of the one it saw."""
+        size = 1 << (count - 1).bit_length()
+        if size not in self._split_counters:
+            self._split_counters[size] = cupy.zeros(size, dtype=cupy.int32)
+        return self._split_counters[size]
 
     @_on_device
     def prefill_attention(self, q: Array, k_cache: Array, v_cache: Array, block_tables: np.ndarray,
@@ -270,6 +290,24 @@ class GpuKernels:
         self._kernel(self._elementwise, "argmax_rows")(
             (logits.shape[0],), (1024,), (logits, ids, np.int32(logits.shape[1])))
         return ids.get().astype(np.int64)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """[D/2] float64: exactly reference.rope_angles' inv_freq."""
+    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def _rows_of_float4(x: Array) -> Array:
+    """x as contiguous rows that the norm kernels may read in 16-byte float4 loads."""
+    x = cupy.ascontiguousarray(x)
+    if x.shape[-1] % 4 or x.data.ptr % 16:
+        raise ValueError(f"the norm kernels need rows of a multiple of 4 floats, 16-byte aligned; got {x.shape}")
+    return x
+
+
+def _norm_block(width: int) -> tuple[int]:
+    """One thread per float4 of a row, in whole warps, at most 1024."""
+    return (min(1024, 32 * -(-width // 128)),)
 
 
 def _element_strides(x: Array) -> tuple[int, int]:

@@ -13,27 +13,32 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) {
 // ---------------------------------------------------------------- decode: one query per sequence
 // Grid (S, Hkv, B): block (split, kvh, b) reads split `split` of sequence b's cached tokens for key/
 // value head kvh once and serves the G query heads of that group from the same loads (GQA). Splitting
-// the context over S blocks keeps the GPU busy at batch 1, where B * Hkv blocks alone would be 3.
-// With S == 1 the block writes the output; otherwise it writes its partial sums and running
-// max/sum to part_acc [B, H, S, D] and part_ml [B, H, S, 2] for decode_combine.
+// the context over S blocks (flash-decoding) keeps the GPU busy at batch 1, where B * Hkv blocks alone
+// would be 3. Each block leaves its partial sums and running max/sum in part_acc [B, H, S, D] and
+// part_ml [B, H, S, 2]; the last of the S blocks of (b, kvh) to finish, told by an atomic counter
+// (split_counters [B, Hkv], zero between launches: the last block resets it), merges them into out.
+// With S == 1 the block writes out directly.
 //
 // Inside a block, LPT = D / 4 lanes read one token's row (a float4 each, coalesced), so a warp reads
 // 32 / LPT tokens at once and each lane group keeps its own online-softmax state; the groups merge
 // through shared memory at the end.
 constexpr int DECODE_WARPS = 4;
-constexpr int DECODE_UNROLL = 2;  // tokens per lane group in flight per iteration
+constexpr int DECODE_UNROLL = 4;  // tokens per lane group in flight per iteration
+constexpr int MAX_SPLITS = 32;
 
 template <int D, int G>
 __global__ void __launch_bounds__(DECODE_WARPS * 32)
 decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
                  const float* __restrict__ v_cache, const int* __restrict__ block_tables,
                  const int* __restrict__ context_lens, float* __restrict__ out,
-                 float* __restrict__ part_acc, float* __restrict__ part_ml, int M, int P, int Hkv,
-                 float scale) {
+                 float* __restrict__ part_acc, float* __restrict__ part_ml, int* __restrict__ split_counters,
+                 int M, int P, int Hkv, float scale) {
     constexpr int LPT = D / 4;
     constexpr int GROUPS = DECODE_WARPS * (32 / LPT);
     __shared__ float s_m[GROUPS][G], s_l[GROUPS][G];
     __shared__ float4 s_acc[GROUPS][G][LPT];
+    __shared__ float s_weight[G][MAX_SPLITS], s_total[G];
+    __shared__ bool s_last;
 
     const int split = blockIdx.x, S = gridDim.x, kvh = blockIdx.y, b = blockIdx.z, H = Hkv * G;
     const int lane = threadIdx.x & 31;
@@ -45,6 +50,7 @@ decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
     const float4* k4 = reinterpret_cast<const float4*>(k_cache);
     const float4* v4 = reinterpret_cast<const float4*>(v_cache);
     const float4* q4 = reinterpret_cast<const float4*>(q) + ((long long)b * H + kvh * G) * LPT + sub;
+    const long long bh0 = (long long)b * H + kvh * G;  // the group's first head, as a row of out
 
     float4 qv[G], acc[G];
     float m[G], l[G];
@@ -72,24 +78,43 @@ decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
                 vv[u] = v4[row * LPT + sub];
             }
         }
+        // scores of the iteration's tokens, then one online-softmax update per head: the
+        // reductions interleave and the serial chain is one rescale per iteration, not per token
+        float s[DECODE_UNROLL][G];
 #pragma unroll
-        for (int u = 0; u < DECODE_UNROLL; ++u) {
+        for (int u = 0; u < DECODE_UNROLL; ++u)
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                float s = dot4(qv[g], kv[u]);
-                for (int o = LPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (valid[u]) {
-                    const float m_new = fmaxf(m[g], s);
-                    const float alpha = expf(m[g] - m_new), p = expf(s - m_new);
-                    l[g] = l[g] * alpha + p;
-                    acc[g] = make_float4(acc[g].x * alpha + p * vv[u].x, acc[g].y * alpha + p * vv[u].y,
-                                         acc[g].z * alpha + p * vv[u].z, acc[g].w * alpha + p * vv[u].w);
-                    m[g] = m_new;
-                }
+            for (int g = 0; g < G; ++g) s[u][g] = dot4(qv[g], kv[u]);
+#pragma unroll
+        for (int o = LPT / 2; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; ++u)
+#pragma unroll
+                for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float m_new = m[g];
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; ++u)
+                if (valid[u]) m_new = fmaxf(m_new, s[u][g]);
+            if (m_new == NEG_INF) continue;  // none of this group's tokens yet
+            const float alpha = expf(m[g] - m_new);
+            float l_new = l[g] * alpha;
+            float4 a = make_float4(acc[g].x * alpha, acc[g].y * alpha, acc[g].z * alpha, acc[g].w * alpha);
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; ++u) {
+                if (!valid[u]) continue;
+                const float p = expf(s[u][g] - m_new);
+                l_new += p;
+                a = make_float4(a.x + p * vv[u].x, a.y + p * vv[u].y, a.z + p * vv[u].z, a.w + p * vv[u].w);
             }
+            acc[g] = a;
+            l[g] = l_new;
+            m[g] = m_new;
         }
     }
 
+    // 1. merge the lane groups of this block
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         if (sub == 0) {
@@ -99,7 +124,6 @@ decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
         s_acc[group][g][sub] = acc[g];
     }
     __syncthreads();
-
     for (int i = threadIdx.x; i < G * LPT; i += blockDim.x) {
         const int g = i / LPT, c = i % LPT;
         float m_all = NEG_INF;
@@ -115,7 +139,7 @@ decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
                 a = make_float4(a.x + part.x * w, a.y + part.y * w, a.z + part.z * w, a.w + part.w * w);
             }
         }
-        const long long bh = (long long)b * H + kvh * G + g;
+        const long long bh = bh0 + g;
         if (S == 1) {
             const float inv = l_all > 0.f ? 1.f / l_all : 0.f;  // an empty context (padding) gives 0
             reinterpret_cast<float4*>(out)[bh * LPT + c] = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
@@ -127,26 +151,49 @@ decode_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
             }
         }
     }
-}
+    if (S == 1) return;
 
-// Merge the S partial results of decode_attention: grid B * H, block D threads.
-extern "C" __global__ void decode_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                                          float* __restrict__ out, int S, int D) {
-    const long long bh = blockIdx.x;
-    const int d = threadIdx.x;
-    const float* ml = part_ml + bh * S * 2;
-    float m_all = NEG_INF;
-    for (int s = 0; s < S; ++s) m_all = fmaxf(m_all, ml[2 * s]);
-    float l_all = 0.f, a = 0.f;
-    if (m_all != NEG_INF) {
-        for (int s = 0; s < S; ++s) {
-            if (ml[2 * s] == NEG_INF) continue;
-            const float w = expf(ml[2 * s] - m_all);
-            l_all += ml[2 * s + 1] * w;
-            a += part_acc[(bh * S + s) * D + d] * w;
-        }
+    // 2. the last block of (b, kvh) to finish merges the S splits (CUDA's threadFenceReduction)
+    __threadfence();  // this block's partials are visible to all before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* counter = split_counters + (long long)b * Hkv + kvh;
+        s_last = atomicAdd(counter, 1) == S - 1;
+        if (s_last) *counter = 0;  // ready for the next launch
     }
-    out[bh * D + d] = l_all > 0.f ? a / l_all : 0.f;
+    __syncthreads();
+    if (!s_last) return;
+    for (int i = threadIdx.x; i < G * S; i += blockDim.x) {  // __ldcg: other blocks' writes, not L1
+        const int g = i / S, s = i % S;
+        s_weight[g][s] = __ldcg(part_ml + ((bh0 + g) * S + s) * 2);
+    }
+    __syncthreads();
+    if (threadIdx.x < G) {
+        const int g = threadIdx.x;
+        float m_all = NEG_INF;
+        for (int s = 0; s < S; ++s) m_all = fmaxf(m_all, s_weight[g][s]);
+        float total = 0.f;
+        for (int s = 0; s < S; ++s) {
+            const float w = s_weight[g][s] == NEG_INF ? 0.f : expf(s_weight[g][s] - m_all);
+            total += __ldcg(part_ml + ((bh0 + g) * S + s) * 2 + 1) * w;
+            s_weight[g][s] = w;
+        }
+        s_total[g] = total;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * LPT; i += blockDim.x) {
+        const int g = i / LPT, c = i % LPT;
+        const float4* parts = reinterpret_cast<const float4*>(part_acc) + (bh0 + g) * S * LPT + c;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < S; ++s) {
+            const float4 p = __ldcg(parts + s * LPT);
+            const float w = s_weight[g][s];
+            a = make_float4(a.x + p.x * w, a.y + p.y * w, a.z + p.z * w, a.w + p.w * w);
+        }
+        const float inv = s_total[g] > 0.f ? 1.f / s_total[g] : 0.f;
+        reinterpret_cast<float4*>(out)[(bh0 + g) * LPT + c] = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
+    }
 }
 
 // ---------------------------------------------------------------- prefill: causal, varlen, packed

@@ -1,13 +1,22 @@
 // Gather, normalisation, rotary, SwiGLU, KV-write and argmax kernels of the CuPy backend
 // (kernels/gpu.py). Each is the twin of a numpy function in kernels/reference.py. Shape letters as
 // in kernels/interface.py (T tokens, E width, F MLP width, H heads, D head dim, V vocabulary);
-// index arrays are int32. Blocks are 256 threads (a multiple of 32: block_sum relies on it).
+// index arrays are int32.
 
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
+}
+
+// table [V, E], ids [T] -> out [T, E]
+extern "C" __global__ void embedding(const float* __restrict__ table, const int* __restrict__ ids,
+                                     float* __restrict__ out, int T, int E) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * E) return;
+    const long long t = i / E;
+    out[i] = table[(long long)ids[t] * E + (i - t * E)];
 }
 
 // The sum of v over the block, returned to every thread. scratch: 32 floats of shared memory.
@@ -20,35 +29,37 @@ __device__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
-// table [V, E], ids [T] -> out [T, E]
-extern "C" __global__ void embedding(const float* __restrict__ table, const int* __restrict__ ids,
-                                     float* __restrict__ out, int T, int E) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)T * E) return;
-    const long long t = i / E;
-    out[i] = table[(long long)ids[t] * E + (i - t * E)];
-}
-
-// One row per block: normed = x / sqrt(mean(x^2) + eps) * weight, where x = residual (+ delta).
-// With a delta the sum is stored too: the residual add fused with the next norm.
+// One block per row: normed = x / sqrt(mean(x^2) + eps) * weight, where x = residual (+ delta).
+// Each thread takes one float4 of the row where the block is wide enough (the launch sizes it so),
+// so a row costs one round of loads and one block reduction: at decode a step normalises a few rows
+// 2L times, and latency is all there is. With a delta the sum is stored too: the residual add
+// fused with the next norm. Needs E % 4 == 0 and 16-byte aligned rows.
 __device__ void rms_norm_row(const float* __restrict__ residual, const float* __restrict__ delta,
                              const float* __restrict__ weight, float* __restrict__ summed,
                              float* __restrict__ normed, int E, float eps) {
     __shared__ float scratch[32];
-    const long long row = (long long)blockIdx.x * E;
+    const int E4 = E >> 2;
+    const long long row = (long long)blockIdx.x * E4;
+    const float4* r4 = reinterpret_cast<const float4*>(residual) + row;
+    const float4* d4 = reinterpret_cast<const float4*>(delta) + row;
+    float4* s4 = reinterpret_cast<float4*>(summed) + row;
     float squares = 0.f;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        float x = residual[row + e];
+    for (int c = threadIdx.x; c < E4; c += blockDim.x) {
+        float4 x = r4[c];
         if (delta != nullptr) {
-            x += delta[row + e];
-            summed[row + e] = x;
+            const float4 d = d4[c];
+            x = make_float4(x.x + d.x, x.y + d.y, x.z + d.z, x.w + d.w);
+            s4[c] = x;
         }
-        squares += x * x;
+        squares += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
     }
     const float denom = sqrtf(block_sum(squares, scratch) / E + eps);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const float x = delta != nullptr ? summed[row + e] : residual[row + e];
-        normed[row + e] = x / denom * weight[e];
+    const float4* w4 = reinterpret_cast<const float4*>(weight);
+    float4* n4 = reinterpret_cast<float4*>(normed) + row;
+    for (int c = threadIdx.x; c < E4; c += blockDim.x) {
+        const float4 x = delta != nullptr ? s4[c] : r4[c];
+        const float4 w = w4[c];
+        n4[c] = make_float4(x.x / denom * w.x, x.y / denom * w.y, x.z / denom * w.z, x.w / denom * w.w);
     }
 }
 
@@ -66,11 +77,12 @@ extern "C" __global__ void add_rms_norm(const float* __restrict__ residual, cons
 }
 
 // x [T, H, D] with element strides (stride_t, stride_h, 1) -> out [T, H, D] contiguous; one thread
-// per rotated pair (j, j + D/2). Angles are computed in double, as reference.rope_angles does,
-// so long positions keep their precision; then rounded to float.
+// per rotated pair (j, j + D/2). The angle position * inv_freq[j] and its sine and cosine are
+// computed in double, inv_freq [D/2] being reference.rope_angles' own float64 values, so long
+// positions keep their precision; then rounded to float.
 extern "C" __global__ void rope(const float* __restrict__ x, const int* __restrict__ positions,
-                                float* __restrict__ out, int T, int H, int D, long long stride_t,
-                                long long stride_h, double theta) {
+                                const double* __restrict__ inv_freq, float* __restrict__ out,
+                                int T, int H, int D, long long stride_t, long long stride_h) {
     const int half = D / 2;
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)T * H * half) return;
@@ -78,8 +90,9 @@ extern "C" __global__ void rope(const float* __restrict__ x, const int* __restri
     const long long th = i / half;
     const int h = (int)(th % H);
     const long long t = th / H;
-    const double angle = (double)positions[t] * pow(theta, -(2.0 * j) / D);
-    const float c = (float)cos(angle), s = (float)sin(angle);
+    double sin_angle, cos_angle;
+    sincos((double)positions[t] * inv_freq[j], &sin_angle, &cos_angle);
+    const float c = (float)cos_angle, s = (float)sin_angle;
     const float* src = x + t * stride_t + h * stride_h;
     const float x1 = src[j], x2 = src[j + half];
     float* dst = out + th * D;

@@ -4,7 +4,8 @@
 // warp-per-row kernel already runs at memory speed.
 //
 // Each warp owns ROWS output features and BT rows of x; its lanes stride over I in float4 (16-byte
-// loads, coalesced across the warp), keep ROWS x BT partial sums, and reduce them with shuffles.
+// loads, coalesced across the warp), four iterations' loads in flight at once, keep ROWS x BT
+// partial sums, and reduce them with shuffles.
 // Grid: x = ceil(B / BT) (fastest, so blocks sharing weight rows run together and meet in L2),
 // y = ceil(O / (ROWS * warps per block)). Needs I % 4 == 0 and 16-byte aligned rows.
 

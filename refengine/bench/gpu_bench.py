@@ -108,6 +108,61 @@ def bench_decode(model: LlamaModel, batch: int, context: int, bandwidth: float, 
             "kv_bytes": kv_bytes}
 
 
+def graph_us(run: Callable[[], object], copies: int = 30, replays: int = 20) -> float:
+    """Device microseconds of `run`, captured `copies` times back to back in one CUDA graph."""
+    stream = cupy.cuda.Stream()
+    with stream:
+        run()  # uploads and compiles outside the capture
+        stream.begin_capture()
+        for _ in range(copies):
+            run()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        start, stop = stream.record(), cupy.cuda.Event()
+        for _ in range(replays):
+            graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / (copies * replays)
+
+
+def op_breakdown(model: LlamaModel, batch: int, context: int) -> dict[str, float]:
+    """Device microseconds of each op of one decode layer (layer 0's weights) and of the lm_head.
+    Repeated in a graph, a layer's weights stay in L2, so the GEMV figures are a floor for a real
+    step, whose weights come from DRAM."""
+    config, kern, layer = model.config, model.kernels, model.weights.layers[0]
+    step = decode_step(config, batch, context, np.random.default_rng(1))
+    k_cache, v_cache = (c[0] for c in random_cache(config, int(step.block_tables.size)))
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rng = np.random.default_rng(2)
+    hidden = kern.asarray(rng.standard_normal((batch, config.hidden_size), dtype=np.float32))
+    delta = kern.asarray(rng.standard_normal((batch, config.hidden_size), dtype=np.float32))
+    qkv = kern.linear(hidden, layer.qkv)
+    q = qkv[:, :heads * head_dim].reshape(batch, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(batch, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].reshape(batch, kv_heads, head_dim)
+    gate_up = kern.linear(hidden, layer.gate_up)
+    mlp_in = kern.silu_mul(gate_up)
+    attn_in = kern.asarray(rng.standard_normal((batch, heads, head_dim), dtype=np.float32))
+    ops = {
+        "linear qkv": lambda: kern.linear(hidden, layer.qkv),
+        "rope q": lambda: kern.rope(q, step.positions, config.rope_theta),
+        "rope k": lambda: kern.rope(k, step.positions, config.rope_theta),
+        "write_kv": lambda: kern.write_kv(k_cache, v_cache, k, v, step.slot_mapping),
+        "decode_attention": lambda: kern.decode_attention(attn_in, k_cache, v_cache, step.block_tables,
+                                                          step.context_lens, model.scale),
+        "linear o": lambda: kern.linear(attn_in.reshape(batch, -1), layer.o),
+        "add_rms_norm x2": lambda: kern.add_rms_norm(hidden, delta, layer.post_norm, config.rms_norm_eps),
+        "linear gate_up": lambda: kern.linear(hidden, layer.gate_up),
+        "silu_mul": lambda: kern.silu_mul(gate_up),
+        "linear down": lambda: kern.linear(mlp_in, layer.down),
+    }
+    times = {name: graph_us(op) for name, op in ops.items()}
+    times["add_rms_norm x2"] *= 2
+    times["lm_head"] = graph_us(lambda: kern.linear(hidden, model.weights.lm_head), copies=5)
+    return times
+
+
 def bench_prefill(model: LlamaModel, num_tokens: int, repeats: int = 5) -> dict:
     step = prefill_step(model.config, num_tokens, np.random.default_rng(num_tokens))
     k_cache, v_cache = random_cache(model.config, int(step.block_tables.size))
@@ -161,8 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bandwidth = copy_bandwidth()
     results = {"device": device, "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": model.weights.nbytes(),
+               "layers": config.num_hidden_layers,
                "decode": [bench_decode(model, b, c, bandwidth, args.repeats) for c in contexts for b in batches],
-               "prefill": [bench_prefill(model, int(n)) for n in args.prefill.split(",")]}
+               "prefill": [bench_prefill(model, int(n)) for n in args.prefill.split(",")],
+               "ops": {f"{b}x{c}": op_breakdown(model, b, c) for b, c in ((1, 1024), (64, 1024))}}
     if not args.no_hf:
         results["hf"] = bench_hf(tensors, model, [(b, c) for c in contexts for b in batches], max(10, args.repeats // 2))
     if args.json:
@@ -181,6 +238,11 @@ def print_report(results: dict) -> None:
         print(f" {r['batch']:5d} {r['context']:7d} | {r['eager_tok_s']:11.0f} | {r['graph_tok_s']:11.0f} "
               f"({r['graph_ms']:.3f}, {r['graph_device_ms']:.3f}) | {r['bound_tok_s']:11.0f} "
               f"{100 * r['graph_tok_s'] / r['bound_tok_s']:3.0f} | {theirs:8.0f} {r['graph_tok_s'] / theirs:7.1f}x")
+    layers = results["layers"]
+    for case, times in results["ops"].items():
+        layer = sum(t for name, t in times.items() if name != "lm_head")
+        print(f" ops at batch x context {case} (us, L2-warm): " + ", ".join(f"{n} {t:.1f}" for n, t in times.items())
+              + f"; layer {layer:.1f}, x{layers} + lm_head = {layer * layers + times['lm_head']:.0f}")
     for r in results["prefill"]:
         print(f" prefill {r['tokens']:5d} tokens: {r['ms']:8.2f} ms = {r['tok_s']:9.0f} tok/s")
     if "hf" in results:

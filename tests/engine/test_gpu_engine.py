@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 
 cupy = pytest.importorskip("cupy", reason="needs CUDA and CuPy: cupy is not installed")
-
-
-def _has_cuda_device() -> bool:
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except cupy.cuda.runtime.CUDARuntimeError:
-        return False
-
-
-if not _has_cuda_device():
+if not cupy.is_available():
     pytest.skip("needs CUDA and CuPy: no CUDA device is visible", allow_module_level=True)
 
 from kernels import get_kernels  # noqa: E402

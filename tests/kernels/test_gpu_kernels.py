@@ -14,16 +14,7 @@ import numpy as np
 import pytest
 
 cupy = pytest.importorskip("cupy", reason="needs CUDA and CuPy: cupy is not installed")
-
-
-def _has_cuda_device() -> bool:
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except cupy.cuda.runtime.CUDARuntimeError:
-        return False
-
-
-if not _has_cuda_device():
+if not cupy.is_available():
     pytest.skip("needs CUDA and CuPy: no CUDA device is visible", allow_module_level=True)
 
 from kernels import reference as ref  # noqa: E402
@@ -170,9 +161,11 @@ def test_decode_attention(kern, rng, case, kv_heads, group, head_dim):
     q = normal(rng, len(lengths), kv_heads * group, head_dim)
     context_lens = np.asarray(lengths, dtype=np.int32)
     scale = head_dim ** -0.5
-    poison(*q.shape)
-    out = kern.decode_attention(kern.asarray(q), kern.asarray(k_cache), kern.asarray(v_cache), tables, context_lens, scale)
-    assert rel_err(out, ref.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)) < 1e-5
+    expected = ref.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
+    gpu_q, gpu_k, gpu_v = kern.asarray(q), kern.asarray(k_cache), kern.asarray(v_cache)
+    for _ in range(2):  # the second launch finds the split counters the first one left at zero
+        poison(*q.shape)
+        assert rel_err(kern.decode_attention(gpu_q, gpu_k, gpu_v, tables, context_lens, scale), expected) < 1e-5
 
 
 PREFILL_CASES = {"single tokens": [(1, 1), (1, 1)], "block edges": [(16, 16), (17, 17), (15, 15)],
