@@ -68,7 +68,8 @@ BAD_BODIES = [  # (path, body, param, code)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path,body,param,code", BAD_BODIES, ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
+@pytest.mark.parametrize("path,body,param,code", BAD_BODIES,
+                         ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
 def test_bad_body_is_400(http, path, body, param, code, stream):
     assert_error(http.post(path, json=body | {"stream": stream}), 400, param, code)
 
