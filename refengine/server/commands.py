@@ -6,7 +6,7 @@ Flags become `RuntimeOptions` through small pure functions (sizes and device lis
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -57,12 +57,14 @@ def _parsed(parse: Callable) -> Callable:
 @click.option("--keep-alive", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds an idle instance stays loaded.")
 @click.option("--scheduler", default="slinfer", show_default=True, type=click.Choice(["slinfer", "exclusive"]))
+@click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]),
+              help="Kernel backend for every device (default: each device's own; 'reference' is numpy).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int, gpu_memory: int,
-          keep_alive: float, scheduler: str, host: str, port: int, log_level: str) -> None:
+          keep_alive: float, scheduler: str, backend: str | None, host: str, port: int, log_level: str) -> None:
     """Serve every catalogue model over an OpenAI-compatible HTTP API (loaded on first use)."""
     import uvicorn
     from fastapi import FastAPI
@@ -76,7 +78,7 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
         raise click.BadParameter(str(e), param_hint="--models") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=device_specs(devices, cpu_memory, gpu_memory),
-                                         keep_alive_s=keep_alive, scheduler=scheduler))
+                                         keep_alive_s=keep_alive, scheduler=scheduler, backend=backend))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,5 +88,9 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
                        f"keep-alive {keep_alive:g} s) at http://{host}:{port}/v1")
             yield
 
-    uvicorn.Server(uvicorn.Config(create_app(runtime, lifespan=lifespan), host=host, port=port,
-                                  log_level=log_level)).run()
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, lifespan=lifespan), host=host, port=port,
+                                           log_level=log_level))
+    with suppress(KeyboardInterrupt):   # Ctrl-C is how a server is stopped, not an error
+        server.run()
+    if not server.started:
+        raise click.ClickException("the server did not start (see the log above)")

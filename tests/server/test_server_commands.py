@@ -60,6 +60,7 @@ def recorded(monkeypatch):
 
     def run(server: uvicorn.Server) -> None:
         seen["config"] = server.config
+        server.started = True
 
         async def lifespan() -> None:
             async with server.config.app.router.lifespan_context(server.config.app):
@@ -73,13 +74,15 @@ def recorded(monkeypatch):
 
 def test_serve_wires_the_options(recorded):
     result = CliRunner().invoke(serve, ["--replicas", "3", "--devices", "cpu*2,cuda:0", "--cpu-memory", "4GiB",
-                                        "--keep-alive", "2.5", "--scheduler", "exclusive", "--port", "8123"])
+                                        "--keep-alive", "2.5", "--scheduler", "exclusive", "--port", "8123",
+                                        "--backend", "reference"])
     assert result.exit_code == 0, result.output
     runtime = recorded["runtime"]
     assert runtime.catalogue.names[-1] == f"{DEFAULT_MODEL}-r3" and len(runtime.catalogue.names) == 4
     assert runtime.options.devices == [DeviceSpec("cpu:0", 4 * GIB), DeviceSpec("cpu:1", 4 * GIB),
                                        DeviceSpec("cuda:0", 16 * GIB)]
     assert runtime.options.keep_alive_s == 2.5 and runtime.options.scheduler == "exclusive"
+    assert runtime.options.backend == "reference"
     assert runtime.calls == ["start", "serving", "stop"]
     assert recorded["config"].port == 8123 and recorded["config"].host == "127.0.0.1"
     assert result.output.strip().splitlines() == [
