@@ -37,7 +37,8 @@ from scheduler.config import SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel
 from scheduler.events import MemoryDone, RequestArrived, RequestCancelled, StepFinished, Tick
-from scheduler.memory import optimistic_budget, pessimistic_usage
+from scheduler.memory import optimistic_budget
+from scheduler.slo import SloPolicy
 from scheduler.specs import ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
@@ -52,6 +53,7 @@ class RuntimeOptions:
     backend: str | None = None            # kernel backend override (default: each device's own)
     home: Path | None = None              # model cache (default $REFENGINE_HOME)
     profile_grid: dict = field(default_factory=lambda: FULL_GRID)
+    slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
 
 
 @dataclass
@@ -70,14 +72,15 @@ class _Request:
     done: bool = False
 
 
-def scheduler_config(name: str, keep_alive_s: float, weights: set[str]) -> SchedulerConfig:
+def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
     concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
+    overrides = {"keep_alive": keep_alive_s, **({"slo": slo} if slo else {})}
     if name == "slinfer":
-        return preset("slinfer", keep_alive=keep_alive_s)
+        return preset("slinfer", **overrides)
     if name == "exclusive":
         limits = {w: {"cpu": 8, "gpu": 32} for w in weights}
-        return preset("sllm+c", keep_alive=keep_alive_s, concurrency_limits=limits)
+        return preset("sllm+c", concurrency_limits=limits, **overrides)
     raise ValueError(f"unknown scheduler {name!r}; choose slinfer or exclusive")
 
 
@@ -128,7 +131,7 @@ class LiveRuntime:
         self._specs = {s.name: s for s in specs}
         unique = {(t.profile, t.hardware): t for t in tables}
         self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
-                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files)))
+                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo))
 
     def _home(self) -> Path:
         from refengine.store.cache import model_home
