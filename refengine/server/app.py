@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import AsyncIterator, Callable, Protocol
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from refengine.server.streaming import ClientDisconnected, event_stream, until_d
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 SLO_HEADERS = ("X-SLO-TTFT", "X-SLO-TPOT")
+
 
 class Startable(Protocol):
     async def start(self) -> None: ...
@@ -95,7 +97,7 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
     choices = [Choice(p * body.num_choices + s, p, s, ids, body.sampling_params(s))
                for p, ids in enumerate(prompts) for s in range(body.num_choices)]
     slo = body.slo_override(*(slo_header(request, name) for name in SLO_HEADERS))
-    generation = Generation(runtime, body.model, choices, slo, lambda f, tpot: metrics.observe(body.model, slo, f, tpot))
+    generation = Generation(runtime, body.model, choices, slo, partial(metrics.observe, body.model, slo))
     envelope = Envelope(body.shape, body.model)
     streaming = False
     try:

@@ -77,7 +77,7 @@ class RuntimeCollector:
                      {(d,): loaded[d] for d in devices})
         for name, doc, values in (
                 ("budget", "Device memory the scheduler may use", status.device_memory_budget),
-                ("optimistic", "Scheduler's admitted memory targets (optimistic budget)", status.device_memory_optimistic),
+                ("optimistic", "Scheduler's admitted targets (optimistic budget)", status.device_memory_optimistic),
                 ("actual", "Memory really allocated (pessimistic usage)", status.device_memory_actual)):
             yield _gauge(f"refengine_device_memory_{name}_bytes", doc, ["device"], {(d,): v for d, v in values.items()})
         per_instance = ["instance", "model", "device"]

@@ -145,4 +145,6 @@ class CompletionRequest(GenerationRequest):
             prompts = [self.prompt]
         else:
             prompts = list(self.prompt) or [[]]
+        if any(t >= tokenizer.vocab_size for p in prompts if not isinstance(p, str) for t in p):
+            raise APIError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", param="prompt")
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]

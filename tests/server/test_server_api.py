@@ -6,20 +6,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from tests.server.conftest import MODELS, wait_until
+from tests.server.conftest import MODELS, WEIGHTS, wait_until
 
 MODEL = MODELS[0]
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(autouse=True)
-def no_cancellations_or_leaks(fake_runtime):
+def no_cancellations_or_leaks(runtime):
     """Requests that run to the end are never cancelled (closing a finished iterator would read as
-    one), and leave no KV blocks behind."""
-    before = len(fake_runtime.cancelled)
+    one), and leave no sequence or KV block behind."""
+    before = runtime.cancelled
     yield
-    assert len(fake_runtime.cancelled) == before
-    wait_until(lambda: fake_runtime.blocks_in_use == 0)
+    assert runtime.cancelled == before
+    wait_until(runtime.idle)
 
 
 def engine_greedy(loaded, text: str, chat: bool, max_tokens: int):
@@ -86,7 +86,7 @@ def test_multi_part_content_is_flattened(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_n_choices_with_seed_differ_and_reproduce(client, fake_runtime, stream):
+def test_n_choices_with_seed_differ_and_reproduce(client, runtime, stream):
     kwargs = dict(model=MODEL, prompt="Hello", max_tokens=10, temperature=1.0, n=3, seed=7)
 
     def texts():
@@ -99,7 +99,7 @@ def test_n_choices_with_seed_differ_and_reproduce(client, fake_runtime, stream):
         return out
 
     first = texts()
-    seen = fake_runtime.requests[-3:]
+    seen = runtime.requests[-3:]
     assert sorted(r.params.seed for r in seen) == [7, 8, 9]
     assert len(set(first)) == 3
     assert texts() == first
@@ -135,26 +135,29 @@ def test_batch_of_prompts(client):
     assert response.choices[0].text == response.choices[1].text != response.choices[2].text
 
 
-def test_slo_override_from_body_and_headers(client, http, fake_runtime):
+def test_slo_override_from_body_and_headers(client, http, runtime):
     http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "slo": {"ttft_s": 3}},
               headers={"X-SLO-TTFT": "9", "X-SLO-TPOT": "0.5"}).raise_for_status()
-    assert fake_runtime.requests[-1].slo.ttft_s == 3 and fake_runtime.requests[-1].slo.tpot_s == 0.5
+    assert runtime.requests[-1].slo.ttft_s == 3 and runtime.requests[-1].slo.tpot_s == 0.5
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-    assert fake_runtime.requests[-1].slo is None
+    assert runtime.requests[-1].slo is None
 
 
-def test_models_lists_the_catalogue(client, http):
+def test_models_lists_the_catalogue_loaded_or_not(client, http, runtime):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     models = client.models.list()
     assert [m.id for m in models.data] == MODELS
     raw = http.get("/v1/models").json()
-    assert raw["object"] == "list" and all(m["loaded"] is True and m["object"] == "model" for m in raw["data"])
+    assert raw["object"] == "list" and all(m["object"] == "model" for m in raw["data"])
+    assert [m["loaded"] for m in raw["data"]] == [name in runtime.loaded_models() for name in MODELS]
+    assert raw["data"][0]["loaded"] and raw["data"][0]["root"] == WEIGHTS
     assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     assert http.get("/v1/models/nope").json()["error"]["code"] == "model_not_found"
 
 
-def test_health(http):
+def test_health(http, runtime):
     body = http.get("/health").json()
-    assert body["status"] == "ok" and body["models"] == len(MODELS)
+    assert body == {"status": "ok", "models": len(MODELS), "loaded": sorted(runtime.loaded_models())}
 
 
 def test_metrics_parse(client, http):
@@ -170,7 +173,7 @@ def test_metrics_parse(client, http):
     assert samples[("refengine_time_to_first_token_seconds_count", (("model", MODEL),))] >= 1
     assert samples[("refengine_time_per_output_token_seconds_count", (("model", MODEL),))] >= 1
     assert sum(v for (name, labels), v in samples.items() if name == "refengine_slo_generations_total") >= 1
-    assert samples[("refengine_instances_loaded", (("device", "cpu"),))] == len(MODELS)
+    assert samples[("refengine_instances_loaded", (("device", "cpu:0"),))] >= 1
     for name in ("refengine_device_memory_budget_bytes", "refengine_device_memory_optimistic_bytes",
                  "refengine_device_memory_actual_bytes", "refengine_instance_kv_blocks_used",
                  "refengine_cold_starts", "refengine_preemptions", "refengine_drops"):

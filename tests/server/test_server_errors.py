@@ -54,7 +54,8 @@ BAD_BODIES = [  # (path, body, param, code)
     (COMPLETIONS, {"model": MODEL, "prompt": [1, -2]}, "prompt", None),
     (COMPLETIONS, {"model": MODEL, "prompt": ""}, None, None),
     (COMPLETIONS, {"model": MODEL, "prompt": []}, None, None),
-    (COMPLETIONS, {"model": MODEL, "prompt": [10**7]}, None, None),
+    (COMPLETIONS, {"model": MODEL, "prompt": [10**7]}, "prompt", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": [[1, 2], [3, 10**7]]}, "prompt", None),
     (COMPLETIONS, {"model": MODEL, "prompt": [5] * (CONTEXT + 10)}, None, "context_length_exceeded"),
     (COMPLETIONS, {"model": MODEL, "prompt": [5] * 500, "max_tokens": 100}, None, "context_length_exceeded"),
     (CHAT, {"model": MODEL, "messages": []}, "messages", None),
@@ -67,7 +68,8 @@ BAD_BODIES = [  # (path, body, param, code)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path,body,param,code", BAD_BODIES, ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
+@pytest.mark.parametrize("path,body,param,code", BAD_BODIES,
+                         ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
 def test_bad_body_is_400(http, path, body, param, code, stream):
     assert_error(http.post(path, json=body | {"stream": stream}), 400, param, code)
 
@@ -98,18 +100,18 @@ def test_unknown_route_and_method(http):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_overloaded_is_429_with_retry_after(http, client, fake_runtime, stream):
-    fake_runtime.overloaded = "no instance can meet the TTFT SLO"
+def test_overloaded_is_429_with_retry_after(http, client, runtime, stream):
+    runtime.overloaded = "no instance can meet the TTFT SLO"
     response = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "stream": stream})
     error = assert_error(response, 429, code="overloaded")
     assert response.headers["Retry-After"] == "3" and "TTFT" in error["message"]
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=USER)
-    fake_runtime.overloaded = None
+    runtime.heal()
 
 
-def test_error_after_stream_began_is_an_event_then_done(http, client, fake_runtime):
-    fake_runtime.fail_after_tokens = 3
+def test_error_after_stream_began_is_an_event_then_done(http, client, runtime):
+    runtime.fail_after_tokens = 3
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 20, "ignore_eos": True, "stream": True}
     with http.stream("POST", COMPLETIONS, json=body) as response:
         assert response.status_code == 200
@@ -120,7 +122,7 @@ def test_error_after_stream_began_is_an_event_then_done(http, client, fake_runti
     assert sum("text_completion" in e for e in events) == 3
     with pytest.raises(openai.APIError, match="injected"):
         list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=20, stream=True))
-    wait_until(lambda: fake_runtime.blocks_in_use == 0)
+    wait_until(runtime.idle)
 
 
 def test_openai_client_exceptions(client):
