@@ -1,7 +1,5 @@
 """Devices of the live runtime: names, memory budgets, and one worker thread each.
 
-Device names are `cpu`, `cpu:N` and `cuda:N` (the serve command parses the flags).
-
 A worker runs its device's jobs one at a time (a granted step, a weight load, a KV resize), so an
 instance is only ever touched by its device's thread and two steps never overlap on one device —
 SLINFER's "one grant per node" holds physically, not just in the scheduler's books. Kernels release
@@ -13,25 +11,53 @@ budget, so placement across devices, bin-packing and preemption run for real on 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6, "MIB": 1 << 20,
+          "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '2GB', '1048576' -> bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 8GiB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def parse_devices(text: str) -> list[str]:
+    """'cpu' -> ['cpu:0']; 'cpu*2' -> ['cpu:0', 'cpu:1']; 'cpu,cuda:0' -> ['cpu:0', 'cuda:0']."""
+    devices: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, count = part.partition("*")
+        if count:
+            if not count.isdigit() or int(count) < 1 or ":" in kind:
+                raise ValueError(f"bad device {part!r}; write cpu*N with N >= 1")
+            devices += [f"{kind}:{i}" for i in range(int(count))]
+        else:
+            devices.append(part if ":" in part else f"{part}:0")
+    for device in devices:
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or not index.isdigit():
+            raise ValueError(f"unknown device {device!r}; use cpu, cpu*N, cpu:N or cuda:N")
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be a non-empty list without repeats, got {text!r}")
+    return devices
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
-    name: str            # "cpu", "cpu:1", "cuda:0"
+    name: str            # "cpu:0", "cuda:0"
     memory_bytes: int    # what the scheduler may hand out on it
-
 
     @property
     def kind(self) -> str:
         """The scheduler's device kind: "cpu" or "gpu"."""
         return "gpu" if self.name.startswith("cuda") else "cpu"
-
-    @property
-    def default_memory(self) -> int:
-        """The budget when none is given: 8 GiB per CPU device, 40 GiB per GPU (head-room left)."""
-        return (40 << 30) if self.kind == "gpu" else (8 << 30)
 
 
 class DeviceWorker:
