@@ -117,8 +117,7 @@ class LiveRuntime:
             hardware = f"{device.kind}-{backend}"
             for weights, f in files.items():
                 model = load_llama(f, get_kernels(backend, device.name))
-                tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid,
-                                           progress=lambda what: log.info("profiling %s: %s", hardware, what)))
+                tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid))
             nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes))
             self._workers[device.name] = DeviceWorker(device, self._worker_failed)
         specs = []

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
+from tqdm import tqdm
 
 from models.llama import LlamaModel
 from refengine.engine.instance import Instance
@@ -24,7 +23,9 @@ from refengine.engine.sequence import SamplingParams, SequenceStatus
 from refengine.engine.step_result import StepKind
 from scheduler.costmodel import FORMAT, LatencyTable, load_table, profile_filename
 
-FULL_GRID = {"prefill": (16, 64, 256, 1024, 2048), "batch": (1, 4, 16, 64), "context": (128, 512, 2048)}
+# Powers of two up to what a 135M model on a 2-core CPU serves within SLO; the cost model extrapolates
+# proportionally beyond the last point (§4.2.2).
+FULL_GRID = {"prefill": (16, 64, 256, 1024), "batch": (1, 4, 16, 32), "context": (128, 512, 1024)}
 QUICK_GRID = {"prefill": (16, 128), "batch": (1, 4), "context": (64, 256)}
 
 
@@ -58,20 +59,21 @@ def _decode_latency(model: LlamaModel, batch: int, context: int, repeats: int) -
 
 
 def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = FULL_GRID, repeats: int = 3,
-                  progress: Callable[[str], None] | None = None) -> LatencyTable:
+                  progress: bool = True) -> LatencyTable:
     """Measure prefill and decode latencies over `grid` (seconds) into a LatencyTable."""
-    say = progress or (lambda _: None)
-    prefill = []
-    for tokens in grid["prefill"]:
-        say(f"prefill {tokens}")
-        prefill.append(_prefill_latency(model, tokens, repeats) * 1e3)
-    rows = []
-    for context in grid["context"]:
-        latencies = []
-        for batch in grid["batch"]:
-            say(f"decode batch {batch} context {context}")
-            latencies.append(_decode_latency(model, batch, context, repeats) * 1e3)
-        rows.append({"context": context, "batch": list(grid["batch"]), "latency": latencies})
+    points = len(grid["prefill"]) + len(grid["batch"]) * len(grid["context"])
+    with tqdm(total=points, desc=f"profiling {profile} on {hardware}", unit="point", disable=not progress) as bar:
+        prefill = []
+        for tokens in grid["prefill"]:
+            prefill.append(_prefill_latency(model, tokens, repeats) * 1e3)
+            bar.update()
+        rows = []
+        for context in grid["context"]:
+            latencies = []
+            for batch in grid["batch"]:
+                latencies.append(_decode_latency(model, batch, context, repeats) * 1e3)
+                bar.update()
+            rows.append({"context": context, "batch": list(grid["batch"]), "latency": latencies})
     return LatencyTable.from_dict({
         "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms",
         "source": f"refengine bench profile: medians of {repeats} iterations per point",
@@ -79,7 +81,7 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
 
 
 def cached_table(model: LlamaModel, profile: str, hardware: str, directory: Path, grid: dict = FULL_GRID,
-                 progress: Callable[[str], None] | None = None) -> LatencyTable:
+                 progress: bool = True) -> LatencyTable:
     """The table from `directory` if measured before, else measure it now and save it."""
     path = directory / profile_filename(profile, hardware)
     if path.exists():

