@@ -72,7 +72,7 @@ class Scheduler:
             self._tick(now)
         else:
             raise TypeError(f"unknown event {event!r}")
-        for node_id in sorted(self._touched):
+        for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)
 

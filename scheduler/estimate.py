@@ -35,9 +35,8 @@ class Estimator:
             batch, tokens = batch + 1, tokens + extra.context
         return self.decode(instance, batch, tokens) / self._tpot
 
-    def decode_iterations(self, instance: Instance) -> int:
-        """k iterations per GPU decode grant ≈ grant_target / iteration time (§4.2.3, §9 row 5)."""
-        if instance.node.kind != "gpu":
+    def decode_iterations(self, instance: Instance, step: float) -> int:
+        """k iterations per GPU decode grant ≈ grant_target / iteration time `step` (§9 row 5)."""
+        if instance.node.kind != "gpu" or step <= 0:
             return 1
-        step = self.decode(instance, instance.batch, instance.context_tokens)
-        return max(1, int(self._grant_target / step)) if step > 0 else 1
+        return max(1, int(self._grant_target / step))

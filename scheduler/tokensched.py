@@ -67,8 +67,9 @@ class TokenScheduler:
             kind, iterations = "prefill", 1
             duration = self.est.prefill(inst, inst.pending.values())
         else:
-            kind, iterations = "decode", self.est.decode_iterations(inst)
-            duration = iterations * self.est.decode(inst, inst.batch, inst.context_tokens)
+            step = self.est.decode(inst, inst.batch, inst.context_tokens)
+            kind, iterations = "decode", self.est.decode_iterations(inst, step)
+            duration = iterations * step
         inst.computing = True
         node.grant_instance = inst
         node.grant_end_estimate = now + duration
