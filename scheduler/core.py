@@ -115,6 +115,7 @@ class Scheduler:
         inst.busy_time += ev.elapsed
         inst.kv_used = ev.kv_blocks_used
         requests = self.life.requests
+        inst.deadlines_changed()
         for rid in ev.sequences:
             req = requests.get(rid)
             if req is None:
@@ -124,6 +125,8 @@ class Scheduler:
                 inst.context_tokens += 1
                 if not req.prefilled:
                     inst.mark_prefilled(req)
+            elif req.instance is not None:
+                req.instance.deadlines_changed()
         for rid in ev.finished:
             req = requests.get(rid)
             if req is not None:

@@ -23,9 +23,11 @@ from scheduler.state import Instance, Node
 
 def kv_blocks_needed(inst: Instance) -> int:
     """KV blocks the engine may need for the next iteration (each sequence may open a block)."""
-    model = inst.model
+    if not inst.pending:
+        return inst.kv_used + len(inst.requests)
+    blocks_for = inst.model.blocks_for
     return (inst.kv_used + inst.running
-            + sum(model.blocks_for(r.context + 1) for r in inst.pending.values()))
+            + sum(blocks_for(r.context + 1) for r in inst.pending.values()))
 
 
 def share_ready_at(inst: Instance) -> float:
