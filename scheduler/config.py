@@ -3,8 +3,9 @@
 Baselines are presets of this dataclass, not copies of the scheduler: ServerlessLLM ("sllm") is
 GPU-only, one instance per node, admission by a hand-tuned concurrency limit and round-robin over a
 model's instances; "sllm+c" adds CPU nodes, CPU first; "sllm+c+s" allows two instances per node,
-each with a static half of the memory and half of the time. The ablations switch off one SLINFER
-mechanism each.
+each with a static half of the memory and half of the time. New baseline instances use the same
+node order as SLINFER (most loaded first, empty nodes last: the artifact's default sort, which
+every system shares). The ablations switch off one SLINFER mechanism each.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ SLINFER = SchedulerConfig()
 SLLM = SchedulerConfig(
     name="sllm", pools=("gpu",), max_instances_per_node=1, admission="concurrency",
     concurrency_limits=_limits({}, _SLLM_GPU), static_partition=True,
-    instance_order="round_robin", node_order="balance", preemption=False)
+    instance_order="round_robin", node_order="pack", preemption=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=("cpu", "gpu"),
                  concurrency_limits=_limits(_SLLM_C_CPU, _SLLM_GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", max_instances_per_node=2,

@@ -56,6 +56,16 @@ def test_simulate_command(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"ttft_cdf.png", "nodes_used.png", "slo_met.png"}
 
 
+def test_simulate_with_overrides(tmp_path):
+    result = CliRunner().invoke(simulate, [
+        "--models", "16", "--duration", "30", "--systems", "slinfer", "--shadow", "full",
+        "--watermark", "0.5", "--keep-alive", "2", "--no-plots", "--out", str(tmp_path),
+        "--log", str(tmp_path / "run.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "slinfer 16x7b 4C+4G watermark=0.5 keep_alive=2 shadow=full" in result.output
+    assert (tmp_path / "run.jsonl").read_text().count("\n") > 50
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trace", "/nonexistent.json"], "does not exist"),
     (["--models", "30"], "16..128"),
