@@ -11,7 +11,9 @@ from refengine.sim.simulator import Simulation
 from refengine.sim.workload import Workload, slinfer_trace
 from scheduler import Scheduler, preset
 from scheduler.codec import decode, encode
-from sim_checks import simulate_checked
+from sim_checks import needs_traces, simulate_checked
+
+pytestmark = needs_traces
 
 
 def first_seconds(n_models: int, seconds: float) -> Workload:
