@@ -8,7 +8,8 @@ has already been missed.
 Invariants:
 - the scheduler plans against the *internal* SLOs, shrunk by `margin` (artifact: 5 %, §4.2.1);
   metrics judge against the paper's SLOs (`margin=0`);
-- `grace` is the measured cold-start time of the request's instance (§4.5), 0 otherwise.
+- `grace` is the measured cold-start time of the request's instance (§4.5), 0 otherwise;
+- the deadline itself lives on `state.Request.deadline`, which the token scheduler reads often.
 """
 from __future__ import annotations
 
@@ -31,10 +32,6 @@ class SloPolicy:
     @property
     def tpot_slo(self) -> float:
         return self.tpot * (1.0 - self.margin)
-
-    def deadline(self, arrival: float, grace: float, input_tokens: int, generated: int) -> float:
-        """When token `generated + 1` is due (Eq. 1's cumulative deadline)."""
-        return arrival + grace + self.ttft(input_tokens) + self.tpot_slo * generated
 
     def met(self, arrival: float, grace: float, input_tokens: int, first_token: float,
             finish: float, output_tokens: int) -> bool:

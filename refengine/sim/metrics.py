@@ -55,7 +55,6 @@ def percentile(values: list[float], q: float) -> float:
 class Recorder:
     """Everything the simulator observes; `summary()` turns it into the paper's figures."""
 
-    duration: float
     requests: dict[str, RequestRecord] = field(default_factory=dict)
     nodes_used: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [], "gpu": []})
     kv_util: list[float] = field(default_factory=list)

@@ -43,7 +43,7 @@ class Simulation:
         self.memory_costs = memory_costs
         self.log = log
         self.observer = observer
-        self.rec = Recorder(workload.duration)
+        self.rec = Recorder()
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
