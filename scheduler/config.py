@@ -42,8 +42,8 @@ class SchedulerConfig:
     - `preemption`: proactive consolidation (§4.4.1).
     - `shadow`: "edf" (the artifact's check) or "full" (event simulation of the node, §9 row 3).
     - `estimate_margin`: multiplies every latency estimate (artifact: 1.05 GPU, 1.1 CPU, §4.2.2).
-    - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (max(O, Ō), §4.3.1).
-    - `grant_target`: GPU decode grants hold k ≈ grant_target / iteration time iterations (§9 row 5).
+    - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (§4.3.1).
+    - `grant_target`: a GPU decode grant holds ≈ grant_target / iteration time steps (§9 row 5).
     """
 
     name: str = "slinfer"
@@ -98,5 +98,6 @@ def preset(name: str, **overrides) -> SchedulerConfig:
     try:
         base = PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown scheduler preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown scheduler preset {name!r}; choose from {sorted(PRESETS)}") \
+            from None
     return replace(base, **overrides) if overrides else base

@@ -140,7 +140,8 @@ class Scheduler:
         inst = self.life.instances.get(ev.instance)
         op = inst.in_flight if inst is not None else None
         if op is None or op.op_id != ev.action_id:
-            raise ValueError(f"MemoryDone for action {ev.action_id} that {ev.instance} is not running")
+            raise ValueError(f"MemoryDone for action {ev.action_id}, which {ev.instance} "
+                             "is not running")
         self.memory.complete(op)
         self.life.note_memory_done(inst, ev.duration)
         if op.resource is None:

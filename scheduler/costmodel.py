@@ -179,4 +179,5 @@ class CostModel:
         """The SLINFER artifact's tables shipped in `scheduler/profiles/` (§4.2.2)."""
         root = resources.files("scheduler") / "profiles"
         return cls(LatencyTable.from_dict(json.loads(p.read_text(encoding="utf-8")))
-                   for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".json"))
+                   for p in sorted(root.iterdir(), key=lambda p: p.name)
+                   if p.name.endswith(".json"))

@@ -26,7 +26,8 @@ class Estimator:
     def decode(self, instance: Instance, batch: int, context_tokens: int) -> float:
         if batch == 0:
             return 0.0
-        return instance.table.decode(batch, context_tokens / batch) * self._margin[instance.node.kind]
+        margin = self._margin[instance.node.kind]
+        return instance.table.decode(batch, context_tokens / batch) * margin
 
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
         """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""

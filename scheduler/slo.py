@@ -25,7 +25,7 @@ class SloPolicy:
     margin: float = 0.0
 
     def ttft(self, input_tokens: int) -> float:
-        """First-token SLO for a prompt of `input_tokens` (Sarathi-Serve/DistServe style, §4.2.1)."""
+        """First-token SLO for an `input_tokens` prompt (Sarathi-Serve/DistServe style, §4.2.1)."""
         raw = min(max(self.ttft_floor, input_tokens / self.ttft_tokens_per_s), self.ttft_cap)
         return raw * (1.0 - self.margin)
 
@@ -35,7 +35,7 @@ class SloPolicy:
 
     def met(self, arrival: float, grace: float, input_tokens: int, first_token: float,
             finish: float, output_tokens: int) -> bool:
-        """The paper's per-request verdict (§6.1): TTFT within SLO + grace and mean TPOT within SLO."""
+        """The paper's verdict (§6.1): TTFT within SLO + grace, and mean TPOT within SLO."""
         if first_token - arrival > self.ttft(input_tokens) + grace:
             return False
         if output_tokens <= 1:

@@ -47,8 +47,8 @@ class RunSpec:
         else:
             raise ValueError(f"unknown workload {self.workload!r} (slinfer, azure, pareto)")
         if self.duration is not None and self.duration < w.duration:
-            w = Workload(w.name, w.models, tuple(r for r in w.requests if r.arrival < self.duration),
-                         self.duration)
+            kept = tuple(r for r in w.requests if r.arrival < self.duration)
+            w = Workload(w.name, w.models, kept, self.duration)
         return w
 
 

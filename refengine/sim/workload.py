@@ -62,7 +62,8 @@ def slinfer_trace(n_models: int = 128, path: str | Path | None = None) -> Worklo
             continue
         name = f"fn{index:03d}"
         models.append(name)
-        for k, (t, i, o) in enumerate(zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"])):
+        lengths = zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"])
+        for k, (t, i, o) in enumerate(lengths):
             requests.append(TraceRequest(f"{name}-{k}", name, float(t), int(i), int(o)))
     return Workload(f"slinfer-{n_models}", tuple(models), _sorted(requests),
                     60.0 * data.get("minutes", 30))
