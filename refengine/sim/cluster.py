@@ -34,7 +34,8 @@ def model_spec(name: str, size: str) -> ModelSpec:
     try:
         profile, weights, kv_kib, cpu_kv, gpu_slots, cpu_slots = MODEL_SIZES[size]
     except KeyError:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}") from None
+        raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}") \
+            from None
     return ModelSpec(name=name, profile=profile, weight_bytes=int(weights * GiB),
                      kv_bytes_per_token=kv_kib * KiB, block_tokens=16, max_context=4096,
                      fixed_kv_bytes=cpu_kv * GiB,

@@ -29,11 +29,12 @@ class RunSpec:
     rps: float = 1.0
     seed: int = 0
     duration: float | None = None      # keep only arrivals before this time (s)
-    overrides: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    overrides: tuple[tuple[str, float | str], ...] = field(default_factory=tuple)
 
     @property
     def label(self) -> str:
-        extra = "".join(f" {k}={v:g}" for k, v in self.overrides)
+        extra = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
+                        for k, v in self.overrides)
         return f"{self.system} {self.models}x{self.size} {self.cpus}C+{self.gpus}G{extra}"
 
     def build_workload(self) -> Workload:
@@ -46,8 +47,8 @@ class RunSpec:
         else:
             raise ValueError(f"unknown workload {self.workload!r} (slinfer, azure, pareto)")
         if self.duration is not None and self.duration < w.duration:
-            w = Workload(w.name, w.models, tuple(r for r in w.requests if r.arrival < self.duration),
-                         self.duration)
+            kept = tuple(r for r in w.requests if r.arrival < self.duration)
+            w = Workload(w.name, w.models, kept, self.duration)
         return w
 
 

@@ -31,7 +31,8 @@ MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(5)
 class Simulation:
     def __init__(self, workload: Workload, config: SchedulerConfig, size: str = "7b",
                  cpus: int = 4, gpus: int = 4, cost: CostModel | None = None,
-                 memory_costs: MemoryCosts = MemoryCosts(), node_specs: list[NodeSpec] | None = None,
+                 memory_costs: MemoryCosts = MemoryCosts(),
+                 node_specs: list[NodeSpec] | None = None,
                  log: IO[str] | None = None,
                  observer: Callable[[object, list], None] | None = None):
         """`log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
@@ -39,11 +40,12 @@ class Simulation:
         self.cost = cost or CostModel.shipped()
         self.models = {name: model_spec(name, size) for name in workload.models}
         self.node_specs = {n.node_id: n for n in (node_specs or make_nodes(cpus, gpus))}
-        self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost, config)
+        self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost,
+                                   config)
         self.memory_costs = memory_costs
         self.log = log
         self.observer = observer
-        self.rec = Recorder(workload.duration)
+        self.rec = Recorder()
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0

@@ -1,4 +1,4 @@
-"""Small, exact builders for scheduler tests: a synthetic latency table with round numbers, tiny models and nodes."""
+"""Small, exact builders for scheduler tests: a latency table of round numbers, tiny models."""
 from __future__ import annotations
 
 from scheduler import CostModel, LatencyTable, ModelSpec, NodeSpec, Scheduler, SchedulerConfig

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from scheduler.costmodel import CostModel, LatencyTable, interpolate, load_table
+from scheduler.costmodel import CostModel, interpolate, load_table
 
 
 def test_interpolation_clamps_below_and_scales_above():

@@ -1,4 +1,4 @@
-"""Lifecycle (§4.5): cold start and grace, keep-alive reclaim, reuse, cancellation, retry and drop."""
+"""Lifecycle (§4.5): cold start and grace, keep-alive, reuse, cancellation, retry and drop."""
 from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Grant, KvResize, Load,
                        MemoryDone, ReleaseInstance, RequestArrived, RequestCancelled, StepFinished,
                        Tick, Unload)

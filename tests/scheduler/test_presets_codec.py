@@ -1,4 +1,4 @@
-"""Baselines are presets of one configuration (§6.2, §6.4); events and actions round-trip as JSON."""
+"""Baselines are presets of one configuration (§6.2, §6.4); events/actions round-trip as JSON."""
 import json
 
 import pytest

@@ -1,6 +1,7 @@
 import pytest
 
 from scheduler.slo import SloPolicy
+from scheduler.state import Request
 
 
 def test_ttft_slo_formula():
@@ -15,9 +16,12 @@ def test_ttft_slo_formula():
 
 def test_cumulative_deadline_banks_slack():
     slo = SloPolicy()
+    req = Request("r", "m", 1024, 10, arrival=10.0, ttft_slo=slo.ttft(1024), tpot_slo=slo.tpot_slo,
+                  grace=1.0)
     # token k+1 is due at ST + grace + TTFT + k·TPOT
-    assert slo.deadline(arrival=10.0, grace=1.0, input_tokens=1024, generated=0) == 13.0
-    assert slo.deadline(10.0, 1.0, 1024, 4) == 14.0
+    assert req.deadline == 13.0
+    req.generated = 4
+    assert req.deadline == 14.0
 
 
 def test_met_judges_ttft_with_grace_and_mean_tpot():

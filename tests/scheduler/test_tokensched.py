@@ -66,5 +66,6 @@ def test_gpu_decode_grants_hold_several_fast_iterations():
     sched, node, insts = fig14()
     est = sched.estimator
     inst = insts["inst3"]
-    assert est.decode_iterations(inst) == 1                    # 90 ms steps > 50 ms target
-    assert Estimator(replace(sched.config, grant_target=0.3)).decode_iterations(inst) == 3
+    step = est.decode(inst, inst.batch, inst.context_tokens)   # 50 + 2 · 20 = 90 ms
+    assert est.decode_iterations(inst, step) == 1              # longer than the 50 ms target
+    assert Estimator(replace(sched.config, grant_target=0.3)).decode_iterations(inst, step) == 3

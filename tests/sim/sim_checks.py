@@ -3,10 +3,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from refengine.sim.simulator import Simulation
-from refengine.sim.workload import TraceRequest, Workload
+from refengine.sim.workload import DEFAULT_TRACE, TraceRequest, Workload
 from scheduler import Assign, Drop, Evict, Grant, StepFinished, preset
 from scheduler.memory import pessimistic_usage
+
+
+needs_traces = pytest.mark.skipif(not DEFAULT_TRACE.is_file(),
+                                  reason=f"{DEFAULT_TRACE} absent (set REFENGINE_TRACES)")
 
 
 class InvariantChecker:

@@ -11,7 +11,9 @@ from refengine.sim.simulator import Simulation
 from refengine.sim.workload import Workload, slinfer_trace
 from scheduler import Scheduler, preset
 from scheduler.codec import decode, encode
-from sim_checks import simulate_checked
+from sim_checks import needs_traces, simulate_checked
+
+pytestmark = needs_traces
 
 
 def first_seconds(n_models: int, seconds: float) -> Workload:
@@ -54,6 +56,16 @@ def test_simulate_command(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [m["spec"]["system"] for m in metrics] == ["slinfer", "sllm"]
     assert {p.name for p in out.iterdir()} >= {"ttft_cdf.png", "nodes_used.png", "slo_met.png"}
+
+
+def test_simulate_with_overrides(tmp_path):
+    result = CliRunner().invoke(simulate, [
+        "--models", "16", "--duration", "30", "--systems", "slinfer", "--shadow", "full",
+        "--watermark", "0.5", "--keep-alive", "2", "--no-plots", "--out", str(tmp_path),
+        "--log", str(tmp_path / "run.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "slinfer 16x7b 4C+4G watermark=0.5 keep_alive=2 shadow=full" in result.output
+    assert (tmp_path / "run.jsonl").read_text().count("\n") > 50
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,9 @@
 import pytest
 
 from refengine.sim.workload import azure_llm, pareto, slinfer_trace
+from sim_checks import needs_traces
+
+pytestmark = needs_traces
 
 
 @pytest.mark.parametrize("n, total", [(32, 2366), (64, 4684), (128, 9266)])
