@@ -7,9 +7,8 @@ for as long as it lives (a weak reference drops the copy with the model); activa
 per call (round to nearest even) by a parallel Numba kernel, which costs a few percent of the GEMM.
 
 Availability is decided at run time: the CPU must report `amx_bf16` and the PyPI `mkl` package must
-be installed (`pip install refengine[amx]`). MKL runs on the GNU OpenMP runtime, the one Numba's
-parallel kernels already use, so there is one worker pool on the cores, not two pools spinning against
-each other.
+be installed (`pip install refengine[amx]`). MKL runs sequential, one call per column slice on Numba's
+pool (`kernels.cpu_pool`), so no second thread pool competes for the cores.
 """
 from __future__ import annotations
 
@@ -22,8 +21,9 @@ import numba
 import numpy as np
 from numba import prange
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_MKL_THREADING_GNU = 3
+from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt
+
+_MKL_THREADING_SEQUENTIAL = 1
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -81,12 +81,9 @@ class Bf16Matmul:
 
     def __init__(self, mkl_rt: Path):
         lib = ctypes.CDLL(str(mkl_rt))
-        lib.MKL_Set_Threading_Layer(_MKL_THREADING_GNU)
+        lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
         self._gemm = lib.cblas_gemm_bf16bf16f32
-        self._gemm.restype = None
-        self._gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                                                    ctypes.c_void_p, ctypes.c_int]
+        self._gemm.restype, self._gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
         self._weights: dict[int, np.ndarray] = {}   # id(float32 weight) -> its bf16 copy
 
     @classmethod
@@ -110,10 +107,4 @@ class Bf16Matmul:
 
     def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32, weight [O, I] float32 -> [T, O] float32."""
-        rows, inner = x.shape
-        outputs = weight.shape[0]
-        x16, w16 = to_bf16(x), self.bf16_weight(weight)
-        out = np.empty((rows, outputs), np.float32)
-        self._gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, rows, outputs, inner, 1.0, x16.ctypes.data, inner,
-                   w16.ctypes.data, inner, 0.0, out.ctypes.data, outputs)
-        return out
+        return gemm_nt(to_bf16(x), self.bf16_weight(weight), gemm=self._gemm)

@@ -1,16 +1,16 @@
 """Numba CPU kernels: the fast twins of `kernels.reference`, op for op.
 
 Why each op is written the way it is (2 cores, memory-bound at small batch):
-- GEMMs go to BLAS (numpy `@`, which releases the GIL), or to the bf16 AMX route of `kernels.amx` for
-  steps with many tokens. The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where
+- GEMMs of a few tokens (decode) are a Numba kernel that streams each weight row once; larger ones
+  go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for the whole step), float32 or,
+  for steps with many tokens, bf16 on AMX (`kernels.amx`). The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where
   numpy would allocate temporaries and walk the data several times.
 - Attention reads the paged cache in place through the block table (no gather copy); one K/V row read
   serves the G query heads of its group (GQA). Long prompts switch to BLAS tiles
   (`kernels.cpu_attention`).
 - Every kernel is `nogil` (a serving thread runs steps while the asyncio loop and other instances'
   threads keep going), `cache=True` (a restart loads machine code from `__pycache__` instead of
-  recompiling), and `parallel=True` where rows are independent: numba's OpenMP launch costs ~2 us,
-  so even single-token decode steps take the parallel path.
+  recompiling), and `parallel=True` where rows are independent.
 
 Shapes follow `kernels.interface` (T tokens, E width, F MLP width, H/Hkv heads, D head dim, N blocks,
 P tokens per block).
@@ -23,11 +23,14 @@ from numba import prange
 
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
+from kernels.cpu_pool import gemm_nt, run_kernel
+from kernels.cpu_math import fast_exp
 from kernels.reference import ReferenceKernels, rope_angles
 
 # no nnan/ninf: attention and norms must keep IEEE semantics; reassoc lets reductions vectorise
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 JIT = dict(nogil=True, cache=True, fastmath=FASTMATH)
+SKINNY_MAX_TOKENS = 32   # GEMMs with at most this many rows use `_skinny_matmul`, larger ones BLAS
 
 
 # ---------------------------------------------------------------- norms
@@ -59,6 +62,41 @@ def _add_rms_norm(residual, delta, weight, eps, summed, out):
             out[t, e] = summed[t, e] * inv * weight[e]
 
 
+# ---------------------------------------------------------------- few-token GEMM
+@numba.njit(parallel=True, **JIT)
+def _skinny_matmul(x, w, out):
+    """out [T, O] = x [T, I] @ w [O, I].T for a few tokens (decode): weight rows stream from memory
+    once, two at a time, against four tokens at a time, eight accumulators in registers. BLAS
+    kernels are tuned for large T; at T <= 32 this reads the weights at up to twice their speed."""
+    rows, inner = x.shape
+    last = w.shape[0] - 1
+    for pair in prange((last + 2) // 2):
+        o, p = 2 * pair, min(2 * pair + 1, last)      # an odd last row is computed twice
+        t = 0
+        while t + 4 <= rows:
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for i in range(inner):
+                wo, wp = w[o, i], w[p, i]
+                x0, x1, x2, x3 = x[t, i], x[t + 1, i], x[t + 2, i], x[t + 3, i]
+                a0 += x0 * wo
+                a1 += x1 * wo
+                a2 += x2 * wo
+                a3 += x3 * wo
+                b0 += x0 * wp
+                b1 += x1 * wp
+                b2 += x2 * wp
+                b3 += x3 * wp
+            out[t, o], out[t + 1, o], out[t + 2, o], out[t + 3, o] = a0, a1, a2, a3
+            out[t, p], out[t + 1, p], out[t + 2, p], out[t + 3, p] = b0, b1, b2, b3
+            t += 4
+        for r in range(t, rows):
+            a0 = b0 = np.float32(0.0)
+            for i in range(inner):
+                a0 += x[r, i] * w[o, i]
+                b0 += x[r, i] * w[p, i]
+            out[r, o], out[r, p] = a0, b0
+
+
 # ---------------------------------------------------------------- elementwise
 @numba.njit(parallel=True, **JIT)
 def _rope(x, positions, cos, sin, out):
@@ -81,7 +119,7 @@ def _silu_mul(gate_up, out):
     for t in prange(gate_up.shape[0]):
         for f in range(width):
             g = gate_up[t, f]
-            out[t, f] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, width + f]
+            out[t, f] = g / (np.float32(1.0) + fast_exp(-g)) * gate_up[t, width + f]
 
 
 @numba.njit(**JIT)
@@ -129,29 +167,34 @@ class CpuKernels(ReferenceKernels):
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         out = np.empty_like(x)
-        _rms_norm(x, weight, np.float32(eps), out)
+        run_kernel(_rms_norm, x.size, x, weight, np.float32(eps), out)
         return out
 
     def add_rms_norm(self, residual: np.ndarray, delta: np.ndarray, weight: np.ndarray,
                      eps: float) -> tuple[np.ndarray, np.ndarray]:
         summed, out = np.empty_like(residual), np.empty_like(residual)
-        _add_rms_norm(residual, delta, weight, np.float32(eps), summed, out)
+        run_kernel(_add_rms_norm, residual.size, residual, delta, weight, np.float32(eps), summed, out)
         return summed, out
 
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        if self.bf16 is not None and x.shape[0] >= self.amx_min_tokens:
+        rows = x.shape[0]
+        if self.bf16 is not None and rows >= self.amx_min_tokens:
             return self.bf16.matmul(x, weight)
-        return x @ weight.T
+        if rows <= SKINNY_MAX_TOKENS:
+            out = np.empty((rows, weight.shape[0]), np.float32)
+            run_kernel(_skinny_matmul, weight.size, x, weight, out)
+            return out
+        return gemm_nt(x, weight)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
         cos, sin = self._rope_table.get(positions, x.shape[-1], theta)
         out = np.empty(x.shape, np.float32)
-        _rope(x, positions, cos, sin, out)
+        run_kernel(_rope, x.size, x, positions, cos, sin, out)
         return out
 
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
-        _silu_mul(gate_up, out)
+        run_kernel(_silu_mul, gate_up.size, gate_up, out)
         return out
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,

@@ -1,11 +1,10 @@
 """Paged causal GQA attention on the CPU: a Numba kernel that reads the cache through the block
 table, and BLAS tiles for long prompts.
 
-Decode steps and short prefill chunks go to `_paged_attention`: one work item per (sequence, KV
-head), so a K or V row is loaded once for the G query heads that share it, straight from its cache
-block (no gather copy). A prompt with many queries would make that kernel re-read the whole context
+Decode steps and short prefill chunks go to `_paged_attention`, which reads K and V straight from
+their cache blocks (no gather copy), each row once for all the query heads that share it (GQA). A prompt with many queries would make that kernel re-read the whole context
 per query at scalar-loop speed, so from `BLAS_MIN_QUERIES` queries on a sequence is gathered once and
-attended in query tiles with two batched GEMMs (scores, then weights @ values) around a Numba causal
+attended in query tiles with two GEMMs per KV head (scores, then weights @ values) around a Numba causal
 softmax; each tile only multiplies the keys its last query can see, which halves the causal work.
 
 Shapes follow `kernels.interface`; both paths match `kernels.reference.prefill_attention`.
@@ -16,6 +15,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from kernels.cpu_pool import gemm_nt, run_kernel
+from kernels.cpu_math import fast_exp
 from kernels.reference import gather_context
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -25,68 +26,105 @@ QUERY_TILE = 256        # queries per BLAS tile: scores [Hkv, 256 G, L] stay a f
 
 
 @numba.njit(parallel=True, **JIT)
-def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, scale, out):
+def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, heads_per_item,
+                     scale, out):
     """out[i] = causal attention of q[i] [H, D] over its sequence's cached keys, for the sequences
     listed in `seqs`. Sequence b's queries q[query_start[b]:query_start[b+1]] are the last tokens
-    of its context_lens[b] cached ones."""
+    of its context_lens[b] cached ones.
+
+    One pass over the context per query, block by block, with an online softmax (running max and
+    sum, rescaling the accumulator when the max grows): K and V of a block are read together, once.
+    A work item is one sequence and `heads_per_item` query heads (a whole number of GQA groups):
+    all H when there are enough sequences to keep the threads busy, so each block is read as one
+    contiguous run; one group when there are few.
+    """
     kv_heads, block_tokens = k_cache.shape[2], k_cache.shape[1]
-    group, head_dim = q.shape[1] // kv_heads, q.shape[2]
-    for item in prange(seqs.shape[0] * kv_heads):
-        b = seqs[item // kv_heads]
-        kh = item % kv_heads
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // kv_heads
+    items_per_seq = num_heads // heads_per_item
+    for item in prange(seqs.shape[0] * items_per_seq):
+        b = seqs[item // items_per_seq]
+        h0 = (item % items_per_seq) * heads_per_item
         lo, hi = query_start[b], query_start[b + 1]
         first = context_lens[b] - (hi - lo)
-        scores = np.empty((group, context_lens[b]), np.float32)
-        acc = np.empty((group, head_dim), np.float32)
-        total = np.empty(group, np.float32)
+        q_scaled = np.empty((heads_per_item, head_dim), np.float32)
+        acc = np.empty((heads_per_item, head_dim), np.float32)
+        weights = np.empty((heads_per_item, block_tokens), np.float32)
+        peak = np.empty(heads_per_item, np.float32)
+        total = np.empty(heads_per_item, np.float32)
         for i in range(lo, hi):
             visible = first + (i - lo) + 1
-            for t in range(visible):
-                block, row = block_tables[b, t // block_tokens], t % block_tokens
-                for g in range(group):
-                    s = np.float32(0.0)
-                    for d in range(head_dim):
-                        s += q[i, kh * group + g, d] * k_cache[block, row, kh, d]
-                    scores[g, t] = s * scale
-            for g in range(group):
-                peak = scores[g, 0]
-                for t in range(1, visible):
-                    peak = max(peak, scores[g, t])
-                total[g] = 0.0
-                for t in range(visible):
-                    w = np.exp(scores[g, t] - peak)
-                    scores[g, t] = w
-                    total[g] += w
-            acc[:] = 0.0
-            for t in range(visible):
-                block, row = block_tables[b, t // block_tokens], t % block_tokens
-                for g in range(group):
-                    w = scores[g, t]
-                    for d in range(head_dim):
-                        acc[g, d] += w * v_cache[block, row, kh, d]
-            for g in range(group):
+            for h in range(heads_per_item):
                 for d in range(head_dim):
-                    out[i, kh * group + g, d] = acc[g, d] / total[g]
+                    q_scaled[h, d] = q[i, h0 + h, d] * scale
+            acc[:] = 0.0
+            peak[:] = -np.inf
+            total[:] = 0.0
+            for j in range(-(-visible // block_tokens)):
+                block = block_tables[b, j]
+                rows = min(block_tokens, visible - j * block_tokens)
+                for r in range(rows):
+                    for h in range(heads_per_item):
+                        kh = (h0 + h) // group
+                        s = np.float32(0.0)
+                        for d in range(head_dim):
+                            s += q_scaled[h, d] * k_cache[block, r, kh, d]
+                        weights[h, r] = s
+                for h in range(heads_per_item):
+                    new_peak = peak[h]
+                    for r in range(rows):
+                        new_peak = max(new_peak, weights[h, r])
+                    if new_peak > peak[h]:
+                        shrink = fast_exp(peak[h] - new_peak)
+                        total[h] *= shrink
+                        for d in range(head_dim):
+                            acc[h, d] *= shrink
+                        peak[h] = new_peak
+                    for r in range(rows):
+                        w = fast_exp(weights[h, r] - new_peak)
+                        weights[h, r] = w
+                        total[h] += w
+                for r in range(rows):
+                    for h in range(heads_per_item):
+                        kh = (h0 + h) // group
+                        w = weights[h, r]
+                        for d in range(head_dim):
+                            acc[h, d] += w * v_cache[block, r, kh, d]
+            for h in range(heads_per_item):
+                inv = np.float32(1.0) / total[h]
+                for d in range(head_dim):
+                    out[i, h0 + h, d] = acc[h, d] * inv
+
+
+def _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, scale, out) -> None:
+    """`_paged_attention` with work items sized to the thread count (see its docstring)."""
+    group = q.shape[1] // k_cache.shape[2]
+    heads_per_item = q.shape[1] if len(seqs) >= 4 * numba.get_num_threads() else group
+    work = int(context_lens[seqs].sum()) * k_cache.shape[2] * k_cache.shape[3]
+    run_kernel(_paged_attention, work, q, k_cache, v_cache, block_tables, query_start, context_lens, seqs,
+               heads_per_item, np.float32(scale), out)
 
 
 @numba.njit(parallel=True, **JIT)
-def _causal_softmax(scores, first, group, scale):
+def _causal_exp(scores, first, group, scale, totals):
     """In place over scores [Hkv, R, L]: row r belongs to query r // G at position first + r // G,
-    which sees keys 0 .. first + r // G; the rest of the row becomes 0."""
+    which sees keys 0 .. first + r // G. Visible entries become exp(scale * score - row max), the
+    rest 0, and totals [Hkv, R] get the row sums: the softmax without its division, which is done
+    on the [R, D] output of the next GEMM instead of the [R, L] weights."""
     rows, length = scores.shape[1], scores.shape[2]
     for item in prange(scores.shape[0] * rows):
         h, r = item // rows, item % rows
         visible = min(first + r // group + 1, length)
-        peak = scores[h, r, 0] * scale
+        peak = scores[h, r, 0]
         for t in range(1, visible):
-            peak = max(peak, scores[h, r, t] * scale)
+            peak = max(peak, scores[h, r, t])
+        peak *= scale
         total = np.float32(0.0)
         for t in range(visible):
-            w = np.exp(scores[h, r, t] * scale - peak)
+            w = fast_exp(scores[h, r, t] * scale - peak)
             scores[h, r, t] = w
             total += w
-        for t in range(visible):
-            scores[h, r, t] /= total
+        totals[h, r] = total
         for t in range(visible, length):
             scores[h, r, t] = 0.0
 
@@ -98,16 +136,22 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
     num_queries, num_heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
-    k_heads = np.ascontiguousarray(keys.transpose(1, 0, 2))       # [Hkv, L, D]
-    v_heads = np.ascontiguousarray(values.transpose(1, 0, 2))     # [Hkv, L, D]
+    k_rows = np.ascontiguousarray(keys.transpose(1, 0, 2))        # [Hkv, L, D]
+    v_cols = np.ascontiguousarray(values.transpose(1, 2, 0))      # [Hkv, D, L]: weights @ V as an NT GEMM
     for start in range(0, num_queries, QUERY_TILE):
         stop = min(start + QUERY_TILE, num_queries)
         seen = first + stop                                       # keys the tile's last query sees
         tile = q[start:stop].reshape(stop - start, kv_heads, group, head_dim)
-        rows = tile.transpose(1, 0, 2, 3).reshape(kv_heads, (stop - start) * group, head_dim)
-        scores = np.matmul(rows, k_heads[:, :seen].transpose(0, 2, 1))   # [Hkv, Qt G, seen]
-        _causal_softmax(scores, first + start, group, np.float32(scale))
-        mixed = np.matmul(scores, v_heads[:, :seen])                      # [Hkv, Qt G, D]
+        rows = np.ascontiguousarray(tile.transpose(1, 0, 2, 3)).reshape(kv_heads, -1, head_dim)  # [Hkv, Qt G, D]
+        scores = np.empty((kv_heads, rows.shape[1], seen), np.float32)
+        totals = np.empty(rows.shape[:2], np.float32)
+        mixed = np.empty(rows.shape, np.float32)
+        for h in range(kv_heads):
+            gemm_nt(rows[h], k_rows[h, :seen], out=scores[h])
+        run_kernel(_causal_exp, scores.size, scores, first + start, group, np.float32(scale), totals)
+        for h in range(kv_heads):
+            gemm_nt(scores[h], v_cols[h, :, :seen], out=mixed[h])
+        mixed /= totals[:, :, None]
         out[start:stop] = mixed.reshape(kv_heads, stop - start, group, head_dim).transpose(1, 0, 2, 3) \
                                .reshape(stop - start, num_heads, head_dim)
 
@@ -120,8 +164,7 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     long = counts >= BLAS_MIN_QUERIES
     short = np.flatnonzero(~long)
     if len(short):
-        _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, short,
-                         np.float32(scale), out)
+        _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, short, scale, out)
     for b in np.flatnonzero(long):
         lo, hi, length = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
         keys = gather_context(k_cache, block_tables[b], length)
@@ -136,6 +179,5 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     out = np.empty(q.shape, np.float32)
     num_seqs = len(context_lens)
     query_start = np.arange(num_seqs + 1, dtype=np.int32)
-    _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens,
-                     np.arange(num_seqs), np.float32(scale), out)
+    _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, np.arange(num_seqs), scale, out)
     return out

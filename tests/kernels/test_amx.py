@@ -1,0 +1,94 @@
+"""The bf16 AMX GEMM route: rounding, accumulation, the weight cache, and how CpuKernels uses it.
+
+Tolerances: bf16 keeps 8 significant bits, so a product over 576 inputs of size ~1 lands within
+~1% of its float32 value (checked as 2e-2 of the output scale); against the same bf16-rounded inputs
+multiplied in float32 it agrees to float32 rounding (1e-4), which is what shows the accumulation is
+float32.
+"""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from kernels import amx
+from kernels import reference as ref
+from kernels.cpu import CpuKernels
+from models.llama import LlamaModel, LlamaWeights
+from models.random_weights import TINY, random_tensors
+from tests.conftest import random_prompt
+from tests.models.test_golden import forward_whole
+
+RNG = np.random.default_rng(77)
+needs_amx = pytest.mark.skipif(amx.unavailable_reason() is not None,
+                               reason=f"AMX route unavailable: {amx.unavailable_reason()}")
+
+
+def randn(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def test_to_bf16_rounds_to_nearest_even_like_ml_dtypes():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.concatenate([randn(10_000) * 1e3, randn(1000) * 1e-30, [0.0, -0.0, np.inf, -np.inf, 1.00390625]])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(amx.to_bf16(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(amx.from_bf16(amx.to_bf16(x)), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_unavailable_route_falls_back_or_raises(monkeypatch):
+    monkeypatch.setattr(amx, "unavailable_reason", lambda: "no AMX here (test)")
+    assert CpuKernels(amx=None).bf16 is None
+    assert CpuKernels(amx=False).bf16 is None
+    with pytest.raises(RuntimeError, match="no AMX here"):
+        CpuKernels(amx=True)
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens,outputs,inputs", [(1, 960, 576), (64, 3072, 576), (300, 576, 1536), (7, 5, 3)])
+def test_bf16_matmul_accumulates_in_float32(tokens, outputs, inputs):
+    gemm = amx.Bf16Matmul.create(required=True)
+    x, w = randn(tokens, inputs), randn(outputs, inputs)
+    out = gemm.matmul(x, w)
+    rounded = amx.from_bf16(amx.to_bf16(x)) @ amx.from_bf16(amx.to_bf16(w)).T
+    np.testing.assert_allclose(out, rounded, rtol=1e-4, atol=1e-4)
+    exact = x @ w.T
+    assert np.abs(out - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+@needs_amx
+def test_bf16_weight_copy_is_made_once_and_dropped_with_the_weight():
+    gemm = amx.Bf16Matmul.create(required=True)
+    w = randn(64, 32)
+    first = gemm.bf16_weight(w)
+    assert gemm.bf16_weight(w) is first
+    assert len(gemm._weights) == 1
+    del w
+    gc.collect()
+    assert not gemm._weights
+
+
+@needs_amx
+def test_cpu_kernels_use_bf16_only_from_the_token_threshold():
+    kernels = CpuKernels(amx=True, amx_min_tokens=16)
+    w = randn(96, 64)
+    small, large = randn(15, 64), randn(16, 64)
+    np.testing.assert_allclose(kernels.linear(small, w), ref.linear(small, w), rtol=1e-5, atol=1e-4)
+    assert id(w) not in kernels.bf16._weights
+    np.testing.assert_allclose(kernels.linear(large, w), kernels.bf16.matmul(large, w), rtol=0, atol=0)
+    assert id(w) in kernels.bf16._weights
+
+
+@needs_amx
+def test_tiny_model_prefill_logits_with_amx_stay_close():
+    """A 100-token prefill with every GEMM in bf16: logits within 2e-2 of the scale of float32's."""
+    tensors = random_tensors(TINY, seed=0)
+    prompt = random_prompt(100, seed=3)
+
+    def logits(kernels) -> np.ndarray:
+        return forward_whole(LlamaModel(TINY, LlamaWeights.from_hf(tensors, TINY, kernels), kernels), prompt)
+
+    expected = logits(ref.ReferenceKernels())
+    got = logits(CpuKernels(amx=True, amx_min_tokens=1))
+    assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
