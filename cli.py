@@ -13,6 +13,8 @@ import click
 from models.catalogue import DEFAULT_MODEL, Catalogue, UnknownModelError
 from refengine.store.cache import ModelCacheError
 from refengine.bench.commands import bench
+from refengine.server.commands import serve
+from refengine.sim.commands import simulate
 from refengine.store.commands import prepare
 
 USER_ERRORS = (ValueError, UnknownModelError, ModelCacheError)
@@ -25,6 +27,8 @@ def cli() -> None:
 
 cli.add_command(prepare)
 cli.add_command(bench)
+cli.add_command(serve)
+cli.add_command(simulate)
 
 
 @cli.command()

@@ -21,6 +21,20 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 - `placement`   existing instance → preemption → new instance (§4.1)
 - `lifecycle`   create, attach, keep-alive reclaim, eviction, cold-start grace (§4.5)
 - `core`        the Scheduler that wires them together
+
+Executor loop (the simulator in `refengine/sim/simulator.py` is a complete example)::
+
+    sched = Scheduler(models, nodes, CostModel.from_dirs(profile_dir), preset("slinfer"))
+    for each event at time now (arrival, step done, memory action done, cancel, timer):
+        for action in sched.handle(event, now):
+            CreateInstance  -> make an empty instance (no weights, 0 KV) on the node
+            Load / Unload / KvResize / Evict -> do it now; then MemoryDone(action_id, seconds)
+            Assign          -> queue the request on the instance (re-prefill resume_tokens too)
+            Grant           -> run up to `iterations` steps of `kind`; StepFinished after each
+            Drop            -> fail the request (it counts as an SLO miss)
+            ColdStartGrace  -> note it for SLO accounting
+            ReleaseInstance -> forget the instance
+        arm a timer for sched.next_wakeup() and send Tick() when it fires
 """
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant,
                                KvResize, Load, ReleaseInstance, Unload)

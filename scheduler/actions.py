@@ -11,7 +11,9 @@ Frozen dataclasses of ids and numbers (JSON via `codec.py`). Semantics the execu
   therefore `Evict` on the old instance followed, once placed again, by `Assign` on the new one.
 - `Load`/`Unload`/`KvResize`/`Evict`: memory actions (§4.3.3). The scheduler hands one to the
   executor only when the instance is not computing and has no other memory action in flight, so
-  executors may run them at once; each answers with `MemoryDone(action_id)`. Stale actions
+  executors may run them at once; each answers with `MemoryDone(action_id)`. An `Evict` may name
+  a request the executor no longer holds (it finished or was cancelled meanwhile): skip it.
+  Stale actions
   (superseded by a newer target of the same resource) are dropped inside the scheduler and never
   reach the executor.
 - `CreateInstance`/`ReleaseInstance`: an instance shell (no weights, 0 KV) comes into being on a

@@ -89,7 +89,7 @@ class ShadowValidator:
         return total
 
     def _start(self, node: Node, now: float) -> float:
-        """Validation starts when the running grant is expected to end (grants are not preempted)."""
+        """Validation starts when the running grant is expected to end (grants run to the end)."""
         return max(now, node.grant_end_estimate) if node.grant_instance is not None else now
 
     def prefill_ok(self, target: Instance, request: Request, now: float) -> bool:
@@ -103,7 +103,9 @@ class ShadowValidator:
             pending = inst.pending_prefill + ([request] if is_target else [])
             if not pending or not (is_target or inst.loaded):
                 continue
-            deadline = min(inst.min_deadline(), request.deadline) if is_target else inst.min_deadline()
+            deadline = inst.min_deadline()
+            if is_target:
+                deadline = min(deadline, request.deadline)
             pairs.append((deadline, not is_target, self.est.prefill(inst, pending)))
         pairs.sort()
         t = self._start(node, now)

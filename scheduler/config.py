@@ -3,8 +3,9 @@
 Baselines are presets of this dataclass, not copies of the scheduler: ServerlessLLM ("sllm") is
 GPU-only, one instance per node, admission by a hand-tuned concurrency limit and round-robin over a
 model's instances; "sllm+c" adds CPU nodes, CPU first; "sllm+c+s" allows two instances per node,
-each with a static half of the memory and half of the time. The ablations switch off one SLINFER
-mechanism each.
+each with a static half of the memory and half of the time. New baseline instances use the same
+node order as SLINFER (most loaded first, empty nodes last: the artifact's default sort, which
+every system shares). The ablations switch off one SLINFER mechanism each.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class SchedulerConfig:
     - `preemption`: proactive consolidation (§4.4.1).
     - `shadow`: "edf" (the artifact's check) or "full" (event simulation of the node, §9 row 3).
     - `estimate_margin`: multiplies every latency estimate (artifact: 1.05 GPU, 1.1 CPU, §4.2.2).
-    - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (max(O, Ō), §4.3.1).
-    - `grant_target`: GPU decode grants hold k ≈ grant_target / iteration time iterations (§9 row 5).
+    - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (§4.3.1).
+    - `grant_target`: a GPU decode grant holds ≈ grant_target / iteration time steps (§9 row 5).
     """
 
     name: str = "slinfer"
@@ -77,7 +78,7 @@ SLINFER = SchedulerConfig()
 SLLM = SchedulerConfig(
     name="sllm", pools=("gpu",), max_instances_per_node=1, admission="concurrency",
     concurrency_limits=_limits({}, _SLLM_GPU), static_partition=True,
-    instance_order="round_robin", node_order="balance", preemption=False)
+    instance_order="round_robin", node_order="pack", preemption=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=("cpu", "gpu"),
                  concurrency_limits=_limits(_SLLM_C_CPU, _SLLM_GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", max_instances_per_node=2,
@@ -97,5 +98,6 @@ def preset(name: str, **overrides) -> SchedulerConfig:
     try:
         base = PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown scheduler preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown scheduler preset {name!r}; choose from {sorted(PRESETS)}") \
+            from None
     return replace(base, **overrides) if overrides else base

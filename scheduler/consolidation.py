@@ -23,7 +23,7 @@ from scheduler.state import Instance, Node, Request
 
 
 def order_instances(instances: Sequence[Instance], order: Order, turn: int = 0) -> list[Instance]:
-    """Existing instances of a model in the order placement tries them (CPU first on ties, §9 row 9)."""
+    """A model's instances in the order placement tries them (CPU first on ties, §9 row 9)."""
     if order == "round_robin":
         k = turn % len(instances) if instances else 0
         return list(instances[k:]) + list(instances[:k])
@@ -38,7 +38,7 @@ def node_load(node: Node, validator: ShadowValidator) -> float:
 
 
 def order_nodes(nodes: Sequence[Node], order: Order, validator: ShadowValidator) -> list[Node]:
-    """Candidate nodes for a new instance: most loaded first, empty last ("pack"), or the reverse."""
+    """Nodes for a new instance: most loaded first, empty last ("pack"), or the reverse."""
     loads = {n.id: node_load(n, validator) for n in nodes}
     if order == "pack":
         return sorted(nodes, key=lambda n: (not n.instances, -loads[n.id]))

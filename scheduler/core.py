@@ -72,7 +72,7 @@ class Scheduler:
             self._tick(now)
         else:
             raise TypeError(f"unknown event {event!r}")
-        for node_id in sorted(self._touched):
+        for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)
 
@@ -115,6 +115,7 @@ class Scheduler:
         inst.busy_time += ev.elapsed
         inst.kv_used = ev.kv_blocks_used
         requests = self.life.requests
+        inst.deadlines_changed()
         for rid in ev.sequences:
             req = requests.get(rid)
             if req is None:
@@ -124,6 +125,8 @@ class Scheduler:
                 inst.context_tokens += 1
                 if not req.prefilled:
                     inst.mark_prefilled(req)
+            elif req.instance is not None:
+                req.instance.deadlines_changed()
         for rid in ev.finished:
             req = requests.get(rid)
             if req is not None:
@@ -137,7 +140,8 @@ class Scheduler:
         inst = self.life.instances.get(ev.instance)
         op = inst.in_flight if inst is not None else None
         if op is None or op.op_id != ev.action_id:
-            raise ValueError(f"MemoryDone for action {ev.action_id} that {ev.instance} is not running")
+            raise ValueError(f"MemoryDone for action {ev.action_id}, which {ev.instance} "
+                             "is not running")
         self.memory.complete(op)
         self.life.note_memory_done(inst, ev.duration)
         if op.resource is None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -74,8 +74,10 @@ class LatencyTable:
     prefill_latency: tuple[float, ...]
     decode_rows: tuple[DecodeRow, ...]
     source: str = ""
+    _contexts: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_contexts", tuple(r.context for r in self.decode_rows))
         _ascending(self.prefill_tokens, "prefill.tokens")
         if len(self.prefill_tokens) != len(self.prefill_latency):
             raise ValueError("prefill.tokens and prefill.latency differ in length")
@@ -90,9 +92,22 @@ class LatencyTable:
         return interpolate(self.prefill_tokens, self.prefill_latency, tokens)
 
     def decode(self, batch: float, avg_context: float) -> float:
-        """Seconds for one decode iteration of `batch` sequences of mean length `avg_context`."""
-        per_row = [interpolate(r.batch, r.latency, batch) for r in self.decode_rows]
-        return interpolate([r.context for r in self.decode_rows], per_row, avg_context)
+        """Seconds for one decode iteration of `batch` sequences of mean length `avg_context`.
+
+        Only the two rows around `avg_context` are interpolated (this runs once per grant).
+        """
+        rows = self.decode_rows
+        first, last = rows[0], rows[-1]
+        if avg_context <= first.context:
+            return interpolate(first.batch, first.latency, batch)
+        if avg_context >= last.context:
+            return interpolate(last.batch, last.latency, batch) * avg_context / last.context
+        i = bisect_right(self._contexts, avg_context)
+        lo, hi = rows[i - 1], rows[i]
+        y0 = interpolate(lo.batch, lo.latency, batch)
+        y1 = interpolate(hi.batch, hi.latency, batch)
+        return y0 + (y1 - y0) * (avg_context - lo.context) / (hi.context - lo.context)
+
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "LatencyTable":
@@ -164,4 +179,5 @@ class CostModel:
         """The SLINFER artifact's tables shipped in `scheduler/profiles/` (§4.2.2)."""
         root = resources.files("scheduler") / "profiles"
         return cls(LatencyTable.from_dict(json.loads(p.read_text(encoding="utf-8")))
-                   for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".json"))
+                   for p in sorted(root.iterdir(), key=lambda p: p.name)
+                   if p.name.endswith(".json"))

@@ -26,7 +26,8 @@ class Estimator:
     def decode(self, instance: Instance, batch: int, context_tokens: int) -> float:
         if batch == 0:
             return 0.0
-        return instance.table.decode(batch, context_tokens / batch) * self._margin[instance.node.kind]
+        margin = self._margin[instance.node.kind]
+        return instance.table.decode(batch, context_tokens / batch) * margin
 
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
         """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""
@@ -35,9 +36,8 @@ class Estimator:
             batch, tokens = batch + 1, tokens + extra.context
         return self.decode(instance, batch, tokens) / self._tpot
 
-    def decode_iterations(self, instance: Instance) -> int:
-        """k iterations per GPU decode grant ≈ grant_target / iteration time (§4.2.3, §9 row 5)."""
-        if instance.node.kind != "gpu":
+    def decode_iterations(self, instance: Instance, step: float) -> int:
+        """k iterations per GPU decode grant ≈ grant_target / iteration time `step` (§9 row 5)."""
+        if instance.node.kind != "gpu" or step <= 0:
             return 1
-        step = self.decode(instance, instance.batch, instance.context_tokens)
-        return max(1, int(self._grant_target / step)) if step > 0 else 1
+        return max(1, int(self._grant_target / step))

@@ -71,7 +71,3 @@ def scale_down_target(current: int, required: int, watermark: float) -> int | No
         return recommended
     return None
 
-
-def next_iteration_blocks(model: ModelSpec, requests: Iterable[Request]) -> int:
-    """Blocks the engine needs to run one more iteration of every request (each gains a token)."""
-    return sum(model.blocks_for(r.context + 1) for r in requests)

@@ -126,6 +126,7 @@ class Lifecycle:
         inst.cold_start += duration
         if inst.loaded and inst.kv.physical > 0:
             inst.ready_once = True
+            inst.deadlines_changed()
             for r in inst.requests.values():
                 r.grace = inst.cold_start
                 self.emit(ColdStartGrace(r.id, inst.cold_start))

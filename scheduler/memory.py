@@ -43,7 +43,8 @@ def optimistic_budget(node: Node, instance: Instance | None = None, kv_blocks: i
 
 def pessimistic_usage(node: Node) -> int:
     """Σ actuals on the node: memory that is, or may at any moment be, really held."""
-    return sum(i.weights.actual + i.kv.actual * i.model.block_bytes for i in node.instances.values())
+    return sum(i.weights.actual + i.kv.actual * i.model.block_bytes
+               for i in node.instances.values())
 
 
 def free_blocks(node: Node, instance: Instance) -> int:
@@ -119,7 +120,7 @@ class MemoryOrchestrator:
         return woken
 
     def next_dispatch(self, instance: Instance) -> MemoryOp | None:
-        """The next action the executor should run on an idle instance (stale/no-op ones skipped)."""
+        """The next action for an idle instance to run (stale and no-op ones are skipped)."""
         while instance.outbox and instance.in_flight is None and not instance.computing:
             op = instance.outbox.popleft()
             if self._stale(op):

@@ -1,4 +1,4 @@
-"""What one instance may own on a node: how many instances fit, and fixed KV where KV is not elastic.
+"""What one instance may own on a node: how many fit, and its KV where KV is not elastic.
 
 SLINFER shares a node elastically: instances are capped only by the node's and the model's slot
 counts (§3.2, §9 row 13) and KV grows and shrinks (§4.3.2). Two cases fix the KV instead: nodes

@@ -8,7 +8,8 @@ has already been missed.
 Invariants:
 - the scheduler plans against the *internal* SLOs, shrunk by `margin` (artifact: 5 %, §4.2.1);
   metrics judge against the paper's SLOs (`margin=0`);
-- `grace` is the measured cold-start time of the request's instance (§4.5), 0 otherwise.
+- `grace` is the measured cold-start time of the request's instance (§4.5), 0 otherwise;
+- the deadline itself lives on `state.Request.deadline`, which the token scheduler reads often.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class SloPolicy:
     margin: float = 0.0
 
     def ttft(self, input_tokens: int) -> float:
-        """First-token SLO for a prompt of `input_tokens` (Sarathi-Serve/DistServe style, §4.2.1)."""
+        """First-token SLO for an `input_tokens` prompt (Sarathi-Serve/DistServe style, §4.2.1)."""
         raw = min(max(self.ttft_floor, input_tokens / self.ttft_tokens_per_s), self.ttft_cap)
         return raw * (1.0 - self.margin)
 
@@ -32,13 +33,9 @@ class SloPolicy:
     def tpot_slo(self) -> float:
         return self.tpot * (1.0 - self.margin)
 
-    def deadline(self, arrival: float, grace: float, input_tokens: int, generated: int) -> float:
-        """When token `generated + 1` is due (Eq. 1's cumulative deadline)."""
-        return arrival + grace + self.ttft(input_tokens) + self.tpot_slo * generated
-
     def met(self, arrival: float, grace: float, input_tokens: int, first_token: float,
             finish: float, output_tokens: int) -> bool:
-        """The paper's per-request verdict (§6.1): TTFT within SLO + grace and mean TPOT within SLO."""
+        """The paper's verdict (§6.1): TTFT within SLO + grace, and mean TPOT within SLO."""
         if first_token - arrival > self.ttft(input_tokens) + grace:
             return False
         if output_tokens <= 1:

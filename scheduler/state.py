@@ -95,6 +95,7 @@ class Instance:
     idle_since: float | None = None
     cold_start: float = 0.0
     ready_once: bool = False
+    _urgency: float | None = None
 
     @property
     def batch(self) -> int:
@@ -119,8 +120,17 @@ class Instance:
         return self.in_flight is not None or bool(self.outbox)
 
     def min_deadline(self) -> float:
-        """The instance's urgency: the earliest next-token deadline of its requests (§4.2.1)."""
-        return min((r.deadline for r in self.requests.values()), default=float("inf"))
+        """The instance's urgency: the earliest next-token deadline of its requests (§4.2.1).
+
+        Cached: whoever changes a request's `generated` or `grace` calls `deadlines_changed`.
+        """
+        if self._urgency is None:
+            deadlines = (r.deadline for r in self.requests.values())
+            self._urgency = min(deadlines, default=float("inf"))
+        return self._urgency
+
+    def deadlines_changed(self) -> None:
+        self._urgency = None
 
     def attach(self, request: Request) -> None:
         request.instance = self
@@ -129,6 +139,7 @@ class Instance:
         self.pending[request.id] = request
         self.context_tokens += request.context
         self.idle_since = None
+        self._urgency = None
 
     def mark_prefilled(self, request: Request) -> None:
         request.prefilled = True
@@ -138,6 +149,7 @@ class Instance:
         del self.requests[request.id]
         self.pending.pop(request.id, None)
         self.context_tokens -= request.context
+        self._urgency = None
         request.instance = None
         request.prefilled = False
         if not self.requests:

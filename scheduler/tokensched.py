@@ -23,9 +23,11 @@ from scheduler.state import Instance, Node
 
 def kv_blocks_needed(inst: Instance) -> int:
     """KV blocks the engine may need for the next iteration (each sequence may open a block)."""
-    model = inst.model
+    if not inst.pending:
+        return inst.kv_used + len(inst.requests)
+    blocks_for = inst.model.blocks_for
     return (inst.kv_used + inst.running
-            + sum(model.blocks_for(r.context + 1) for r in inst.pending.values()))
+            + sum(blocks_for(r.context + 1) for r in inst.pending.values()))
 
 
 def share_ready_at(inst: Instance) -> float:
@@ -67,8 +69,9 @@ class TokenScheduler:
             kind, iterations = "prefill", 1
             duration = self.est.prefill(inst, inst.pending.values())
         else:
-            kind, iterations = "decode", self.est.decode_iterations(inst)
-            duration = iterations * self.est.decode(inst, inst.batch, inst.context_tokens)
+            step = self.est.decode(inst, inst.batch, inst.context_tokens)
+            kind, iterations = "decode", self.est.decode_iterations(inst, step)
+            duration = iterations * step
         inst.computing = True
         node.grant_instance = inst
         node.grant_end_estimate = now + duration

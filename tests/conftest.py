@@ -57,6 +57,8 @@ def model_home(prepared_model) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(model_home):
-    """The real SmolLM2-135M-Instruct on the reference backend."""
+    """The real SmolLM2-135M-Instruct on the fast CPU backend (each of its ops is checked against
+    the numpy reference in tests/kernels; the golden suite then checks the whole model)."""
+    from kernels.cpu import CpuKernels
     from refengine.engine.loader import load_model
-    return load_model("smollm2-135m-instruct", get_kernels("reference"), home=model_home)
+    return load_model("smollm2-135m-instruct", CpuKernels(amx=False), home=model_home)   # fp32 throughout

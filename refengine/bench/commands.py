@@ -97,3 +97,26 @@ def load(write: bool) -> None:
         click.echo(f"{label}: {seconds} s")
     if write:
         update_section("load", "Prepare and load", markdown_table(["what", "seconds"], rows))
+
+
+@bench.command()
+@_device
+@_backend
+@click.option("--force", is_flag=True, help="Measure again even if a cached table exists.")
+def profile(device: str, backend: str | None, force: bool) -> None:
+    """Measure the scheduler's per-iteration latency table for this device (cached in the model home)."""
+    from refengine.runtime.profile import cached_table
+    from refengine.store.cache import model_home
+    from scheduler.costmodel import profile_filename
+    name, loaded = _load(device, backend)
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    directory = model_home() / "profiles"
+    path = directory / profile_filename(DEFAULT_MODEL, f"{kind}-{name}")
+    if force:
+        path.unlink(missing_ok=True)
+    table = cached_table(loaded.model, DEFAULT_MODEL, f"{kind}-{name}", directory)
+    click.echo(f"{path}")
+    click.echo("prefill ms: " + ", ".join(f"{int(t)}→{l * 1e3:.1f}" for t, l in zip(table.prefill_tokens, table.prefill_latency)))
+    for row in table.decode_rows:
+        click.echo(f"decode ms at context {int(row.context)}: " +
+                   ", ".join(f"b{int(b)}→{l * 1e3:.1f}" for b, l in zip(row.batch, row.latency)))

@@ -43,8 +43,11 @@ Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens it feeds this iterat
 class Instance:
     def __init__(self, model: LlamaModel, num_blocks: int, *, block_tokens: int = 16,
                  max_model_len: int | None = None, max_prefill_tokens: int = 2048, max_running: int = 256,
-                 new_detokenizer: Callable[[], Detokenizer] | None = None):
+                 new_detokenizer: Callable[[], Detokenizer] | None = None, fixed_pool: bool = True):
+        """fixed_pool: the KV pool never grows, so a request that cannot fit it alone is refused at
+        once. Under the scheduler (serving) the pool is resized to demand instead (SLINFER §4.3)."""
         self.model = model
+        self.fixed_pool = fixed_pool
         self.kv = PagedKVCache(model.config, model.kernels, num_blocks, block_tokens)
         self.max_model_len = min(model.config.max_position_embeddings, max_model_len or 1 << 62)
         self.max_prefill_tokens = max_prefill_tokens
@@ -63,7 +66,7 @@ class Instance:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
         needed = self.kv.blocks_for(len(prompt_ids) + params.max_tokens)
-        if needed > self.kv.num_blocks:
+        if self.fixed_pool and needed > self.kv.num_blocks:
             raise RequestError(f"the request needs {needed} KV blocks but this instance's cache has "
                                f"{self.kv.num_blocks}; grow the cache or lower max_tokens")
         seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params)
@@ -92,10 +95,11 @@ class Instance:
         return self.kv.resize(num_blocks, self.sequences)
 
     # ---------------------------------------------------------------- one iteration
-    def step(self) -> StepResult | None:
-        """Run one prefill or decode iteration; None if there is nothing to do."""
+    def step(self, kind: StepKind | None = None) -> StepResult | None:
+        """Run one iteration: a prefill if a waiting prompt fits, else a decode; or only the `kind`
+        asked for (a scheduler grant names it). None if there is nothing of that kind to do."""
         started = time.perf_counter()
-        kind, scheduled, preempted = self._schedule()
+        kind, scheduled, preempted = self._schedule(kind)
         if not scheduled:
             return None
         inputs = self._step_inputs(scheduled, kind)
@@ -123,11 +127,11 @@ class Instance:
             elapsed_s=time.perf_counter() - started)
 
     # ---------------------------------------------------------------- steps of a step
-    def _schedule(self) -> tuple[StepKind, Scheduled, list[Sequence]]:
+    def _schedule(self, only: StepKind | None) -> tuple[StepKind, Scheduled, list[Sequence]]:
         """Prefill if any waiting prompt fits; otherwise decode every running sequence, preempting
         the youngest ones if the pool cannot give each its next slot."""
-        prefill = self._schedule_prefill()
-        if prefill:
+        prefill = self._schedule_prefill() if only is not StepKind.DECODE else []
+        if prefill or only is StepKind.PREFILL:
             return StepKind.PREFILL, prefill, []
         scheduled: Scheduled = []
         preempted: list[Sequence] = []

@@ -31,15 +31,19 @@ def ensure_prepared(weights: str, home: Path | None = None, progress: bool = Tru
     return model_files(weights, home)
 
 
-def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_prepare: bool = True) -> LoadedModel:
-    files = ensure_prepared(weights, home) if auto_prepare else model_files(weights, home)
+def load_llama(files: ModelFiles, kernels: Kernels) -> LlamaModel:
+    """The model's weights from the cache onto `kernels`' device (the cheap cache check first)."""
     verify(files)
-    started = time.perf_counter()
     try:
         tensors = load_file(str(files.weights))
     except (SafetensorError, OSError) as e:
         raise ModelCacheError(f"cannot read {files.weights}: {e}; {PREPARE_HINT}") from None
     config = LlamaConfig.from_json(files.config)
-    model = LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels)
-    load_s = time.perf_counter() - started
-    return LoadedModel(model, Tokenizer(files), files, load_s)
+    return LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels)
+
+
+def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_prepare: bool = True) -> LoadedModel:
+    files = ensure_prepared(weights, home) if auto_prepare else model_files(weights, home)
+    started = time.perf_counter()
+    model = load_llama(files, kernels)
+    return LoadedModel(model, Tokenizer(files), files, time.perf_counter() - started)

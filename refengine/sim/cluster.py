@@ -3,9 +3,11 @@
 Constants come from the artifact (digest §3.2): 78 GB per A100 with a 1.5 GB context per instance,
 256 GB per Xeon node with fixed per-instance KV, per-model weights / KV bytes per token / slot
 counts. Memory-action costs are the simulator's own model: weights load at ≈12.6 GB/s (≈1 s for 7B
-with the ServerlessLLM loader, §8 item 11), KV resize proportional to the bytes added or removed,
-calibrated on Fig. 17 (grow 32 GB: 1.9 s; shrink 16 GB: 0.3 s); CPU instances bind for free
-(models resident in CPU memory, §9 row 8).
+with the ServerlessLLM loader, §8 item 11); a KV resize allocates, copies the *used* blocks and
+frees (Fig. 16), so it costs a fixed 50 ms plus time proportional to the bytes copied, calibrated
+on Fig. 17 with a full cache (grow 32 → 64 GB copies 32 GB in 1.9 s; shrink 32 → 16 GB copies
+16 GB in 0.3 s). A fresh allocation or a release to 0 copies nothing. CPU instances bind for free
+(models resident in CPU memory, §9 row 8) and keep fixed KV.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def model_spec(name: str, size: str) -> ModelSpec:
     try:
         profile, weights, kv_kib, cpu_kv, gpu_slots, cpu_slots = MODEL_SIZES[size]
     except KeyError:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}") from None
+        raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}") \
+            from None
     return ModelSpec(name=name, profile=profile, weight_bytes=int(weights * GiB),
                      kv_bytes_per_token=kv_kib * KiB, block_tokens=16, max_context=4096,
                      fixed_kv_bytes=cpu_kv * GiB,
@@ -55,8 +58,9 @@ class MemoryCosts:
 
     load_gib_per_s: float = 12.6
     unload_s: float = 0.1
-    grow_s_per_gib: float = 1.9 / 32
-    shrink_s_per_gib: float = 0.3 / 16
+    resize_fixed_s: float = 0.05
+    grow_s_per_gib_copied: float = 1.9 / 32
+    shrink_s_per_gib_copied: float = 0.3 / 16
 
     def load(self, kind: str, nbytes: int) -> float:
         return nbytes / GiB / self.load_gib_per_s if kind == "gpu" else 0.0
@@ -64,8 +68,10 @@ class MemoryCosts:
     def unload(self, kind: str) -> float:
         return self.unload_s if kind == "gpu" else 0.0
 
-    def resize(self, kind: str, from_bytes: int, to_bytes: int) -> float:
+    def resize(self, kind: str, from_bytes: int, to_bytes: int, used_bytes: int) -> float:
+        """Allocate `to_bytes`, copy the used blocks that fit, free `from_bytes` (Fig. 16)."""
         if kind != "gpu":
             return 0.0
-        delta = (to_bytes - from_bytes) / GiB
-        return delta * self.grow_s_per_gib if delta > 0 else -delta * self.shrink_s_per_gib
+        copied = min(used_bytes, to_bytes) / GiB
+        rate = self.grow_s_per_gib_copied if to_bytes > from_bytes else self.shrink_s_per_gib_copied
+        return self.resize_fixed_s + copied * rate

@@ -44,6 +44,7 @@ class SimInstance:
     waiting: dict[str, Sequence] = field(default_factory=dict)
     running: dict[str, Sequence] = field(default_factory=dict)
     kv_used: int = 0
+    running_context: int = 0
     kv_overflows: int = 0
     _running_ids: tuple[str, ...] | None = None
 
@@ -55,6 +56,7 @@ class SimInstance:
         seq = self.running.pop(request_id, None)
         if seq is not None:
             self.kv_used -= self.model.blocks_for(seq.context)
+            self.running_context -= seq.context
             self._running_ids = None
 
     def has_work(self, kind: str) -> bool:
@@ -70,13 +72,15 @@ class SimInstance:
             for s in batch:
                 s.generated += 1
                 self.kv_used += blocks_for(s.context)
+                self.running_context += s.context
                 self.running[s.request_id] = s
             self._running_ids = None
             advanced = tuple(s.request_id for s in batch)
         else:
             batch = list(self.running.values())
             n = len(batch)
-            elapsed = self.table.decode(n, sum(s.context for s in batch) / n)
+            elapsed = self.table.decode(n, self.running_context / n)
+            self.running_context += n
             bt = self.model.block_tokens
             for s in batch:
                 if s.context % bt == 0:

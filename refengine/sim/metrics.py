@@ -34,7 +34,9 @@ class RequestRecord:
 
     @property
     def ttft(self) -> float:
-        return math.inf if self.first_token is None or self.dropped else self.first_token - self.arrival
+        if self.first_token is None or self.dropped:
+            return math.inf
+        return self.first_token - self.arrival
 
     def slo_met(self, slo: SloPolicy = PAPER_SLO) -> bool:
         if self.dropped or self.first_token is None or self.finish is None:
@@ -55,12 +57,12 @@ def percentile(values: list[float], q: float) -> float:
 class Recorder:
     """Everything the simulator observes; `summary()` turns it into the paper's figures."""
 
-    duration: float
     requests: dict[str, RequestRecord] = field(default_factory=dict)
     nodes_used: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [], "gpu": []})
     kv_util: list[float] = field(default_factory=list)
     mem_util: list[float] = field(default_factory=list)
-    batch_hist: dict[str, Counter] = field(default_factory=lambda: {"cpu": Counter(), "gpu": Counter()})
+    batch_hist: dict[str, Counter] = field(
+        default_factory=lambda: {"cpu": Counter(), "gpu": Counter()})
     decode_tokens: Counter = field(default_factory=Counter)
     resize_seconds: float = 0.0
     gpu_instance_seconds: float = 0.0

@@ -31,16 +31,21 @@ MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(5)
 class Simulation:
     def __init__(self, workload: Workload, config: SchedulerConfig, size: str = "7b",
                  cpus: int = 4, gpus: int = 4, cost: CostModel | None = None,
-                 memory_costs: MemoryCosts = MemoryCosts(), node_specs: list[NodeSpec] | None = None,
-                 log: IO[str] | None = None):
+                 memory_costs: MemoryCosts = MemoryCosts(),
+                 node_specs: list[NodeSpec] | None = None,
+                 log: IO[str] | None = None,
+                 observer: Callable[[object, list], None] | None = None):
+        """`log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
         self.workload = workload
         self.cost = cost or CostModel.shipped()
         self.models = {name: model_spec(name, size) for name in workload.models}
         self.node_specs = {n.node_id: n for n in (node_specs or make_nodes(cpus, gpus))}
-        self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost, config)
+        self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost,
+                                   config)
         self.memory_costs = memory_costs
         self.log = log
-        self.rec = Recorder(workload.duration)
+        self.observer = observer
+        self.rec = Recorder()
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -85,6 +90,8 @@ class Simulation:
         self.rec.sched_time(type(event).__name__, perf_counter() - t0)
         if self.log is not None:
             self._write_log(event, actions)
+        if self.observer is not None:
+            self.observer(event, actions)
         for action in actions:
             self._apply(action)
         wake = self.scheduler.next_wakeup()
@@ -206,7 +213,8 @@ class Simulation:
             duration = costs.unload(kind)
         elif isinstance(action, KvResize):
             bb = inst.model.block_bytes
-            duration = costs.resize(kind, inst.kv_blocks * bb, action.blocks * bb)
+            duration = costs.resize(kind, inst.kv_blocks * bb, action.blocks * bb,
+                                    inst.kv_used * bb)
         else:
             for rid in action.requests:
                 inst.remove(rid)

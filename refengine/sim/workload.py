@@ -7,19 +7,21 @@
   model drawn from a skewed (Zipf) popularity — a different burstiness than the Functions trace.
 - `pareto`: BurstGPT-like (§6.5): Poisson arrivals at an aggregate rate, models drawn with
   Pareto-distributed popularity (the top model takes about half), lengths from the conversation CSV.
-Every generator takes a seed and is deterministic.
+Every generator takes a seed and is deterministic. Traces are read from `../shared/traces/` beside
+the repository, or from `$REFENGINE_TRACES`.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TRACES = REPO_ROOT.parent / "shared" / "traces"
+TRACES = Path(os.environ.get("REFENGINE_TRACES", REPO_ROOT.parent / "shared" / "traces"))
 DEFAULT_TRACE = TRACES / "slinfer_workload_128.json"
 
 
@@ -60,7 +62,8 @@ def slinfer_trace(n_models: int = 128, path: str | Path | None = None) -> Worklo
             continue
         name = f"fn{index:03d}"
         models.append(name)
-        for k, (t, i, o) in enumerate(zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"])):
+        lengths = zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"])
+        for k, (t, i, o) in enumerate(lengths):
             requests.append(TraceRequest(f"{name}-{k}", name, float(t), int(i), int(o)))
     return Workload(f"slinfer-{n_models}", tuple(models), _sorted(requests),
                     60.0 * data.get("minutes", 30))
@@ -69,6 +72,8 @@ def slinfer_trace(n_models: int = 128, path: str | Path | None = None) -> Worklo
 def _azure_rows(dataset: str, max_context: int) -> list[tuple[float, int, int]]:
     """(seconds from the first row, input, output) of an Azure LLM CSV, fitting `max_context`."""
     path = TRACES / f"AzureLLMInferenceTrace_{dataset}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"Azure LLM trace {path} not found; set REFENGINE_TRACES")
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

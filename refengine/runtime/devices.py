@@ -1,0 +1,87 @@
+"""Devices of the live runtime: names, memory budgets, and one worker thread each.
+
+A worker runs its device's jobs one at a time (a granted step, a weight load, a KV resize), so an
+instance is only ever touched by its device's thread and two steps never overlap on one device —
+SLINFER's "one grant per node" holds physically, not just in the scheduler's books. Kernels release
+the GIL (BLAS, Numba nogil, CUDA), so workers of several devices and the asyncio loop run together.
+
+`cpu*2` (or `cpu:0,cpu:1`) splits the CPU into logical devices, each with its own worker and memory
+budget, so placement across devices, bin-packing and preemption run for real on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6, "MIB": 1 << 20,
+          "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '2GB', '1048576' -> bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 8GiB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def parse_devices(text: str) -> list[str]:
+    """'cpu' -> ['cpu:0']; 'cpu*2' -> ['cpu:0', 'cpu:1']; 'cpu,cuda:0' -> ['cpu:0', 'cuda:0']."""
+    devices: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, count = part.partition("*")
+        if count:
+            if not count.isdigit() or int(count) < 1 or ":" in kind:
+                raise ValueError(f"bad device {part!r}; write cpu*N with N >= 1")
+            devices += [f"{kind}:{i}" for i in range(int(count))]
+        else:
+            devices.append(part if ":" in part else f"{part}:0")
+    for device in devices:
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or not index.isdigit():
+            raise ValueError(f"unknown device {device!r}; use cpu, cpu*N, cpu:N or cuda:N")
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be a non-empty list without repeats, got {text!r}")
+    return devices
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str            # "cpu:0", "cuda:0"
+    memory_bytes: int    # what the scheduler may hand out on it
+
+    @property
+    def kind(self) -> str:
+        """The scheduler's device kind: "cpu" or "gpu"."""
+        return "gpu" if self.name.startswith("cuda") else "cpu"
+
+
+class DeviceWorker:
+    """A thread that runs jobs for one device in submission order."""
+
+    def __init__(self, spec: DeviceSpec, on_error: Callable[[BaseException], None]):
+        self.spec = spec
+        self.on_error = on_error
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"worker-{spec.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as e:   # a failed job must not kill the device; the runtime decides
+                self.on_error(e)

@@ -1,0 +1,102 @@
+"""One scheduler instance as it exists on a device: weights (or not yet), an engine `Instance`, and
+which request each of its sequences serves.
+
+Every method but the read-only ones runs on the device's worker thread. The scheduler names
+requests by string id; the engine numbers sequences; this is the only place that maps the two.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from kernels.interface import Kernels
+from refengine.engine.instance import Instance
+from refengine.engine.loader import load_llama
+from refengine.engine.sequence import SamplingParams
+from refengine.engine.step_result import StepKind, StepResult
+from refengine.engine.tokenizer import IncrementalDecoder, Tokenizer
+from refengine.runtime.api import InstanceInfo
+from refengine.store.cache import ModelFiles
+
+
+class LiveInstance:
+    def __init__(self, name: str, node: str, model: str, weights: str):
+        self.name, self.node, self.model, self.weights = name, node, model, weights
+        self.engine: Instance | None = None
+        self._kv_blocks = 0                          # the target, kept while no weights are loaded
+        self._request_of: dict[int, str] = {}
+        self._seq_of: dict[str, int] = {}
+        self._before_load: list[tuple[int, list[int], SamplingParams]] = []  # assigned during a cold start
+
+    # ---- memory actions
+    def load(self, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
+        self.engine = Instance(load_llama(files, kernels), num_blocks=self._kv_blocks, fixed_pool=False,
+                               new_detokenizer=partial(IncrementalDecoder, tokenizer))
+        for seq_id, prompt_ids, params in self._before_load:
+            self.engine.add_request(prompt_ids, params, seq_id=seq_id)
+        self._before_load.clear()
+
+    def unload(self) -> None:
+        """Drop weights and KV cache; any sequence still here is gone with them."""
+        self.engine = None
+        self._request_of.clear()
+        self._seq_of.clear()
+
+    def resize(self, blocks: int) -> None:
+        self._kv_blocks = blocks
+        if self.engine is not None:
+            self.engine.resize_kv(blocks)
+
+    def evict(self, request_ids: tuple[str, ...]) -> None:
+        for request_id in request_ids:
+            self.abort_request(request_id)
+
+    # ---- requests and steps
+    def add(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Attach a request; during a cold start it waits here until the weights are in."""
+        if self.engine is None:
+            self._before_load.append((seq_id, prompt_ids, params))
+        else:
+            self.engine.add_request(prompt_ids, params, seq_id=seq_id)
+        self._request_of[seq_id] = request_id
+        self._seq_of[request_id] = seq_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq_id = self._seq_of.pop(request_id, None)
+        if seq_id is not None:
+            self._request_of.pop(seq_id, None)
+            self._before_load = [entry for entry in self._before_load if entry[0] != seq_id]
+            if self.engine is not None:
+                self.engine.abort(seq_id)
+
+    def step(self, kind: str) -> StepResult | None:
+        return self.engine.step(StepKind(kind)) if self.engine is not None else None
+
+    def request_of(self, seq_id: int) -> str | None:
+        return self._request_of.get(seq_id)
+
+    def forget(self, seq_id: int) -> str | None:
+        """A sequence finished: drop it from the maps and return its request id."""
+        request_id = self._request_of.pop(seq_id, None)
+        if request_id is not None:
+            self._seq_of.pop(request_id, None)
+        return request_id
+
+    # ---- read-only figures
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.engine.kv.num_used_blocks if self.engine is not None else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        engine = self.engine
+        if engine is None:
+            return 0
+        return engine.model.weights.nbytes() + engine.kv.num_blocks * engine.kv.bytes_per_block
+
+    def info(self) -> InstanceInfo:
+        engine = self.engine
+        return InstanceInfo(
+            instance=self.name, model=self.model, device=self.node, loaded=engine is not None,
+            running=len(engine.running) if engine else 0, waiting=len(engine.waiting) if engine else 0,
+            kv_blocks_used=self.kv_blocks_used, kv_blocks_total=engine.kv.num_blocks if engine else 0,
+            memory_bytes=self.memory_bytes)

@@ -1,0 +1,331 @@
+"""The live executor: the SLINFER scheduler's decisions carried out on real devices.
+
+The scheduler (`scheduler/`, the same code the simulator drives) sees events and returns actions;
+this module is the loop around it for real hardware. It runs on the asyncio loop and never runs
+model code there: every step, load, resize and eviction is a job on the device's worker thread,
+which reports back with a measured duration as the next event.
+
+    HTTP request --RequestArrived--> scheduler --Grant/Assign/Load/KvResize/...--> device workers
+    device workers --StepFinished/MemoryDone--> scheduler          tokens --> the request's queue
+
+Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
+timer that sends `Tick` (keep-alive expiry, placement retries).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from kernels import backend_for_device, get_kernels
+from models.catalogue import Catalogue
+from models.config import LlamaConfig
+from refengine.engine.loader import ensure_prepared, load_llama
+from refengine.engine.sequence import SamplingParams
+from refengine.engine.tokenizer import Tokenizer
+from refengine.runtime.api import (Finished, GenerationEvent, InstanceInfo, Overloaded, RuntimeStatus,
+                                   SloOverride, TokenChunk)
+from refengine.runtime.devices import DeviceSpec, DeviceWorker
+from refengine.runtime.instances import LiveInstance
+from refengine.runtime.profile import FULL_GRID, cached_table
+from scheduler import actions as act
+from scheduler.config import SchedulerConfig, preset
+from scheduler.core import Scheduler
+from scheduler.costmodel import CostModel
+from scheduler.events import MemoryDone, RequestArrived, RequestCancelled, StepFinished, Tick
+from scheduler.memory import optimistic_budget
+from scheduler.slo import SloPolicy
+from scheduler.specs import ModelSpec, NodeSpec
+
+log = logging.getLogger("refengine.runtime")
+
+
+@dataclass
+class RuntimeOptions:
+    catalogue: Catalogue
+    devices: list[DeviceSpec] = field(default_factory=lambda: [DeviceSpec("cpu:0", 8 << 30)])
+    keep_alive_s: float = 1.0
+    scheduler: str = "slinfer"            # or "exclusive": one dedicated instance per model, no sharing
+    backend: str | None = None            # kernel backend override (default: each device's own)
+    home: Path | None = None              # model cache (default $REFENGINE_HOME)
+    profile_grid: dict = field(default_factory=lambda: FULL_GRID)
+    slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
+
+
+@dataclass
+class _Request:
+    id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    events: asyncio.Queue
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    cold_start: bool = False
+    instance: str | None = None
+    seq_id: int | None = None
+    done: bool = False
+
+
+def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
+    """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
+    concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
+    overrides = {"keep_alive": keep_alive_s, **({"slo": slo} if slo else {})}
+    if name == "slinfer":
+        return preset("slinfer", **overrides)
+    if name == "exclusive":
+        limits = {w: {"cpu": 8, "gpu": 32} for w in weights}
+        return preset("sllm+c", concurrency_limits=limits, **overrides)
+    raise ValueError(f"unknown scheduler {name!r}; choose slinfer or exclusive")
+
+
+class LiveRuntime:
+    def __init__(self, options: RuntimeOptions):
+        self.options = options
+        self.catalogue = options.catalogue
+        self._t0 = time.monotonic()
+        self._requests: dict[str, _Request] = {}
+        self._instances: dict[str, LiveInstance] = {}
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._workers: dict[str, DeviceWorker] = {}
+        self._ids = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0}
+        self.scheduler: Scheduler | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._build)
+        for worker in self._workers.values():
+            worker.start()
+
+    def _build(self) -> None:
+        """Prepare weights, load tokenizers, profile each (weights, hardware), build the scheduler."""
+        opts = self.options
+        files = {w: ensure_prepared(w, opts.home) for w in self.catalogue.weights}
+        self._tokenizers = {w: Tokenizer(f) for w, f in files.items()}
+        tables, nodes = [], []
+        for device in opts.devices:
+            backend = backend_for_device(device.name, opts.backend)
+            hardware = f"{device.kind}-{backend}"
+            for weights, f in files.items():
+                model = load_llama(f, get_kernels(backend, device.name))
+                tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid))
+            nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes))
+            self._workers[device.name] = DeviceWorker(device, self._worker_failed)
+        specs = []
+        for name in self.catalogue.names:
+            weights = self.catalogue[name].weights
+            config = LlamaConfig.from_json(files[weights].config)
+            specs.append(ModelSpec(name, weights, files[weights].weights.stat().st_size,
+                                   config.kv_bytes_per_token, 16, config.max_position_embeddings))
+        self._files = files
+        self._specs = {s.name: s for s in specs}
+        unique = {(t.profile, t.hardware): t for t in tables}
+        self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
+                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo))
+
+    def _home(self) -> Path:
+        from refengine.store.cache import model_home
+        return self.options.home or model_home()
+
+    async def stop(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        for worker in self._workers.values():
+            await asyncio.to_thread(worker.stop)
+
+    # ---------------------------------------------------------------- the Runtime interface
+    def tokenizer(self, model: str) -> Tokenizer:
+        return self._tokenizers[self.catalogue[model].weights]
+
+    def loaded_models(self) -> set[str]:
+        return {inst.model for inst in self._instances.values() if inst.engine is not None}
+
+    async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
+                       slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
+        spec = self._specs[self.catalogue[model].name]
+        params.validate(len(prompt_ids), spec.max_context)
+        req = _Request(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
+        self._requests[req.id] = req
+        self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival))
+        try:
+            while True:
+                event = await req.events.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            if not req.done:
+                self._cancel(req)
+
+    def status(self) -> RuntimeStatus:
+        status = RuntimeStatus(**{k: v for k, v in self.counters.items()})
+        for inst in self._instances.values():
+            status.instances.append(inst.info())
+        for node_id, node in self.scheduler.nodes.items():
+            status.device_memory_budget[node_id] = node.spec.memory_bytes
+            status.device_memory_optimistic[node_id] = optimistic_budget(node)
+            status.device_memory_actual[node_id] = sum(i.memory_bytes for i in self._instances.values()
+                                                       if i.node == node_id)
+        return status
+
+    # ---------------------------------------------------------------- the scheduler loop
+    def _now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _handle(self, event) -> None:
+        """Feed one event to the scheduler and carry out what it decides (on the loop thread)."""
+        for action in self.scheduler.handle(event, self._now()):
+            self._carry_out(action)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        wake = self.scheduler.next_wakeup()
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        if wake is not None:
+            delay = max(0.0, wake - self._now())
+            self._timer = self._loop.call_later(delay, lambda: self._handle(Tick()))
+
+    def _post(self, fn, *args) -> None:
+        """From a worker thread: run fn(*args) on the loop thread."""
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _carry_out(self, action) -> None:
+        if isinstance(action, act.CreateInstance):
+            self._instances[action.instance] = LiveInstance(
+                action.instance, action.node, action.model, self.catalogue[action.model].weights)
+        elif isinstance(action, act.ReleaseInstance):
+            self._instances.pop(action.instance, None)
+        elif isinstance(action, act.Grant):
+            self._run_grant(action)
+        elif isinstance(action, act.Assign):
+            self._assign(action)
+        elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict)):
+            self._memory_action(action)
+        elif isinstance(action, act.Drop):
+            self._drop(action)
+        elif isinstance(action, act.ColdStartGrace):
+            if (req := self._requests.get(action.request_id)) is not None:
+                req.cold_start = True
+                self.counters["cold_starts"] += 1
+
+    def _worker_of(self, instance: str) -> DeviceWorker:
+        return self._workers[self._instances[instance].node]
+
+    # ---------------------------------------------------------------- actions
+    def _run_grant(self, grant: act.Grant) -> None:
+        inst = self._instances[grant.instance]
+
+        def job() -> None:
+            for i in range(grant.iterations):
+                result = inst.step(grant.kind)
+                last = result is None or i == grant.iterations - 1
+                self._post(self._step_done, inst, grant, result, last)
+                if result is None:
+                    return
+
+        self._worker_of(grant.instance).submit(job)
+
+    def _step_done(self, inst: LiveInstance, grant: act.Grant, result, grant_done: bool) -> None:
+        sequences, finished = [], []
+        if result is not None:
+            now = self._now()
+            for token in result.tokens:
+                req = self._requests.get(inst.request_of(token.seq_id))
+                if req is None:
+                    continue
+                sequences.append(req.id)
+                req.output_ids.append(token.token_id)
+                req.first_token_at = req.first_token_at or now
+                req.events.put_nowait(TokenChunk(token.token_id, token.text))
+            for done in result.finished:
+                req = self._requests.pop(inst.forget(done.seq_id), None)
+                if req is None:
+                    continue
+                finished.append(req.id)
+                req.done = True
+                req.events.put_nowait(Finished(done.reason.value, len(req.prompt_ids), len(req.output_ids),
+                                               (req.first_token_at or now) - req.arrival, req.cold_start))
+            self.counters["preemptions"] += len(result.preempted)
+        self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
+                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
+
+    def _assign(self, assign: act.Assign) -> None:
+        req = self._requests.get(assign.request_id)
+        if req is None:
+            return
+        inst = self._instances[assign.instance]
+        req.instance = assign.instance
+        produced = list(req.output_ids)             # re-prefilled with the prompt after an eviction
+        remaining = req.params.max_tokens - len(produced)
+        params = SamplingParams(**{**vars(req.params), "max_tokens": remaining})
+        seq_id = next(self._ids)
+        req.seq_id = seq_id
+        self._worker_of(assign.instance).submit(
+            lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
+
+    def _memory_action(self, action) -> None:
+        inst = self._instances[action.instance]
+        if isinstance(action, act.Evict):
+            evicted = [self._requests[r] for r in action.requests if r in self._requests]
+            for req in evicted:
+                req.instance = None
+            self.counters["preemptions"] += len(evicted)
+
+        def job() -> None:
+            started = time.perf_counter()
+            if isinstance(action, act.Load):
+                backend = backend_for_device(inst.node, self.options.backend)
+                inst.load(self._files[inst.weights], get_kernels(backend, inst.node), self._tokenizers[inst.weights])
+            elif isinstance(action, act.Unload):
+                inst.unload()
+            elif isinstance(action, act.KvResize):
+                inst.resize(action.blocks)
+            else:
+                inst.evict(action.requests)
+            self._post(self._handle, MemoryDone(inst.name, action.action_id, time.perf_counter() - started))
+
+        self._worker_of(action.instance).submit(job)
+
+    def _drop(self, drop: act.Drop) -> None:
+        req = self._requests.pop(drop.request_id, None)
+        if req is None:
+            return
+        req.done = True
+        self.counters["drops"] += 1
+        if req.output_ids:
+            req.events.put_nowait(Finished("abort", len(req.prompt_ids), len(req.output_ids),
+                                           (req.first_token_at or self._now()) - req.arrival, req.cold_start))
+        else:
+            req.events.put_nowait(Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
+                                             retry_after_s=1.0))
+
+    def _cancel(self, req: _Request) -> None:
+        """The client went away: stop the sequence on its device, then tell the scheduler."""
+        req.done = True
+        self._requests.pop(req.id, None)
+        if req.instance is None or req.instance not in self._instances:
+            self._handle(RequestCancelled(req.id))
+            return
+        inst = self._instances[req.instance]
+
+        def job() -> None:
+            inst.abort_request(req.id)
+            self._post(self._handle, RequestCancelled(req.id))
+
+        self._worker_of(req.instance).submit(job)
+
+    def _worker_failed(self, error: BaseException) -> None:
+        log.exception("device job failed", exc_info=error)

@@ -1,0 +1,94 @@
+"""Per-iteration latency tables measured on the real kernels, for the scheduler's cost model.
+
+SLINFER predicts with nothing but profiled iteration latencies (§4.2.2): prefill latency by tokens,
+decode latency by (batch, average context). This module measures them on an `Instance` of the real
+model, in the `refengine.latency/1` format `scheduler/costmodel.py` reads, and caches the file in
+`<home>/profiles/` so a server restart does not measure again.
+
+Decode points need a batch of long contexts; prefilling them first would dominate the run, so the
+profiler plants sequences that already "hold" their context (blocks reserved, contents arbitrary):
+a decode iteration's cost depends on the lengths, not on the values in the cache.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+import numpy as np
+from tqdm import tqdm
+
+from models.llama import LlamaModel
+from refengine.engine.instance import Instance
+from refengine.engine.sequence import SamplingParams, SequenceStatus
+from refengine.engine.step_result import StepKind
+from scheduler.costmodel import FORMAT, LatencyTable, load_table, profile_filename
+
+# Powers of two up to what a 135M model on a 2-core CPU serves within SLO; the cost model extrapolates
+# proportionally beyond the last point (§4.2.2).
+FULL_GRID = {"prefill": (16, 64, 256, 1024), "batch": (1, 4, 16, 32), "context": (128, 512, 1024)}
+QUICK_GRID = {"prefill": (16, 128), "batch": (1, 4), "context": (64, 256)}
+
+
+def _median_step(instance: Instance, kind: StepKind, repeats: int) -> float:
+    return statistics.median(instance.step(kind).elapsed_s for _ in range(repeats))
+
+
+def _prefill_latency(model: LlamaModel, tokens: int, repeats: int) -> float:
+    rng = np.random.default_rng(tokens)
+    times = []
+    for _ in range(repeats):
+        instance = Instance(model, num_blocks=-(-(tokens + 1) // 16), max_prefill_tokens=tokens)
+        instance.add_request(rng.integers(100, model.config.vocab_size, tokens).tolist(),
+                             SamplingParams(max_tokens=1, ignore_eos=True))
+        times.append(instance.step(StepKind.PREFILL).elapsed_s)
+    return statistics.median(times)
+
+
+def _decode_latency(model: LlamaModel, batch: int, context: int, repeats: int) -> float:
+    per_seq = -(-(context + repeats + 1) // 16)
+    instance = Instance(model, num_blocks=batch * per_seq, max_running=batch)
+    for b in range(batch):
+        seq = instance.add_request([100 + b % 7] * context, SamplingParams(max_tokens=repeats + 2, ignore_eos=True))
+        instance.kv.reserve(seq, context)
+        seq.num_cached_tokens = context - 1        # as if prefilled: only the newest token is uncached
+        instance.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        instance.running.append(seq)
+    instance.step(StepKind.DECODE)                 # warm-up
+    return _median_step(instance, StepKind.DECODE, repeats)
+
+
+def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = FULL_GRID, repeats: int = 3,
+                  progress: bool = True) -> LatencyTable:
+    """Measure prefill and decode latencies over `grid` (seconds) into a LatencyTable."""
+    points = len(grid["prefill"]) + len(grid["batch"]) * len(grid["context"])
+    with tqdm(total=points, desc=f"profiling {profile} on {hardware}", unit="point", disable=not progress) as bar:
+        prefill = []
+        for tokens in grid["prefill"]:
+            prefill.append(_prefill_latency(model, tokens, repeats) * 1e3)
+            bar.update()
+        rows = []
+        for context in grid["context"]:
+            latencies = []
+            for batch in grid["batch"]:
+                latencies.append(_decode_latency(model, batch, context, repeats) * 1e3)
+                bar.update()
+            rows.append({"context": context, "batch": list(grid["batch"]), "latency": latencies})
+    return LatencyTable.from_dict({
+        "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms",
+        "source": f"refengine bench profile: medians of {repeats} iterations per point",
+        "prefill": {"tokens": list(grid["prefill"]), "latency": prefill}, "decode": rows})
+
+
+def cached_table(model: LlamaModel, profile: str, hardware: str, directory: Path, grid: dict = FULL_GRID,
+                 progress: bool = True) -> LatencyTable:
+    """The table from `directory` if measured before, else measure it now and save it."""
+    path = directory / profile_filename(profile, hardware)
+    if path.exists():
+        return load_table(path)
+    table = measure_table(model, profile, hardware, grid, progress=progress)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table.to_dict(), indent=1))
+    tmp.replace(path)
+    return table

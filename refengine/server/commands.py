@@ -1,0 +1,96 @@
+"""`python cli.py serve`: the live runtime behind the OpenAI-compatible HTTP API.
+
+Flags become `RuntimeOptions` through small pure functions (sizes and device lists are parsed by
+`refengine.runtime.devices`); the app's lifespan starts and stops the runtime around uvicorn.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import click
+
+from models.catalogue import Catalogue, UnknownModelError
+from refengine.runtime.devices import DeviceSpec, parse_devices, parse_size
+
+
+def build_catalogue(models: str | None, replicas: int) -> Catalogue:
+    """The served names: the default catalogue (plus `replicas` names on the default weights), or a
+    comma-separated choice among those names, or a catalogue JSON file."""
+    if models and (models.endswith(".json") or Path(models).is_file()):
+        if replicas:
+            raise ValueError("--replicas applies to the default catalogue; list replicas in the catalogue file")
+        return Catalogue.from_file(Path(models))
+    catalogue = Catalogue.default(replicas=replicas)
+    if not models:
+        return catalogue
+    return Catalogue([catalogue[name.strip()] for name in models.split(",") if name.strip()])
+
+
+def device_specs(devices: list[str], cpu_memory: int, gpu_memory: int) -> list[DeviceSpec]:
+    """Each device with the memory the scheduler may use on it (the flags are per device)."""
+    return [DeviceSpec(d, cpu_memory if d.startswith("cpu") else gpu_memory) for d in devices]
+
+
+def _parsed(parse: Callable) -> Callable:
+    """A click callback: a parser's ValueError becomes a usage error naming the option."""
+    def callback(ctx: click.Context, param: click.Parameter, value: str):
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
+
+
+@click.command()
+@click.option("--models", help="Comma-separated catalogue names, or a catalogue JSON file (default: all).")
+@click.option("--replicas", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Extra model names backed by the default weights, as in SLINFER's experiments.")
+@click.option("--devices", default="cpu", show_default=True, callback=_parsed(parse_devices),
+              help="cpu, cpu*2 (two logical CPU devices), cpu:0,cpu:1, cpu,cuda:0 ...")
+@click.option("--cpu-memory", default="8GiB", show_default=True, callback=_parsed(parse_size),
+              help="Memory the scheduler may use per CPU device.")
+@click.option("--gpu-memory", default="16GiB", show_default=True, callback=_parsed(parse_size),
+              help="Memory the scheduler may use per GPU.")
+@click.option("--keep-alive", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds an idle instance stays loaded.")
+@click.option("--scheduler", default="slinfer", show_default=True, type=click.Choice(["slinfer", "exclusive"]))
+@click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]),
+              help="Kernel backend for every device (default: each device's own; 'reference' is numpy).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int, gpu_memory: int,
+          keep_alive: float, scheduler: str, backend: str | None, host: str, port: int, log_level: str) -> None:
+    """Serve every catalogue model over an OpenAI-compatible HTTP API (loaded on first use)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from refengine.runtime.live import LiveRuntime, RuntimeOptions
+    from refengine.server.app import create_app, runtime_lifespan
+
+    try:
+        catalogue = build_catalogue(models, replicas)
+    except (ValueError, UnknownModelError) as e:
+        raise click.BadParameter(str(e), param_hint="--models") from None
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=device_specs(devices, cpu_memory, gpu_memory),
+                                         keep_alive_s=keep_alive, scheduler=scheduler, backend=backend))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """The banner goes out once the runtime has prepared and profiled its models."""
+        async with runtime_lifespan(runtime)(app):
+            click.echo(f"refengine: {len(catalogue.names)} models on {','.join(devices)} ({scheduler}, "
+                       f"keep-alive {keep_alive:g} s) at http://{host}:{port}/v1")
+            yield
+
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, lifespan=lifespan), host=host, port=port,
+                                           log_level=log_level))
+    with suppress(KeyboardInterrupt):   # Ctrl-C is how a server is stopped, not an error
+        server.run()
+    if not server.started:
+        raise click.ClickException("the server did not start (see the log above)")

@@ -1,0 +1,150 @@
+"""The request bodies of the OpenAI API that refengine accepts, as pydantic models.
+
+Ranges follow OpenAI's API reference (temperature in [0, 2], top_p in (0, 1]) so a bad value is
+refused with the name of the offending field before any work; the engine's `SamplingParams.validate`
+still checks what only the runtime knows (prompt length against the model's context). Fields
+OpenAI documents but refengine does not implement (logprobs, tools, penalties, ...) are ignored, as
+vLLM does. Extensions, marked as such, are vLLM's `top_k` and `ignore_eos` (trace replay needs exact
+output lengths) and `slo`, which OpenAI has no field for.
+"""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+from refengine.engine.sequence import SamplingParams
+from refengine.engine.tokenizer import Tokenizer
+from refengine.runtime.api import SloOverride
+from refengine.server.errors import APIError
+from refengine.server.responses import CHAT, COMPLETION, Shape
+
+MAX_CHOICES = 64            # prompts x n of one request: each is a sequence in the runtime
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 512       # OpenAI's chat default is "the rest of the context", which the runtime does not expose
+
+Seconds = Annotated[float, Field(gt=0)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SloRequest(BaseModel):
+    """Extension: per-request SLOs in seconds (default: SLINFER §6.1's, from the prompt length)."""
+
+    ttft_s: Seconds | None = None
+    tpot_s: Seconds | None = None
+
+
+class GenerationRequest(BaseModel):
+    """What chat and text completions share: the model, sampling, stopping, streaming, SLOs."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None          # extension (vLLM)
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    ignore_eos: bool = False                                   # extension (vLLM)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    slo: SloRequest | None = None                              # extension (refengine)
+
+    default_max_tokens: ClassVar[int] = COMPLETION_MAX_TOKENS
+    shape: ClassVar[Shape]
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """The token ids of each prompt (chat: one, rendered through the model's chat template)."""
+        raise NotImplementedError
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def output_limit(self) -> int:
+        return self.max_tokens or self.default_max_tokens
+
+    def sampling_params(self, choice: int) -> SamplingParams:
+        """Parameters of the choice-th generation: with a seed, choice i draws with seed + i, so the
+        n choices differ yet the whole response is reproducible."""
+        return SamplingParams(
+            max_tokens=self.output_limit(),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos)
+
+    def slo_override(self, ttft_header: float | None, tpot_header: float | None) -> SloOverride | None:
+        """The body's `slo` field wins over the X-SLO-* headers, field by field."""
+        ttft = self.slo.ttft_s if self.slo and self.slo.ttft_s is not None else ttft_header
+        tpot = self.slo.tpot_s if self.slo and self.slo.tpot_s is not None else tpot_header
+        return None if ttft is None and tpot is None else SloOverride(ttft_s=ttft, tpot_s=tpot)
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
+
+    def flat(self, index: int) -> dict[str, str]:
+        """{"role", "content": str} as chat templates expect; text parts are joined with newlines
+        (as vLLM does), anything else (images, audio) is refused."""
+        if self.content is None or isinstance(self.content, str):
+            return {"role": self.role, "content": self.content or ""}
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"messages[{index}].content: only text parts are supported, got type {part.type!r}")
+        return {"role": self.role, "content": "\n".join(part.text for part in self.content)}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+
+    default_max_tokens: ClassVar[int] = CHAT_MAX_TOKENS
+    shape: ClassVar[Shape] = CHAT
+
+    def output_limit(self) -> int:
+        return self.max_completion_tokens or super().output_limit()
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        try:
+            text = tokenizer.apply_chat_template([m.flat(i) for i, m in enumerate(self.messages)])
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return [tokenizer.encode(text)]
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class CompletionRequest(GenerationRequest):
+    """`prompt` is a string, token ids, or a batch of either; each prompt gets n choices."""
+
+    prompt: str | TokenIds | list[str] | list[TokenIds]
+    echo: Literal[False] = False  # refused rather than silently ignored: it changes the text returned
+
+    shape: ClassVar[Shape] = COMPLETION
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and all(isinstance(t, int) for t in self.prompt)):
+            prompts = [self.prompt]
+        else:
+            prompts = list(self.prompt) or [[]]
+        if any(t >= tokenizer.vocab_size for p in prompts if not isinstance(p, str) for t in p):
+            raise APIError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", param="prompt")
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]

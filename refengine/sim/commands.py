@@ -1,0 +1,111 @@
+"""`simulate`: replay a workload on a simulated SLINFER cluster and report the paper's metrics.
+
+    python cli.py simulate                          # 128 × 7B, 4 CPU + 4 GPU, all four systems
+    python cli.py simulate --models 32 --size 3b --systems slinfer,sllm
+    python cli.py simulate --workload pareto --rps 4 --models 64
+    python cli.py simulate --reproduce              # the Fig. 22 grid → docs/PAPER_REPRODUCTION.md
+
+Writes `metrics.json` (every metric of every run) and PNG plots to `--out`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from refengine.sim import plots
+from refengine.sim.experiment import RunSpec, run, run_many
+from refengine.sim.report import summary_table
+from scheduler import PRESETS
+
+DEFAULT_SYSTEMS = "slinfer,sllm,sllm+c,sllm+c+s"
+
+
+def _systems(value: str) -> list[str]:
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in names if s not in PRESETS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown system(s) {unknown}; choose from {sorted(PRESETS)}")
+    return names
+
+
+def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
+    """One run with a progress bar over simulated time."""
+    total = spec.duration or spec.build_workload().duration
+    with tqdm(total=math.ceil(total), unit="sim-s", desc=spec.label, leave=False) as bar:
+        def progress(t: float) -> None:
+            step = min(int(t), bar.total) - bar.n
+            if step > 0:
+                bar.update(step)
+        if log_path is None:
+            return run(spec, progress)
+        with open(log_path, "w", encoding="utf-8") as log:
+            return run(spec, progress, log)
+
+
+@click.command("simulate")
+@click.option("--systems", default=DEFAULT_SYSTEMS, show_default=True,
+              help="Comma-separated scheduler presets.")
+@click.option("--size", type=click.Choice(["3b", "7b", "8b", "13b"]), default="7b",
+              show_default=True, help="Model size (every model is a replica of it, §6.1).")
+@click.option("--models", type=int, default=128, show_default=True, help="Number of models.")
+@click.option("--cpus", type=click.IntRange(0), default=4, show_default=True)
+@click.option("--gpus", type=click.IntRange(0), default=4, show_default=True)
+@click.option("--workload", type=click.Choice(["slinfer", "azure", "pareto"]), default="slinfer",
+              show_default=True, help="The paper's trace, Azure LLM arrivals, or BurstGPT-like.")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path),
+              help="SLINFER workload JSON (default ../shared/traces/slinfer_workload_128.json).")
+@click.option("--rps", type=float, default=1.0, show_default=True, help="Pareto workload rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--duration", type=float, help="Only arrivals before this many seconds.")
+@click.option("--watermark", type=float, help="Override the KV watermark w (§4.3.2).")
+@click.option("--keep-alive", type=float, help="Override the keep-alive (s).")
+@click.option("--shadow", type=click.Choice(["edf", "full"]), help="Shadow-validation fidelity.")
+@click.option("--jobs", type=click.IntRange(1), default=2, show_default=True,
+              help="Runs in parallel processes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sim-out"),
+              show_default=True, help="Directory for metrics.json and plots.")
+@click.option("--plots/--no-plots", "make_plots", default=True, show_default=True)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON lines of every event and action (single system only).")
+@click.option("--reproduce", is_flag=True,
+              help="Run the paper's grid and write docs/PAPER_REPRODUCTION.md.")
+def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
+             keep_alive, shadow, jobs, out, make_plots, log_path, reproduce) -> None:
+    """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
+    if reproduce:
+        from refengine.sim.reproduce import reproduce as run_reproduction
+        run_reproduction(out=out, jobs=jobs, trace=str(trace) if trace else None)
+        return
+    if trace is not None and not trace.is_file():
+        raise click.ClickException(f"trace file {trace} does not exist")
+    if workload == "slinfer" and (models % 16 or not 16 <= models <= 128):
+        raise click.ClickException("the SLINFER trace has 16..128 models in steps of 16")
+    names = _systems(systems)
+    if log_path is not None and len(names) != 1:
+        raise click.ClickException("--log needs exactly one system")
+    overrides = tuple((k, v) for k, v in (("watermark", watermark), ("keep_alive", keep_alive),
+                                          ("shadow", shadow)) if v is not None)
+    specs = [RunSpec(s, size, models, cpus, gpus, workload, str(trace) if trace else None, rps,
+                     seed, duration, overrides) for s in names]
+    try:
+        if jobs == 1 or len(specs) == 1:
+            results = [_run_with_bar(s, log_path) for s in specs]
+        else:
+            with tqdm(total=len(specs), unit="run", desc="simulating") as bar:
+                results = run_many(specs, jobs, on_done=lambda _: bar.update())
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(summary_table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    written = [out / "metrics.json"]
+    if make_plots:
+        written += plots.write_all(results, out)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+if __name__ == "__main__":
+    simulate()

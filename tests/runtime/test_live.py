@@ -1,0 +1,99 @@
+"""The live runtime on the real SmolLM2 weights, driven by the real SLINFER scheduler.
+
+Reference backend and a quick latency grid keep it to seconds; what is checked is the executor:
+interleaved models, keep-alive scale-to-zero, cancellation freeing KV blocks, logical devices.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from models.catalogue import Catalogue
+from refengine.engine.sequence import SamplingParams
+from refengine.generate import PromptSpec, generate
+from refengine.runtime.api import Finished, TokenChunk
+from refengine.runtime.devices import DeviceSpec
+from refengine.runtime.live import LiveRuntime, RuntimeOptions
+from refengine.runtime.profile import QUICK_GRID
+from scheduler.slo import SloPolicy
+
+PROMPT = "The capital of France is"
+# The reference backend on a shared 2-core machine is slow and noisy; these tests check the executor,
+# not SLO attainment, so they give every request a generous SLO instead of SLINFER's 0.5 s / 0.25 s.
+RELAXED = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=5.0)
+
+
+def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0) -> LiveRuntime:
+    return LiveRuntime(RuntimeOptions(Catalogue.default(replicas=replicas),
+                                      [DeviceSpec(d, 4 << 30) for d in devices], keep_alive_s=keep_alive,
+                                      backend="reference", home=model_home, profile_grid=QUICK_GRID,
+                                      slo=RELAXED))
+
+
+async def collect(rt, model, prompt=PROMPT, max_tokens=8):
+    ids = rt.tokenizer(model).encode(prompt)
+    return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens))]
+
+
+def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, smollm2):
+    expected = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=8))[0].text
+
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=0.5)
+        await rt.start()
+        try:
+            results = await asyncio.gather(collect(rt, "smollm2-135m-instruct"), collect(rt, "smollm2-135m-instruct-r1"))
+            await asyncio.sleep(2.0)                              # past the keep-alive
+            return results, rt.status()
+        finally:
+            await rt.stop()
+
+    results, status = asyncio.run(scenario())
+    for events in results:
+        assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected
+        assert isinstance(events[-1], Finished) and events[-1].reason == "length" and events[-1].cold_start
+    assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
+
+
+def test_cancelled_stream_frees_its_blocks_and_the_runtime_keeps_serving(model_home):
+    async def scenario():
+        rt = runtime(model_home, keep_alive=5.0)
+        await rt.start()
+        try:
+            stream = rt.generate("smollm2-135m-instruct", rt.tokenizer("smollm2-135m-instruct").encode(PROMPT),
+                                 SamplingParams(max_tokens=200))
+            async for _ in stream:                                # one token, then the client leaves
+                break
+            await stream.aclose()
+            for _ in range(50):                                   # the abort runs at the device's next job
+                blocks_after_cancel = [i.kv_blocks_used for i in rt.status().instances]
+                if blocks_after_cancel == [0]:
+                    break
+                await asyncio.sleep(0.1)
+            after = await collect(rt, "smollm2-135m-instruct", max_tokens=3)
+            return blocks_after_cancel, after
+        finally:
+            await rt.stop()
+
+    blocks, after = asyncio.run(scenario())
+    assert blocks == [0]
+    assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 3
+
+
+def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
+    async def scenario():
+        rt = runtime(model_home)
+        await rt.start()
+        try:
+            from models.catalogue import UnknownModelError
+            from refengine.engine.sequence import RequestError
+            with pytest.raises(UnknownModelError, match="known models"):
+                await collect(rt, "nope")
+            with pytest.raises(RequestError, match="max_tokens"):
+                await collect(rt, "smollm2-135m-instruct", max_tokens=0)
+            return rt.status()
+        finally:
+            await rt.stop()
+
+    assert asyncio.run(scenario()).instances == []

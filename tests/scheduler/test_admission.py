@@ -1,0 +1,79 @@
+"""Shadow validation (§4.2.4): each of the three failure cases, and the full-simulation option."""
+from dataclasses import replace
+
+from scheduler.admission import ShadowValidator
+from scheduler.estimate import Estimator
+from scheduler.kv import OutputEstimator
+from scheduler.state import Node, Request
+from sched_builders import EXACT, node_spec, ready_instance, request_due
+
+
+def validator(config=EXACT):
+    return ShadowValidator(config, Estimator(config), OutputEstimator(220))
+
+
+def new_request(rid, input_tokens, arrival=0.0):
+    slo = EXACT.slo
+    return Request(rid, "m", input_tokens, 50, arrival, slo.ttft(input_tokens), slo.tpot_slo)
+
+
+def test_case1_own_prefill_too_late():
+    node = Node(node_spec())
+    other = ready_instance(node, "other")
+    request_due("o", deadline=1.0, inst=other, prefilled=False, input_tokens=1000)  # 1.0 s first
+    target = ready_instance(node, "target")
+    assert not validator().admit(target, new_request("r", 1024), now=0.0)  # 2.024 > TTFT 2.0
+    assert not validator().admit(target, new_request("r", 900), now=0.0)   # 1.9 > 1.758
+    assert validator().admit(target, new_request("r", 2048), now=0.0)      # 3.048 ≤ 4.0
+
+
+def test_case2_pushes_an_existing_prefill_past_its_deadline():
+    node = Node(node_spec())
+    other = ready_instance(node, "other")
+    # waiting prompt of 1500 tokens (1.5 s) due at 2.43 s: fine alone, late after R's 1.024 s
+    request_due("o", deadline=2.43, inst=other, prefilled=False, input_tokens=1500)
+    target = ready_instance(node, "target")
+    r = new_request("r", 1024)                                    # due at 2.0 s: EDF runs R first
+    assert not validator().admit(target, r, now=0.0)
+
+
+def test_violations_queued_before_the_request_are_pre_existing():
+    node = Node(node_spec())
+    hopeless = ready_instance(node, "hopeless")
+    request_due("h", deadline=0.1, inst=hopeless, prefilled=False, input_tokens=200)  # late anyway
+    target = ready_instance(node, "target")
+    assert validator().admit(target, new_request("r", 300), now=0.0)   # 0.2 + 0.3 ≤ 0.586
+
+
+def test_case3_decode_slices_exceed_tpot():
+    node = Node(node_spec())
+    big = ready_instance(node, "big")
+    small = ready_instance(node, "small")
+    for k in range(6):
+        request_due(f"b{k}", deadline=5.0, inst=big)              # 50 + 6·20 = 170 ms
+    request_due("s0", deadline=5.0, inst=small)                   # 70 ms → Σ 0.96 · TPOT
+    v = validator()
+    assert abs(v.decode_load(node) - 0.96) < 1e-9
+    assert not v.admit(big, new_request("r", 64), now=0.0)        # 190 + 70 = 260 ms > 250 ms
+
+
+def test_running_grant_delays_validation_start():
+    node = Node(node_spec())
+    target = ready_instance(node, "target")
+    node.grant_instance = ready_instance(node, "busy")
+    node.grant_end_estimate = 1.5
+    assert not validator().admit(target, new_request("r", 1024), now=0.0)   # 1.5 + 1.024 > 2
+    node.grant_end_estimate = 0.5
+    assert validator().admit(target, new_request("r", 1024), now=0.0)
+
+
+def test_full_simulation_also_protects_decoding_requests():
+    node = Node(node_spec())
+    decoding = ready_instance(node, "decoding")
+    request_due("d", deadline=0.51, inst=decoding)                # next token due in 0.51 s
+    target = ready_instance(node, "target")
+    r = new_request("r", 450, arrival=-0.38)   # due at 0.499 s so it goes first; prefill 0.45 s
+    assert validator().admit(target, r, now=0.0)                  # the artifact's EDF misses it:
+    full = validator(replace(EXACT, shadow="full"))               # d's token lands at 0.52 s
+    assert not full.admit(target, r, now=0.0)
+    assert full.admit(target, new_request("r", 300), now=0.0)     # due later: d runs first

@@ -1,0 +1,108 @@
+"""Lifecycle (§4.5): cold start and grace, keep-alive, reuse, cancellation, retry and drop."""
+from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Grant, KvResize, Load,
+                       MemoryDone, ReleaseInstance, RequestArrived, RequestCancelled, StepFinished,
+                       Tick, Unload)
+from sched_builders import make_scheduler, model, node_spec
+
+
+def kinds(actions):
+    return [type(a).__name__ for a in actions]
+
+
+def only(actions, cls):
+    (found,) = [a for a in actions if isinstance(a, cls)]
+    return found
+
+
+def cold_start(sched, rid="r1", t=0.0):
+    """Arrival → instance created, loaded, KV sized, first grant. Returns (instance id, grant)."""
+    acts = sched.handle(RequestArrived(rid, "m", 16, 4, t), t)
+    assert kinds(acts) == ["CreateInstance", "Assign", "Load"]
+    iid = only(acts, CreateInstance).instance
+    acts = sched.handle(MemoryDone(iid, only(acts, Load).action_id, 0.5), t + 0.5)
+    resize = only(acts, KvResize)
+    assert resize.blocks == 42                       # ⌈33 · 1.25⌉: (16 + 512) tokens, watermark
+    acts = sched.handle(MemoryDone(iid, resize.action_id, 0.1), t + 0.6)
+    assert only(acts, ColdStartGrace).seconds == 0.5 + 0.1
+    return iid, only(acts, Grant)
+
+
+def finish(sched, iid, grant, rid, t):
+    """The request's last step; the idle instance lazily shrinks its KV to M_recommend."""
+    acts = sched.handle(StepFinished(iid, grant.grant_id, grant.kind, (rid,), (rid,), 0, 0.01,
+                                     True), t)
+    shrink = only(acts, KvResize)
+    assert shrink.blocks == 5                        # floor of 4 blocks · 1.25
+    assert sched.handle(MemoryDone(iid, shrink.action_id, 0.01), t) == []
+
+
+def test_keep_alive_reclaims_after_one_second():
+    sched = make_scheduler()
+    iid, grant = cold_start(sched)
+    assert grant.kind == "prefill"
+    finish(sched, iid, grant, "r1", 1.0)
+    assert sched.next_wakeup() == 2.0
+    assert sched.handle(Tick(), 1.9) == []
+    acts = sched.handle(Tick(), 2.0)
+    unload = only(acts, Unload)
+    acts = sched.handle(MemoryDone(iid, unload.action_id, 0.1), 2.1)
+    shrink = only(acts, KvResize)
+    assert shrink.blocks == 0
+    acts = sched.handle(MemoryDone(iid, shrink.action_id, 0.0), 2.1)
+    assert only(acts, ReleaseInstance).instance == iid
+    assert not sched.nodes["g0"].instances
+
+
+def test_a_request_during_keep_alive_reuses_the_instance():
+    sched = make_scheduler()
+    iid, grant = cold_start(sched)
+    finish(sched, iid, grant, "r1", 1.0)
+    acts = sched.handle(RequestArrived("r2", "m", 16, 4, 1.5), 1.5)
+    assert kinds(acts) == ["Assign", "KvResize"]      # warm: no load, KV grows back early
+    assert only(acts, Assign).instance == iid
+    acts = sched.handle(MemoryDone(iid, only(acts, KvResize).action_id, 0.1), 1.6)
+    assert only(acts, Grant).kind == "prefill"
+    assert "ColdStartGrace" not in kinds(acts)        # no cold start, no grace
+    assert sched.handle(Tick(), 2.0) == []           # the old keep-alive no longer applies
+
+
+def test_cancel_attached_and_queued_requests():
+    sched = make_scheduler()
+    iid, grant = cold_start(sched)
+    sched.handle(RequestCancelled("r1"), 0.7)
+    assert "r1" not in sched.requests
+    # the executor reports the aborted grant; the instance then idles into keep-alive
+    sched.handle(StepFinished(iid, grant.grant_id, "prefill", (), (), 0, 0.0, True), 0.7)
+    assert sched.next_wakeup() == 1.7
+
+
+def test_retry_every_quarter_second_then_drop_at_the_first_token_deadline():
+    big = model(weight=20_000)                        # never fits the 10 kB node
+    sched = make_scheduler(models=[big])
+    assert sched.handle(RequestArrived("r", "m", 16, 4, 0.0), 0.0) == []
+    assert sched.next_wakeup() == 0.25
+    assert sched.handle(Tick(), 0.25) == []
+    assert sched.next_wakeup() == 0.5
+    assert sched.handle(Tick(), 0.5) == []            # due at 0.5 s: not yet past
+    acts = sched.handle(Tick(), 0.75)
+    assert isinstance(acts[0], Drop) and acts[0].request_id == "r"
+    assert not sched.requests
+
+
+def test_cancel_while_queued_is_never_dropped():
+    sched = make_scheduler(models=[model(weight=20_000)])
+    sched.handle(RequestArrived("r", "m", 16, 4, 0.0), 0.0)
+    sched.handle(RequestCancelled("r"), 0.1)
+    assert sched.handle(Tick(), 0.25) == [] and sched.handle(Tick(), 0.75) == []
+
+
+def test_unknown_model_is_dropped_with_a_reason():
+    sched = make_scheduler()
+    (drop,) = sched.handle(RequestArrived("r", "nope", 16, 4, 0.0), 0.0)
+    assert drop == Drop("r", "unknown model")
+
+
+def test_new_instances_go_to_cpu_first():
+    sched = make_scheduler(nodes=[node_spec("g0"), node_spec("c0", kind="cpu")])
+    acts = sched.handle(RequestArrived("r", "m", 16, 4, 0.0), 0.0)
+    assert only(acts, CreateInstance).node == "c0"

@@ -1,0 +1,97 @@
+"""`serve`'s flags and the options it hands the runtime (uvicorn is not started)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import types
+
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+from models.catalogue import DEFAULT_MODEL, UnknownModelError
+from refengine.runtime.devices import DeviceSpec
+from refengine.server.commands import build_catalogue, device_specs, serve
+
+GIB = 2**30
+
+
+def test_catalogue_choices(tmp_path):
+    assert build_catalogue(None, 0).names == [DEFAULT_MODEL]
+    assert build_catalogue(None, 2).names == [DEFAULT_MODEL, f"{DEFAULT_MODEL}-r1", f"{DEFAULT_MODEL}-r2"]
+    assert build_catalogue(f"{DEFAULT_MODEL}-r2, {DEFAULT_MODEL}", 3).names == [f"{DEFAULT_MODEL}-r2", DEFAULT_MODEL]
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"name": "chat-a"}, {"name": "chat-b", "weights": DEFAULT_MODEL}]}))
+    assert build_catalogue(str(path), 0).names == ["chat-a", "chat-b"]
+    with pytest.raises(UnknownModelError):
+        build_catalogue("nope", 0)
+    with pytest.raises(ValueError):
+        build_catalogue(str(path), 2)
+    with pytest.raises(ValueError):
+        build_catalogue(str(tmp_path / "missing.json"), 0)
+
+
+def test_device_specs():
+    assert device_specs(["cpu:0", "cuda:0"], 8 * GIB, 40 * GIB) == [DeviceSpec("cpu:0", 8 * GIB),
+                                                                    DeviceSpec("cuda:0", 40 * GIB)]
+
+
+class StubRuntime:
+    """Stands in for LiveRuntime: records its options and its start and stop."""
+
+    def __init__(self, options):
+        self.options, self.catalogue, self.calls = options, options.catalogue, []
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """`serve` with a stub runtime, and uvicorn replaced by a run through the app's lifespan."""
+    seen: dict = {}
+    live = types.ModuleType("refengine.runtime.live")
+    live.RuntimeOptions = types.SimpleNamespace
+    live.LiveRuntime = lambda options: seen.setdefault("runtime", StubRuntime(options))
+
+    def run(server: uvicorn.Server) -> None:
+        seen["config"] = server.config
+        server.started = True
+
+        async def lifespan() -> None:
+            async with server.config.app.router.lifespan_context(server.config.app):
+                seen["runtime"].calls.append("serving")
+        asyncio.run(lifespan())
+
+    monkeypatch.setitem(sys.modules, "refengine.runtime.live", live)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return seen
+
+
+def test_serve_wires_the_options(recorded):
+    result = CliRunner().invoke(serve, ["--replicas", "3", "--devices", "cpu*2,cuda:0", "--cpu-memory", "4GiB",
+                                        "--keep-alive", "2.5", "--scheduler", "exclusive", "--port", "8123",
+                                        "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    runtime = recorded["runtime"]
+    assert runtime.catalogue.names[-1] == f"{DEFAULT_MODEL}-r3" and len(runtime.catalogue.names) == 4
+    assert runtime.options.devices == [DeviceSpec("cpu:0", 4 * GIB), DeviceSpec("cpu:1", 4 * GIB),
+                                       DeviceSpec("cuda:0", 16 * GIB)]
+    assert runtime.options.keep_alive_s == 2.5 and runtime.options.scheduler == "exclusive"
+    assert runtime.options.backend == "reference"
+    assert runtime.calls == ["start", "serving", "stop"]
+    assert recorded["config"].port == 8123 and recorded["config"].host == "127.0.0.1"
+    assert result.output.strip().splitlines() == [
+        "refengine: 4 models on cpu:0,cpu:1,cuda:0 (exclusive, keep-alive 2.5 s) at http://127.0.0.1:8123/v1"]
+
+
+@pytest.mark.parametrize("args,complaint", [(["--devices", "tpu"], "tpu"), (["--cpu-memory", "lots"], "lots"),
+                                            (["--models", "nope"], "nope"), (["--keep-alive", "-1"], "keep-alive"),
+                                            (["--scheduler", "fifo"], "fifo"), (["--port", "70000"], "port")])
+def test_serve_refuses_bad_flags(recorded, args, complaint):
+    result = CliRunner().invoke(serve, args)
+    assert result.exit_code == 2 and complaint in result.output and "runtime" not in recorded
