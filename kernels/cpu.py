@@ -153,8 +153,8 @@ class CpuKernels(ReferenceKernels):
     """Numba + BLAS backend. `amx`: True demands the bf16 AMX GEMM route (error if unavailable),
     False turns it off, None (default) uses it when the CPU and MKL allow.
 
-    With the route on, a step's GEMMs (and the attention GEMMs of prompts of 64+ tokens) run bf16
-    once the step has `amx_min_tokens` tokens: prefills of 64+ tokens, and decode steps of 64+
+    With the route on, the attention GEMMs of prompts of 512+ tokens run bf16, and a step's other
+    GEMMs once the step has `amx_min_tokens` tokens: prefills of 64+ tokens, and decode steps of 64+
     sequences (2x faster there; below, decode stays float32, which keeps every golden greedy
     token, where bf16 decode flips one at token 15). Outputs then depend on how tokens were
     batched, as bf16 results differ from float32 ones; `amx=False` keeps every step float32.
@@ -208,9 +208,8 @@ class CpuKernels(ReferenceKernels):
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,
                           scale: float) -> np.ndarray:
-        bf16 = self.bf16 if len(q) >= self.amx_min_tokens else None
         return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start,
-                                               context_lens, scale, bf16)
+                                               context_lens, scale, self.bf16)
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:

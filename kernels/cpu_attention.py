@@ -21,7 +21,8 @@ from kernels.cpu_math import JIT, fast_exp
 from kernels.cpu_pool import gemm_nt
 from kernels.reference import gather_context
 
-BLAS_MIN_QUERIES = 64   # below this, a sequence's queries go through the paged kernel
+BLAS_MIN_QUERIES = 128  # below this, a sequence's queries go through the paged kernel
+BF16_MIN_QUERIES = 512  # from here the tiles' GEMMs may run bf16: below, the conversions cost more
 QUERY_TILE = 256        # queries per BLAS tile: scores [Hkv, 256 G, L] stay a few MB
 
 
@@ -160,7 +161,7 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
                       query_start: np.ndarray, context_lens: np.ndarray, scale: float,
                       bf16: Bf16Matmul | None = None) -> np.ndarray:
     """Twin of `kernels.reference.prefill_attention`: q [T, H, D] packed over B sequences -> [T, H, D].
-    `bf16` puts the GEMMs of long prompts on the AMX route."""
+    `bf16` puts the GEMMs of prompts of BF16_MIN_QUERIES or more queries on the AMX route."""
     out = np.empty(q.shape, np.float32)
     counts = np.diff(query_start)
     long = counts >= BLAS_MIN_QUERIES
@@ -171,7 +172,8 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
         lo, hi, length = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
         keys = gather_context(k_cache, block_tables[b], length)
         values = gather_context(v_cache, block_tables[b], length)
-        _attend_tiled(q[lo:hi], keys, values, length - (hi - lo), scale, out[lo:hi], bf16)
+        tile_bf16 = bf16 if hi - lo >= BF16_MIN_QUERIES else None
+        _attend_tiled(q[lo:hi], keys, values, length - (hi - lo), scale, out[lo:hi], tile_bf16)
     return out
 
 

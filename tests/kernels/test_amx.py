@@ -99,8 +99,8 @@ def test_tiny_model_prefill_logits_with_amx_stay_close():
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
 def test_bf16_prefill_attention_stays_close(heads, kv_heads, head_dim):
     """Long prompts (the BLAS-tile path) with both attention GEMMs in bf16, as CpuKernels(amx=True)
-    runs them from amx_min_tokens on: the outputs (~N(0, 1) values mixed) within 3e-2."""
-    lengths, query_lens = [300, 700], [300, 100]
+    runs them from BF16_MIN_QUERIES on: the outputs (~N(0, 1) values mixed) within 3e-2."""
+    lengths, query_lens = [600, 900, 200], [cpu_attention.BF16_MIN_QUERIES, 700, 150]
     k_cache, v_cache, tables, _ = paged(lengths, heads, kv_heads, head_dim)
     q = randn(sum(query_lens), heads, head_dim)
     query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)

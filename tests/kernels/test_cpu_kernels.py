@@ -111,7 +111,8 @@ PREFILL_CASES = {
     "one token": ([1], [1]),
     "block edges": ([15, 16, 17], [15, 16, 17]),
     "300 whole": ([300], [300]),
-    "chunks": ([300, 2048, 17, 90], [100, cpu_attention.BLAS_MIN_QUERIES - 1, 5, cpu_attention.BLAS_MIN_QUERIES]),
+    "chunks": ([300, 2048, 17, 200], [cpu_attention.BLAS_MIN_QUERIES + 40, cpu_attention.BLAS_MIN_QUERIES - 1, 5,
+                                      cpu_attention.BLAS_MIN_QUERIES]),
     "batch 64": (lengths := _random_lengths(64, 40), lengths),
 }
 
