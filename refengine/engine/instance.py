@@ -215,8 +215,3 @@ class Instance:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         del self._streams[seq.seq_id]
         return FinishedSequence(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))
-
-    def text_of(self, seq_id: int) -> str:
-        """The text released so far for a live sequence (stop strings cut)."""
-        stream = self._streams[seq_id]
-        return stream.text[:stream.emitted]
