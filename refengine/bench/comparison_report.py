@@ -44,7 +44,8 @@ def prefill_table(results: Results) -> str:
 
 
 def targets_table(results: Results, bounds: dict[tuple, float], kind: str) -> str:
-    """Each of the issue's targets with the measured ratio; rows whose engines or cases did not run are left out."""
+    """Each of the issue's targets with the measured ratio; rows whose engines or cases did not run are left
+    out ("" when none ran)."""
     rows = []
     for what, ours, peer, case, target in TARGETS[kind]:
         mine = results.get(ours, {}).get(case)
@@ -56,7 +57,7 @@ def targets_table(results: Results, bounds: dict[tuple, float], kind: str) -> st
         shown = f"{100 * ratio:.0f}% of bound" if peer == "bound" else f"{ratio:.2f}×"
         goal = "" if target is None else (f"≥ {100 * target:.0f}%" if peer == "bound" else f"≥ {target:g}×")
         rows.append([what, f"{_fmt(mine)} vs {_fmt(theirs)}", shown, goal, verdict])
-    return markdown_table(["target", "tok/s", "ratio", "wanted", "verdict"], rows)
+    return markdown_table(["target", "tok/s", "ratio", "wanted", "verdict"], rows) if rows else ""
 
 
 def plot(results: Results, bounds: dict[tuple, float], path: Path, title: str) -> None:
