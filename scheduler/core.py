@@ -90,14 +90,25 @@ class Scheduler:
     def _arrived(self, ev: RequestArrived, now: float) -> None:
         if ev.request_id in self.life.requests:
             raise ValueError(f"duplicate request id {ev.request_id!r}")
-        slo = self.config.slo
         req = Request(ev.request_id, ev.model, ev.input_tokens, ev.max_output_tokens, ev.arrival,
-                      slo.ttft(ev.input_tokens), slo.tpot_slo)
+                      *self._internal_slos(ev))
         self.life.requests[req.id] = req
         if ev.model not in self.models:
             self.life.drop(req, "unknown model", now)
             return
         self._try_place(req, now)
+
+    def _internal_slos(self, ev: RequestArrived) -> tuple[float, float]:
+        """(TTFT, TPOT) the scheduler plans with: the request's own SLOs where it gave them, else the
+        policy's; both shrunk by the same margin (§4.2.1), so an override of exactly the default
+        SLO schedules exactly like no override. They set the request's deadlines (token priority,
+        prefill EDF check, drops); the decode-throughput check (b) keeps the policy's TPOT, one
+        figure per node as in the paper."""
+        slo = self.config.slo
+        keep = 1.0 - slo.margin
+        ttft = slo.ttft(ev.input_tokens) if ev.ttft_slo is None else ev.ttft_slo * keep
+        tpot = slo.tpot_slo if ev.tpot_slo is None else ev.tpot_slo * keep
+        return ttft, tpot
 
     def _try_place(self, req: Request, now: float) -> None:
         inst = self.placement.place(req, self.models[req.model], now)

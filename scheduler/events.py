@@ -21,13 +21,20 @@ StepKind = Literal["prefill", "decode"]
 
 @dataclass(frozen=True)
 class RequestArrived:
-    """A request for `model`. `max_output_tokens` is never used to predict (§4.2.2)."""
+    """A request for `model`. `max_output_tokens` is never used to predict (§4.2.2).
+
+    `ttft_slo`/`tpot_slo` are the client's own SLOs in seconds, replacing the policy's defaults
+    (§4.2.1) for this request; None keeps the default. The scheduler shrinks them by its safety
+    margin exactly as it shrinks the defaults, so an override means what a default would.
+    """
 
     request_id: str
     model: str
     input_tokens: int
     max_output_tokens: int
     arrival: float
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,9 @@ class LiveRuntime:
         params.validate(len(prompt_ids), spec.max_context)
         req = _Request(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
-        self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival))
+        slo = slo or SloOverride()
+        self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival,
+                                    ttft_slo=slo.ttft_s, tpot_slo=slo.tpot_s))
         try:
             while True:
                 event = await req.events.get()

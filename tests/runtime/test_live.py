@@ -12,7 +12,7 @@ import pytest
 from models.catalogue import Catalogue
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from refengine.runtime.api import Finished, TokenChunk
+from refengine.runtime.api import Finished, Overloaded, SloOverride, TokenChunk
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
@@ -31,9 +31,9 @@ def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0) -> LiveR
                                       slo=RELAXED))
 
 
-async def collect(rt, model, prompt=PROMPT, max_tokens=8):
+async def collect(rt, model, prompt=PROMPT, max_tokens=8, slo=None):
     ids = rt.tokenizer(model).encode(prompt)
-    return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens))]
+    return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens), slo)]
 
 
 def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, smollm2):
@@ -97,3 +97,20 @@ def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
             await rt.stop()
 
     assert asyncio.run(scenario()).instances == []
+
+
+def test_a_request_s_own_slo_reaches_the_scheduler(model_home):
+    """RELAXED gives every request a minute; a request asking for its first token within 0.1 ms is
+    one no placement can promise, so the scheduler drops it before creating anything."""
+    async def scenario():
+        rt = runtime(model_home)
+        await rt.start()
+        try:
+            with pytest.raises(Overloaded, match="SLO"):
+                await collect(rt, "smollm2-135m-instruct", slo=SloOverride(ttft_s=1e-4, tpot_s=2.0))
+            return rt.status()
+        finally:
+            await rt.stop()
+
+    status = asyncio.run(scenario())
+    assert status.instances == [] and status.drops == 1

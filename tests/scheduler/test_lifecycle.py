@@ -2,7 +2,10 @@
 from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Grant, KvResize, Load,
                        MemoryDone, ReleaseInstance, RequestArrived, RequestCancelled, StepFinished,
                        Tick, Unload)
-from sched_builders import make_scheduler, model, node_spec
+from dataclasses import replace
+
+from sched_builders import EXACT, make_scheduler, model, node_spec
+from scheduler.slo import SloPolicy
 
 
 def kinds(actions):
@@ -87,6 +90,24 @@ def test_retry_every_quarter_second_then_drop_at_the_first_token_deadline():
     acts = sched.handle(Tick(), 0.75)
     assert isinstance(acts[0], Drop) and acts[0].request_id == "r"
     assert not sched.requests
+
+
+def test_a_request_s_own_slos_replace_the_defaults():
+    sched = make_scheduler(models=[model(weight=20_000)])   # queued: its deadline decides the drop
+    sched.handle(RequestArrived("r", "m", 16, 4, 0.0, ttft_slo=2.0, tpot_slo=1.0), 0.0)
+    req = sched.requests["r"]
+    assert (req.ttft_slo, req.tpot_slo, req.deadline) == (2.0, 1.0, 2.0)
+    assert sched.handle(Tick(), 1.75) == []             # the default 0.5 s would have dropped it
+    assert isinstance(sched.handle(Tick(), 2.25)[0], Drop)
+
+
+def test_the_safety_margin_shrinks_an_override_like_a_default():
+    margin = replace(EXACT, slo=SloPolicy(margin=0.05))
+    sched = make_scheduler(margin, models=[model(weight=20_000)])
+    sched.handle(RequestArrived("r", "m", 16, 4, 0.0, tpot_slo=1.0), 0.0)
+    req = sched.requests["r"]
+    assert req.ttft_slo == SloPolicy(margin=0.05).ttft(16)   # not overridden: the default
+    assert req.tpot_slo == 0.95
 
 
 def test_cancel_while_queued_is_never_dropped():
