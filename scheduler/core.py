@@ -21,8 +21,8 @@ from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
 from scheduler.estimate import Estimator
-from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
-                              Tick)
+from scheduler.events import (Event, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
+                              StepFinished, Tick)
 from scheduler.kv import OutputEstimator
 from scheduler.lifecycle import Lifecycle, Timers
 from scheduler.memory import MemoryOrchestrator
@@ -68,6 +68,8 @@ class Scheduler:
             self._arrived(event, now)
         elif isinstance(event, RequestCancelled):
             self._cancelled(event, now)
+        elif isinstance(event, InstanceFailed):
+            self._instance_failed(event, now)
         elif isinstance(event, Tick):
             self._tick(now)
         else:
@@ -170,6 +172,19 @@ class Scheduler:
             self.life.finish(req, now)
             if node:
                 self._touched.add(node)
+
+    def _instance_failed(self, ev: InstanceFailed, now: float) -> None:
+        inst = self.life.instances.get(ev.instance)
+        if inst is None:
+            return
+        if inst.node.grant_instance is inst:
+            self.tokens.release(inst.node)
+        evicted = self.life.fail(inst, ev.requests, now)
+        self.life.release_if_drained(inst)
+        for req in evicted:
+            self._try_place(req, now)
+        self.memory.wake_station(inst.node)     # its reservations are gone: others may fit now
+        self._touched.add(inst.node.id)
 
     def _tick(self, now: float) -> None:
         for kind, key, tag in self.timers.due(now):

@@ -23,6 +23,12 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeviceFailure(Exception):
+    """A job on the request's instance raised (a weight load, a step, a KV resize, an eviction): the
+    instance is gone, and the request with it (HTTP 500). Other requests and models carry on; the
+    model's next request starts a new instance."""
+
+
 @dataclass(frozen=True)
 class SloOverride:
     """Per-request SLOs in seconds (None = the scheduler's defaults, SLINFER §6.1)."""
@@ -73,6 +79,7 @@ class RuntimeStatus:
     cold_starts: int = 0
     preemptions: int = 0
     drops: int = 0
+    failures: int = 0                # instances lost because a job on their device raised
 
 
 class Runtime(Protocol):
@@ -84,7 +91,8 @@ class Runtime(Protocol):
     def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                  slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         """Tokens as they are produced, then one Finished. Raises UnknownModelError, RequestError
-        (bad parameters or prompt too long, before any token) or Overloaded (dropped)."""
+        (bad parameters or prompt too long, before any token), Overloaded (dropped) or
+        DeviceFailure (its instance failed, before or after tokens)."""
 
     def status(self) -> RuntimeStatus: ...
 

@@ -8,6 +8,9 @@ which reports back with a measured duration as the next event.
     HTTP request --RequestArrived--> scheduler --Grant/Assign/Load/KvResize/...--> device workers
     device workers --StepFinished/MemoryDone--> scheduler          tokens --> the request's queue
 
+A job that raises fails its instance, not the device or the server: the instance's memory is freed,
+each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
+
 Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
 timer that sends `Tick` (keep-alive expiry, placement retries).
 """
@@ -19,7 +22,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from functools import partial
+from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
 from models.catalogue import Catalogue
@@ -27,7 +31,7 @@ from models.config import LlamaConfig
 from refengine.engine.loader import ensure_prepared, load_llama
 from refengine.engine.sequence import SamplingParams
 from refengine.engine.tokenizer import Tokenizer
-from refengine.runtime.api import (Finished, GenerationEvent, InstanceInfo, Overloaded, RuntimeStatus,
+from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
 from refengine.runtime.devices import DeviceSpec, DeviceWorker
 from refengine.runtime.instances import LiveInstance
@@ -36,7 +40,8 @@ from scheduler import actions as act
 from scheduler.config import SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel
-from scheduler.events import MemoryDone, RequestArrived, RequestCancelled, StepFinished, Tick
+from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
+                              Tick)
 from scheduler.memory import optimistic_budget
 from scheduler.slo import SloPolicy
 from scheduler.specs import ModelSpec, NodeSpec
@@ -96,7 +101,7 @@ class LiveRuntime:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0}
+        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0}
         self.scheduler: Scheduler | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -119,7 +124,7 @@ class LiveRuntime:
                 model = load_llama(f, get_kernels(backend, device.name))
                 tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid))
             nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes))
-            self._workers[device.name] = DeviceWorker(device, self._worker_failed)
+            self._workers[device.name] = DeviceWorker(device)
         specs = []
         for name in self.catalogue.names:
             weights = self.catalogue[name].weights
@@ -223,8 +228,14 @@ class LiveRuntime:
                 req.cold_start = True
                 self.counters["cold_starts"] += 1
 
-    def _worker_of(self, instance: str) -> DeviceWorker:
-        return self._workers[self._instances[instance].node]
+    def _submit(self, inst: LiveInstance, job: Callable[[], None]) -> None:
+        """Run `job` on the instance's device thread. Once a job of the instance failed, its later
+        jobs are skipped: their events would name an instance the scheduler has forgotten."""
+        def run() -> None:
+            if not inst.failed:
+                job()
+
+        self._workers[inst.node].submit(run, partial(self._job_failed, inst))
 
     # ---------------------------------------------------------------- actions
     def _run_grant(self, grant: act.Grant) -> None:
@@ -238,7 +249,7 @@ class LiveRuntime:
                 if result is None:
                     return
 
-        self._worker_of(grant.instance).submit(job)
+        self._submit(inst, job)
 
     def _step_done(self, inst: LiveInstance, grant: act.Grant, result, grant_done: bool) -> None:
         sequences, finished = [], []
@@ -275,8 +286,7 @@ class LiveRuntime:
         params = SamplingParams(**{**vars(req.params), "max_tokens": remaining})
         seq_id = next(self._ids)
         req.seq_id = seq_id
-        self._worker_of(assign.instance).submit(
-            lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
+        self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
@@ -299,7 +309,7 @@ class LiveRuntime:
                 inst.evict(action.requests)
             self._post(self._handle, MemoryDone(inst.name, action.action_id, time.perf_counter() - started))
 
-        self._worker_of(action.instance).submit(job)
+        self._submit(inst, job)
 
     def _drop(self, drop: act.Drop) -> None:
         req = self._requests.pop(drop.request_id, None)
@@ -327,7 +337,22 @@ class LiveRuntime:
             inst.abort_request(req.id)
             self._post(self._handle, RequestCancelled(req.id))
 
-        self._worker_of(req.instance).submit(job)
+        self._submit(inst, job)
 
-    def _worker_failed(self, error: BaseException) -> None:
-        log.exception("device job failed", exc_info=error)
+    def _job_failed(self, inst: LiveInstance, error: Exception) -> None:
+        """On the device thread, at once: free the instance's memory before the device's next job."""
+        inst.fail()
+        self._post(self._instance_failed, inst, error)
+
+    def _instance_failed(self, inst: LiveInstance, error: Exception) -> None:
+        """End every request the instance held with a DeviceFailure, then tell the scheduler."""
+        log.error("a job on %s (%s on %s) failed; its requests end with an error", inst.name, inst.model,
+                  inst.node, exc_info=error)
+        self.counters["failures"] += 1
+        ended = [req for req in self._requests.values() if req.instance == inst.name]
+        for req in ended:
+            del self._requests[req.id]
+            req.done = True
+            req.events.put_nowait(DeviceFailure(
+                f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
+        self._handle(InstanceFailed(inst.name, tuple(req.id for req in ended)))

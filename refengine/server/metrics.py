@@ -88,7 +88,9 @@ class RuntimeCollector:
                          {(i.instance, i.model, i.device): getattr(i, field) for i in status.instances})
         for name, doc, value in (("cold_starts", "Requests that waited for an instance to load", status.cold_starts),
                                  ("preemptions", "Sequences preempted to free KV blocks", status.preemptions),
-                                 ("drops", "Requests dropped because their SLO could not be met", status.drops)):
+                                 ("drops", "Requests dropped because their SLO could not be met", status.drops),
+                                 ("instance_failures", "Instances lost because a job on their device raised",
+                                  status.failures)):
             yield CounterMetricFamily(f"refengine_{name}", doc, value=value)
 
 

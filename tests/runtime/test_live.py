@@ -12,8 +12,9 @@ import pytest
 from models.catalogue import Catalogue
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from refengine.runtime.api import Finished, Overloaded, SloOverride, TokenChunk
+from refengine.runtime.api import DeviceFailure, Finished, Overloaded, SloOverride, TokenChunk
 from refengine.runtime.devices import DeviceSpec
+from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler.slo import SloPolicy
@@ -114,3 +115,70 @@ def test_a_request_s_own_slo_reaches_the_scheduler(model_home):
 
     status = asyncio.run(scenario())
     assert status.instances == [] and status.drops == 1
+
+
+def fail_once(monkeypatch, method: str, when=lambda inst: True) -> None:
+    """LiveInstance.<method> raises the first time `when(instance)` holds, then behaves."""
+    original, failed = getattr(LiveInstance, method), []
+
+    def flaky(self, *args):
+        if not failed and when(self):
+            failed.append(self.name)
+            raise RuntimeError(f"injected {method} failure")
+        return original(self, *args)
+
+    monkeypatch.setattr(LiveInstance, method, flaky)
+
+
+def test_a_failed_load_ends_its_request_and_the_next_one_cold_starts(model_home, monkeypatch):
+    fail_once(monkeypatch, "load")
+
+    async def scenario():
+        rt = runtime(model_home, keep_alive=5.0)
+        await rt.start()
+        try:
+            with pytest.raises(DeviceFailure, match="injected load failure"):
+                await collect(rt, "smollm2-135m-instruct", max_tokens=2)
+            return await collect(rt, "smollm2-135m-instruct", max_tokens=2), rt.status()
+        finally:
+            await rt.stop()
+
+    after, status = asyncio.run(scenario())
+    assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 2 and after[-1].cold_start
+    assert status.failures == 1 and [i.loaded for i in status.instances] == [True]
+
+
+def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, monkeypatch):
+    """Two models share the device; a decode step of one raises mid-stream. Its request ends with a
+    DeviceFailure after the tokens it had, its memory is freed, the other model finishes untouched."""
+    expected = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=6))[0].text
+    calls: dict[str, int] = {}
+
+    def third_step_of_r1(inst) -> bool:
+        calls[inst.name] = calls.get(inst.name, 0) + 1
+        return inst.model.endswith("-r1") and calls[inst.name] == 3
+
+    fail_once(monkeypatch, "step", third_step_of_r1)
+
+    async def failing(rt, model="smollm2-135m-instruct-r1"):
+        events = []
+        with pytest.raises(DeviceFailure, match="injected step failure"):
+            async for event in rt.generate(model, rt.tokenizer(model).encode(PROMPT), SamplingParams(max_tokens=6)):
+                events.append(event)
+        return events
+
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=5.0)
+        await rt.start()
+        try:
+            survivor, failed = await asyncio.gather(collect(rt, "smollm2-135m-instruct", max_tokens=6),
+                                                    failing(rt))
+            return survivor, failed, rt.status()
+        finally:
+            await rt.stop()
+
+    survivor, failed, status = asyncio.run(scenario())
+    assert "".join(e.text for e in survivor if isinstance(e, TokenChunk)) == expected
+    assert 1 <= len(failed) < 6 and all(isinstance(e, TokenChunk) for e in failed)
+    assert [i.model for i in status.instances] == ["smollm2-135m-instruct"]
+    assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
