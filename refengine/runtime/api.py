@@ -88,6 +88,9 @@ class Runtime(Protocol):
     def tokenizer(self, model: str) -> Tokenizer:
         """The model's tokenizer (raises UnknownModelError for a name not in the catalogue)."""
 
+    def context_length(self, model: str) -> int:
+        """Tokens the model attends over, prompt and output together (raises UnknownModelError)."""
+
     def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                  slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         """Tokens as they are produced, then one Finished. Raises UnknownModelError, RequestError

@@ -151,13 +151,15 @@ class LiveRuntime:
     def tokenizer(self, model: str) -> Tokenizer:
         return self._tokenizers[self.catalogue[model].weights]
 
+    def context_length(self, model: str) -> int:
+        return self._specs[self.catalogue[model].name].max_context
+
     def loaded_models(self) -> set[str]:
         return {inst.model for inst in self._instances.values() if inst.engine is not None}
 
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                        slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
-        spec = self._specs[self.catalogue[model].name]
-        params.validate(len(prompt_ids), spec.max_context)
+        params.validate(len(prompt_ids), self.context_length(model))
         req = _Request(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
         slo = slo or SloOverride()

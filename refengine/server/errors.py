@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from models.catalogue import UnknownModelError
-from refengine.engine.sequence import RequestError
+from refengine.engine.sequence import ContextLengthError, RequestError
 from refengine.runtime.api import DeviceFailure, Overloaded
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only ever seen in metrics
@@ -41,20 +41,16 @@ def to_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, UnknownModelError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, RequestError):
-        return APIError(400, str(exc), code=_request_error_code(exc))
+        return APIError(400, str(exc))
     if isinstance(exc, Overloaded):
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(429, str(exc), type="rate_limit_error", code="overloaded", headers={"Retry-After": retry_after})
     if isinstance(exc, DeviceFailure):
         return APIError(500, str(exc), type="server_error", code="device_failure")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
-
-
-def _request_error_code(exc: RequestError) -> str | None:
-    """RequestError has no subclasses yet: the engine's context-limit messages are the ones naming
-    the model's context (`SamplingParams.validate`)."""
-    return "context_length_exceeded" if "context" in str(exc) else None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

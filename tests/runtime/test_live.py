@@ -88,11 +88,16 @@ def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
         await rt.start()
         try:
             from models.catalogue import UnknownModelError
-            from refengine.engine.sequence import RequestError
+            from refengine.engine.sequence import ContextLengthError, RequestError
             with pytest.raises(UnknownModelError, match="known models"):
                 await collect(rt, "nope")
             with pytest.raises(RequestError, match="max_tokens"):
                 await collect(rt, "smollm2-135m-instruct", max_tokens=0)
+            assert rt.context_length("smollm2-135m-instruct") == 8192      # SmolLM2's config.json
+            with pytest.raises(ContextLengthError):
+                await collect(rt, "smollm2-135m-instruct", max_tokens=8190)
+            with pytest.raises(UnknownModelError):
+                rt.context_length("nope")
             return rt.status()
         finally:
             await rt.stop()
