@@ -50,6 +50,7 @@ class Finished:
     completion_tokens: int
     ttft_s: float                   # arrival to first token
     cold_start: bool                # the request waited for an instance to load
+    cold_start_grace_s: float = 0.0  # that wait, which extends its TTFT SLO (SLINFER §4.5); 0 when warm
 
 
 GenerationEvent = TokenChunk | Finished

@@ -72,9 +72,14 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     cold_start: bool = False
+    cold_start_grace_s: float = 0.0
     instance: str | None = None
     seq_id: int | None = None
     done: bool = False
+
+    def finished(self, reason: str, now: float) -> Finished:
+        return Finished(reason, len(self.prompt_ids), len(self.output_ids), (self.first_token_at or now) - self.arrival,
+                        self.cold_start, self.cold_start_grace_s)
 
 
 def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
@@ -226,8 +231,8 @@ class LiveRuntime:
         elif isinstance(action, act.Drop):
             self._drop(action)
         elif isinstance(action, act.ColdStartGrace):
-            if (req := self._requests.get(action.request_id)) is not None:
-                req.cold_start = True
+            if (req := self._requests.get(action.request_id)) is not None:    # re-placed: the latest wait
+                req.cold_start, req.cold_start_grace_s = True, action.seconds
                 self.counters["cold_starts"] += 1
 
     def _submit(self, inst: LiveInstance, job: Callable[[], None]) -> None:
@@ -271,8 +276,7 @@ class LiveRuntime:
                     continue
                 finished.append(req.id)
                 req.done = True
-                req.events.put_nowait(Finished(done.reason.value, len(req.prompt_ids), len(req.output_ids),
-                                               (req.first_token_at or now) - req.arrival, req.cold_start))
+                req.events.put_nowait(req.finished(done.reason.value, now))
             self.counters["preemptions"] += len(result.preempted)
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
                                   inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
@@ -320,8 +324,7 @@ class LiveRuntime:
         req.done = True
         self.counters["drops"] += 1
         if req.output_ids:
-            req.events.put_nowait(Finished("abort", len(req.prompt_ids), len(req.output_ids),
-                                           (req.first_token_at or self._now()) - req.arrival, req.cold_start))
+            req.events.put_nowait(req.finished("abort", self._now()))
         else:
             req.events.put_nowait(Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
                                              retry_after_s=1.0))

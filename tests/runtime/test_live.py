@@ -54,6 +54,7 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
     for events in results:
         assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected
         assert isinstance(events[-1], Finished) and events[-1].reason == "length" and events[-1].cold_start
+        assert events[-1].cold_start_grace_s > 0                # the measured load and first KV sizing
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
 
 
@@ -80,6 +81,7 @@ def test_cancelled_stream_frees_its_blocks_and_the_runtime_keeps_serving(model_h
     blocks, after = asyncio.run(scenario())
     assert blocks == [0]
     assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 3
+    assert not after[-1].cold_start and after[-1].cold_start_grace_s == 0.0     # kept alive: warm
 
 
 def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
