@@ -21,8 +21,8 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
@@ -78,8 +78,9 @@ class _Request:
     done: bool = False
 
     def finished(self, reason: str, now: float) -> Finished:
-        return Finished(reason, len(self.prompt_ids), len(self.output_ids), (self.first_token_at or now) - self.arrival,
-                        self.cold_start, self.cold_start_grace_s)
+        ttft = (self.first_token_at or now) - self.arrival
+        return Finished(reason, len(self.prompt_ids), len(self.output_ids), ttft, self.cold_start,
+                        self.cold_start_grace_s)
 
 
 def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:

@@ -1,7 +1,8 @@
 """The live runtime on the real SmolLM2 weights, driven by the real SLINFER scheduler.
 
 Reference backend and a quick latency grid keep it to seconds; what is checked is the executor:
-interleaved models, keep-alive scale-to-zero, cancellation freeing KV blocks, logical devices.
+interleaved models, keep-alive scale-to-zero, cancellation freeing KV blocks, per-request SLOs,
+device failures, logical devices with bin-packing and preemption.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ async def collect(rt, model, prompt=PROMPT, max_tokens=8, slo=None):
     return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens), slo)]
 
 
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenChunk))
+
+
 def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, smollm2):
     expected = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=8))[0].text
 
@@ -55,7 +60,7 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
 
     results, status = asyncio.run(scenario())
     for events in results:
-        assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected
+        assert text_of(events) == expected
         assert isinstance(events[-1], Finished) and events[-1].reason == "length" and events[-1].cold_start
         assert events[-1].cold_start_grace_s > 0                # the measured load and first KV sizing
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
@@ -188,7 +193,7 @@ def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, mo
             await rt.stop()
 
     survivor, failed, status = asyncio.run(scenario())
-    assert "".join(e.text for e in survivor if isinstance(e, TokenChunk)) == expected
+    assert text_of(survivor) == expected
     assert 1 <= len(failed) < 6 and all(isinstance(e, TokenChunk) for e in failed)
     assert [i.model for i in status.instances] == ["smollm2-135m-instruct"]
     assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
@@ -271,7 +276,7 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
     assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == old}
     (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
     assert resumed.resume_tokens >= 2                                   # re-prefilled with what it had
-    assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected_neighbour
+    assert text_of(events) == expected_neighbour
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 12
-    assert ["".join(e.text for e in b if isinstance(e, TokenChunk)) for b in bursts] == expected_burst
+    assert [text_of(b) for b in bursts] == expected_burst
     assert status.preemptions >= 1
