@@ -75,6 +75,8 @@ class Scheduler:
             self._tick(now)
         else:
             raise TypeError(f"unknown event {event!r}")
+        self._touched |= self.life.touched
+        self.life.touched.clear()
         for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)

@@ -76,6 +76,7 @@ class Lifecycle:
         self.queued: dict[str, Request] = {}
         self.instances: dict[str, Instance] = {}
         self.by_model: dict[str, list[Instance]] = {}
+        self.touched: set[str] = set()          # other nodes a migration changed, for the pump
         self._serial = 0
 
     # -- instances -------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ class Lifecycle:
         for m in list(inst.incoming.values()):  # still on their sources: re-prefill instead
             if m.request.id not in ended:
                 self._evict(m.source, [m.request], now)
+                self.touched.add(m.source.node.id)
         for rid in (*ended, *inst.requests):
             if (req := self.requests.get(rid)) is not None:
                 self._forget(req, now)
@@ -229,12 +231,12 @@ class Lifecycle:
         self.emit(Drop(req.id, reason))
 
     def _evict(self, inst: Instance, victims: list[Request], now: float) -> None:
-        for r in victims:
+        self.memory.register_evict(inst, tuple(r.id for r in victims))   # before a retired
+        for r in victims:                                                # instance's unload
             self.cancel_migration(r, now)
             if r.prefilled:
                 inst.kv_used -= inst.model.blocks_for(r.context)
             self.detach(r, now)
-        self.memory.register_evict(inst, tuple(r.id for r in victims))
 
     def evicted(self, request_ids: tuple[str, ...]) -> list[Request]:
         """An eviction completed: the requests still alive and unplaced, to be placed again."""
@@ -267,6 +269,7 @@ class Lifecycle:
         req.migration = m
         destination.receive(m)
         self._grow_kv(destination)
+        self.touched.add(destination.node.id)
 
     def send_rounds(self, destination: Instance) -> None:
         """`destination` is about to prefill: send each migration catching up there the tokens its
