@@ -9,6 +9,11 @@ A sequence's uncached tokens are what an iteration feeds: its whole prompt (or t
 prefill, its newest token in a decode. When an iteration leaves a sequence fully cached, the logits of
 its last token pick the next one. A sequence preempted for KV space loses its cache and simply
 becomes waiting again: its next prefill recomputes prompt and output alike.
+
+Live migration moves a sequence between instances by its tokens (ServerlessLLM §4): `export` stops
+it here and returns its `SequenceState`; on the destination, `prefetch` rounds rebuild its KV in
+prefill iterations while it still runs elsewhere (a *catching-up* sequence, never sampled), and
+`adopt` turns it into the real sequence, whose next prefill feeds the tokens it lacks and samples.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 from kernels.reference import sample
 from models.llama import LlamaModel, StepInputs
 from refengine.engine.kv_cache import PagedKVCache, ResizeReport
-from refengine.engine.sequence import FinishReason, RequestError, SamplingParams, Sequence, SequenceStatus
+from refengine.engine.sequence import (FinishReason, RequestError, SamplingParams, Sequence, SequenceState,
+                                       SequenceStatus)
 from refengine.engine.step_result import FinishedSequence, StepKind, StepResult, TokenOutput
 from refengine.engine.text_stream import Detokenizer, TextStream
 
@@ -55,6 +61,7 @@ class Instance:
         self.new_detokenizer = new_detokenizer or _NoText
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.incoming: dict[int, Sequence] = {}     # catching up: migrating in, not yet adopted
         self._streams: dict[int, TextStream] = {}
         self._ids = itertools.count()
 
@@ -76,20 +83,67 @@ class Instance:
 
     def abort(self, seq_id: int) -> FinishedSequence | None:
         """Cancel a sequence now (between steps): its blocks go back to the pool at once."""
+        seq = self._take(seq_id)
+        return self._finish(seq, FinishReason.ABORT) if seq is not None else None
+
+    def _take(self, seq_id: int) -> Sequence | None:
+        """Remove a sequence from whichever queue holds it (it keeps its blocks)."""
+        if seq_id in self.incoming:
+            return self.incoming.pop(seq_id)
         for queue in (self.waiting, self.running):
             for seq in queue:
                 if seq.seq_id == seq_id:
                     queue.remove(seq)
-                    return self._finish(seq, FinishReason.ABORT)
+                    return seq
         return None
 
     @property
     def sequences(self) -> list[Sequence]:
-        return list(self.waiting) + self.running
+        """Every sequence holding KV blocks, catching-up ones included."""
+        return list(self.waiting) + self.running + list(self.incoming.values())
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._catching_up())
+
+    def _catching_up(self) -> list[Sequence]:
+        return [seq for seq in self.incoming.values() if seq.num_uncached_tokens > 0]
+
+    # ---------------------------------------------------------------- live migration
+    def export(self, seq_id: int) -> SequenceState | None:
+        """Stop a sequence between steps and return what it needs to continue on another instance of
+        this model; its blocks go back to the pool. None if this instance does not hold it."""
+        seq = self._take(seq_id)
+        if seq is None:
+            return None
+        self.kv.release(seq)
+        if seq.catching_up:                     # it runs elsewhere: nothing here to continue
+            return None
+        return SequenceState(tuple(seq.prompt_ids), tuple(seq.output_ids), seq.params,
+                             seq.rng.bit_generator.state, self._streams.pop(seq.seq_id))
+
+    def prefetch(self, seq_id: int, token_ids: list[int]) -> None:
+        """A migration round: append `token_ids` to the catching-up sequence `seq_id` (created by
+        the first round); prefill iterations rebuild its KV, all but the newest token, and sample
+        nothing. The tokens are those of a sequence this model runs elsewhere."""
+        seq = self.incoming.get(seq_id)
+        if seq is None:
+            seq = self.incoming[seq_id] = Sequence(seq_id, [], SamplingParams(), catching_up=True)
+        seq.prompt_ids.extend(token_ids)
+
+    def adopt(self, seq_id: int, state: SequenceState) -> Sequence:
+        """Continue an exported sequence here as `seq_id`: with the KV a catching-up `seq_id` rebuilt,
+        else from scratch (a re-prefill). Its next prefill feeds the tokens still uncached — at least
+        the newest — and samples its next token with the state's generator."""
+        seq = self.incoming.pop(seq_id, None) or Sequence(seq_id, [], state.params)
+        if seq.token_ids != state.token_ids[:seq.num_tokens]:
+            raise ValueError(f"sequence {seq_id} rebuilt tokens that are not a prefix of the ones it adopts")
+        seq.prompt_ids, seq.output_ids = list(state.prompt_ids), list(state.output_ids)
+        seq.params, seq.catching_up, seq.status = state.params, False, SequenceStatus.WAITING
+        seq.rng.bit_generator.state = state.rng_state
+        self._streams[seq_id] = state.text
+        self.waiting.appendleft(seq)
+        return seq
 
     def resize_kv(self, num_blocks: int) -> ResizeReport:
         return self.kv.resize(num_blocks, self.sequences)
@@ -106,7 +160,9 @@ class Instance:
         logits = self.model.forward(inputs, self.kv.k, self.kv.v)
         for seq, n in scheduled:
             seq.num_cached_tokens += n
-        completed = [i for i, (seq, _) in enumerate(scheduled) if seq.num_uncached_tokens == 0]
+        done = [i for i, (seq, _) in enumerate(scheduled) if seq.num_uncached_tokens == 0]
+        completed = [i for i in done if not scheduled[i][0].catching_up]
+        caught_up = tuple(scheduled[i][0].seq_id for i in done if scheduled[i][0].catching_up)
         new_ids = self._sample([scheduled[i][0] for i in completed], logits, completed)
         tokens, finished = [], []
         for i, token_id in zip(completed, new_ids):
@@ -124,7 +180,7 @@ class Instance:
             num_tokens=int(len(inputs.token_ids)), context_tokens=int(inputs.context_lens.sum()),
             tokens=tuple(tokens), finished=tuple(finished), preempted=tuple(s.seq_id for s in preempted),
             blocks_used=self.kv.num_used_blocks, blocks_total=self.kv.num_blocks,
-            elapsed_s=time.perf_counter() - started)
+            elapsed_s=time.perf_counter() - started, caught_up=caught_up)
 
     # ---------------------------------------------------------------- steps of a step
     def _schedule(self, only: StepKind | None) -> tuple[StepKind, Scheduled, list[Sequence]]:
@@ -150,7 +206,7 @@ class Instance:
 
     def _schedule_prefill(self) -> Scheduled:
         budget, scheduled = self.max_prefill_tokens, []
-        for seq in self.waiting:
+        for seq in [*self.waiting, *self._catching_up()]:
             if budget == 0 or len(self.running) + len(scheduled) >= self.max_running:
                 break
             n = min(seq.num_uncached_tokens, budget)
@@ -213,5 +269,5 @@ class Instance:
             self.waiting.remove(seq)
         self.kv.release(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        del self._streams[seq.seq_id]
+        self._streams.pop(seq.seq_id, None)     # a catching-up sequence has none
         return FinishedSequence(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))
