@@ -11,6 +11,11 @@ which reports back with a measured duration as the next event.
 A job that raises fails its instance, not the device or the server: the instance's memory is freed,
 each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
 
+A request leaves an instance with its state (`SequenceState`: tokens, sampler, text stream), never
+with its tokens alone: evicted, it waits in the runtime to be adopted wherever it is placed again;
+live-migrated (`Migrate` rounds, then `HandOver`), the destination adopts it directly. Either way
+the client's stream goes on with the tokens it would have had: none lost, none repeated.
+
 Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
 timer that sends `Tick` (keep-alive expiry, placement retries).
 """
@@ -29,7 +34,7 @@ from kernels import backend_for_device, get_kernels
 from models.catalogue import Catalogue
 from models.config import LlamaConfig
 from refengine.engine.loader import ensure_prepared, load_llama
-from refengine.engine.sequence import SamplingParams
+from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
@@ -59,6 +64,16 @@ class RuntimeOptions:
     home: Path | None = None              # model cache (default $REFENGINE_HOME)
     profile_grid: dict = field(default_factory=lambda: FULL_GRID)
     slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
+    migration: bool = True                # preemption live-migrates running requests where cheaper
+
+
+@dataclass
+class _Moving:
+    """A live migration in progress: the destination's catching-up sequence, the tokens sent it."""
+
+    destination: str
+    seq_id: int
+    sent: int = 0
 
 
 @dataclass
@@ -76,6 +91,8 @@ class _Request:
     instance: str | None = None
     seq_id: int | None = None
     done: bool = False
+    migration: _Moving | None = None
+    state: SequenceState | None = None      # evicted: what its next instance adopts
 
     def finished(self, reason: str, now: float) -> Finished:
         ttft = (self.first_token_at or now) - self.arrival
@@ -83,10 +100,11 @@ class _Request:
                         self.cold_start_grace_s)
 
 
-def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
+def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None,
+                     migration: bool = True) -> SchedulerConfig:
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
     concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
-    overrides = {"keep_alive": keep_alive_s, **({"slo": slo} if slo else {})}
+    overrides = {"keep_alive": keep_alive_s, "migration": migration, **({"slo": slo} if slo else {})}
     if name == "slinfer":
         return preset("slinfer", **overrides)
     if name == "exclusive":
@@ -107,7 +125,7 @@ class LiveRuntime:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0}
+        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0, "migrations": 0}
         self.scheduler: Scheduler | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -141,7 +159,8 @@ class LiveRuntime:
         self._specs = {s.name: s for s in specs}
         unique = {(t.profile, t.hardware): t for t in tables}
         self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
-                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo))
+                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo,
+                                                    opts.migration))
 
     def _home(self) -> Path:
         from refengine.store.cache import model_home
@@ -227,7 +246,9 @@ class LiveRuntime:
             self._run_grant(action)
         elif isinstance(action, act.Assign):
             self._assign(action)
-        elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict)):
+        elif isinstance(action, act.Migrate):
+            self._migrate(action)
+        elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict, act.HandOver)):
             self._memory_action(action)
         elif isinstance(action, act.Drop):
             self._drop(action)
@@ -278,9 +299,12 @@ class LiveRuntime:
                 finished.append(req.id)
                 req.done = True
                 req.events.put_nowait(req.finished(done.reason.value, now))
+                self._call_off_migration(req)
             self.counters["preemptions"] += len(result.preempted)
+        caught_up = tuple(inst.request_of(s) for s in result.caught_up) if result is not None else ()
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
-                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
+                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done,
+                                  tuple(r for r in caught_up if r is not None)))
 
     def _assign(self, assign: act.Assign) -> None:
         req = self._requests.get(assign.request_id)
@@ -288,12 +312,30 @@ class LiveRuntime:
             return
         inst = self._instances[assign.instance]
         req.instance = assign.instance
-        produced = list(req.output_ids)             # re-prefilled with the prompt after an eviction
-        remaining = req.params.max_tokens - len(produced)
-        params = SamplingParams(**{**vars(req.params), "max_tokens": remaining})
-        seq_id = next(self._ids)
-        req.seq_id = seq_id
-        self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
+        seq_id = req.seq_id = next(self._ids)
+        state, req.state = req.state, None
+        if state is not None:                       # evicted: re-prefilled with all it had, then goes on
+            self._submit(inst, lambda: inst.adopt(seq_id, req.id, state))
+        else:
+            self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids, req.params))
+
+    def _migrate(self, migrate: act.Migrate) -> None:
+        """A live-migration round: send the destination the request's tokens it has not had yet, up
+        to the first `migrate.tokens` (what the scheduler had counted when it decided)."""
+        req = self._requests.get(migrate.request_id)
+        if req is None:
+            return
+        dest = self._instances[migrate.destination]
+        moving = req.migration = req.migration or _Moving(dest.name, next(self._ids))
+        tokens = (req.prompt_ids + req.output_ids)[moving.sent:migrate.tokens]
+        moving.sent = migrate.tokens
+        self._submit(dest, lambda: dest.prefetch(moving.seq_id, req.id, tokens))
+
+    def _call_off_migration(self, req: _Request) -> None:
+        """The request ended or left its source: the destination drops what it rebuilt."""
+        moving, req.migration = req.migration, None
+        if moving is not None and (dest := self._instances.get(moving.destination)) is not None:
+            self._submit(dest, lambda: dest.abort_request(req.id))
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
@@ -301,10 +343,12 @@ class LiveRuntime:
             evicted = [self._requests[r] for r in action.requests if r in self._requests]
             for req in evicted:
                 req.instance = None
+                self._call_off_migration(req)
             self.counters["preemptions"] += len(evicted)
 
         def job() -> None:
             started = time.perf_counter()
+            states = {}
             if isinstance(action, act.Load):
                 backend = backend_for_device(inst.node, self.options.backend)
                 inst.load(self._files[inst.weights], get_kernels(backend, inst.node), self._tokenizers[inst.weights])
@@ -312,11 +356,31 @@ class LiveRuntime:
                 inst.unload()
             elif isinstance(action, act.KvResize):
                 inst.resize(action.blocks)
+            elif isinstance(action, act.HandOver):
+                states = inst.evict((action.request_id,))
             else:
-                inst.evict(action.requests)
-            self._post(self._handle, MemoryDone(inst.name, action.action_id, time.perf_counter() - started))
+                states = inst.evict(action.requests)
+            self._post(self._memory_done, inst, action, states, time.perf_counter() - started)
 
         self._submit(inst, job)
+
+    def _memory_done(self, inst: LiveInstance, action, states: dict[str, SequenceState], seconds: float) -> None:
+        """Place what an eviction or hand-over stopped before the scheduler hears of it: a hand-over's
+        destination adopts the request at once (ahead of the grant that will prefill its last gap);
+        an evicted request keeps its state until it is placed again."""
+        for request_id, state in states.items():
+            req = self._requests.get(request_id)
+            if req is None:
+                continue
+            moving, req.migration = req.migration, None
+            dest = self._instances.get(action.destination) if isinstance(action, act.HandOver) else None
+            if dest is not None and not dest.failed and moving is not None:
+                req.instance, req.seq_id = dest.name, moving.seq_id
+                self._submit(dest, lambda: dest.adopt(moving.seq_id, request_id, state))
+                self.counters["migrations"] += 1
+            else:                                   # evicted, or its destination is gone
+                req.instance, req.state = None, state
+        self._handle(MemoryDone(inst.name, action.action_id, seconds))
 
     def _drop(self, drop: act.Drop) -> None:
         req = self._requests.pop(drop.request_id, None)
@@ -334,6 +398,7 @@ class LiveRuntime:
         """The client went away: stop the sequence on its device, then tell the scheduler."""
         req.done = True
         self._requests.pop(req.id, None)
+        self._call_off_migration(req)
         if req.instance is None or req.instance not in self._instances:
             self._handle(RequestCancelled(req.id))
             return
@@ -356,9 +421,13 @@ class LiveRuntime:
                   inst.node, exc_info=error)
         self.counters["failures"] += 1
         ended = [req for req in self._requests.values() if req.instance == inst.name]
+        for req in self._requests.values():          # migrating in: they go on at their sources
+            if req.migration is not None and req.migration.destination == inst.name:
+                req.migration = None
         for req in ended:
             del self._requests[req.id]
             req.done = True
+            self._call_off_migration(req)
             req.events.put_nowait(DeviceFailure(
                 f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
         self._handle(InstanceFailed(inst.name, tuple(req.id for req in ended)))

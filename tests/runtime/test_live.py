@@ -234,12 +234,30 @@ def record_actions(rt: LiveRuntime) -> list:
     return actions
 
 
-def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path):
+def kv_after_evictions(monkeypatch) -> list[int]:
+    """The KV blocks each instance still uses right after an eviction or hand-over job."""
+    freed, evict = [], LiveInstance.evict
+
+    def evicting(self, request_ids):
+        states = evict(self, request_ids)
+        freed.append(self.kv_blocks_used)
+        return states
+
+    monkeypatch.setattr(LiveInstance, "evict", evicting)
+    return freed
+
+
+@pytest.mark.parametrize("migration", [False, True], ids=["re-prefill", "live-migration"])
+def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path,
+                                                                            monkeypatch, migration):
     """The neighbour decodes on cpu:0; a burst of three on another model arrives. The burst's first
     request starts an instance on the busy cpu:0 (most loaded node first), the second joins it
     (largest instance first), the third would overload cpu:0's decode time, so the neighbour with the
-    smaller batch is preempted (§4.4.1): evicted, unloaded, and its request re-placed on cpu:1, where
-    it is re-prefilled with the tokens it had and finishes exactly as greedy decoding would.
+    smaller batch is preempted (§4.4.1) and its request moves to a new instance on cpu:1. Without
+    migration it is evicted and re-prefilled there with the tokens it had; with live migration
+    (ServerlessLLM) cpu:1 rebuilds its KV from its tokens while cpu:0 keeps streaming, then takes
+    over. Either way it finishes exactly as greedy decoding would, and the old instance's blocks are
+    freed the moment it lets go.
 
     On a CPU node SLINFER preempts for decode time, not memory (`consolidation.find_victim`: the
     target must fit in memory; memory gaps are the GPU rule), so compute is what runs short here."""
@@ -247,16 +265,19 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
     burst_prompts = [PROMPT, "Once upon a time", "The sky is"]
     expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in burst_prompts],
                                                    SamplingParams(max_tokens=4))]
-    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=12))[0].text
+    long = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when the move completes
+    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], long)[0].text
+    freed = kv_after_evictions(monkeypatch)
 
     async def scenario():
         rt = LiveRuntime(RuntimeOptions(
             Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
-            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path), slo=PINNED_SLO))
+            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path), slo=PINNED_SLO,
+            migration=migration))
         await rt.start()
         actions = record_actions(rt)
         try:
-            stream = rt.generate(neighbour, rt.tokenizer(neighbour).encode(PROMPT), SamplingParams(max_tokens=12))
+            stream = rt.generate(neighbour, rt.tokenizer(neighbour).encode(PROMPT), long)
             events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
             bursting = asyncio.gather(*(collect(rt, burst, p, max_tokens=4) for p in burst_prompts))
             events += [e async for e in stream]
@@ -269,14 +290,24 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
     assert [(a.model, a.node) for a in created] == [(neighbour, "cpu:0"), (burst, "cpu:0"), (neighbour, "cpu:1")]
     old, packed, new = (a.instance for a in created)
     assigns = [a for a in actions if isinstance(a, act.Assign)]
-    assert [a.instance for a in assigns if a.request_id != assigns[0].request_id] == [packed] * 3
-    (evict,) = [a for a in actions if isinstance(a, act.Evict)]
     moved = assigns[0].request_id
-    assert evict.instance == old and evict.requests == (moved,)
+    assert [a.instance for a in assigns if a.request_id != moved] == [packed] * 3
     assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == old}
-    (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
-    assert resumed.resume_tokens >= 2                                   # re-prefilled with what it had
+    if migration:
+        (handover,) = [a for a in actions if isinstance(a, act.HandOver)]
+        assert (handover.instance, handover.request_id, handover.destination) == (old, moved, new)
+        rounds = [a for a in actions if isinstance(a, act.Migrate)]
+        assert rounds and {(a.request_id, a.source, a.destination) for a in rounds} == {(moved, old, new)}
+        assert not any(isinstance(a, act.Evict) for a in actions)
+        assert [a.instance for a in assigns if a.request_id == moved] == [old]     # never re-prefilled
+        assert status.migrations == 1
+    else:
+        (evict,) = [a for a in actions if isinstance(a, act.Evict)]
+        assert evict.instance == old and evict.requests == (moved,)
+        (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
+        assert resumed.resume_tokens >= 2                               # re-prefilled with what it had
+        assert status.migrations == 0 and status.preemptions >= 1
+    assert freed == [0]                                                 # the old instance let go of all
     assert text_of(events) == expected_neighbour
-    assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 12
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 24
     assert [text_of(b) for b in bursts] == expected_burst
-    assert status.preemptions >= 1
