@@ -7,7 +7,6 @@ device failures, logical devices with bin-packing and preemption.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -20,8 +19,8 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler import actions as act
-from scheduler.costmodel import FORMAT, profile_filename
 from scheduler.slo import SloPolicy
+from tests.runtime.two_devices import PINNED_SLO, kv_after_evictions, pinned_home, record_actions
 
 PROMPT = "The capital of France is"
 # The reference backend on a shared 2-core machine is slow and noisy; these tests check the executor,
@@ -197,54 +196,6 @@ def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, mo
     assert 1 <= len(failed) < 6 and all(isinstance(e, TokenChunk) for e in failed)
     assert [i.model for i in status.instances] == ["smollm2-135m-instruct"]
     assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
-
-
-# A pinned cost model for the two-device test: a decode iteration costs 0.1 s per sequence whatever
-# the context, a prefill 20 ms. With the CPU margin (×1.1) and a 0.4 s TPOT, one instance's decode
-# time-slice is 0.275 per sequence, so a device's instances hold three sequences between them, not
-# four. The scheduler's choices then follow from batch sizes alone, not from how fast a shared
-# machine runs the reference kernels today; the steps themselves run for real.
-PINNED_TABLE = {"format": FORMAT, "profile": "smollm2-135m-instruct", "hardware": "cpu-reference", "unit": "s",
-                "source": "tests/runtime: pinned so that placement is deterministic",
-                "prefill": {"tokens": [1, 100_000], "latency": [0.02, 0.02]},
-                "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
-PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
-
-
-def pinned_home(model_home, directory):
-    """A model home sharing the prepared weights, whose profile is PINNED_TABLE."""
-    home = directory / "home"
-    (home / "profiles").mkdir(parents=True)
-    (home / "models").symlink_to(model_home / "models")
-    table = home / "profiles" / profile_filename(PINNED_TABLE["profile"], PINNED_TABLE["hardware"])
-    table.write_text(json.dumps(PINNED_TABLE))
-    return home
-
-
-def record_actions(rt: LiveRuntime) -> list:
-    """Every action the scheduler hands the runtime from now on, in order."""
-    actions, handle = [], rt.scheduler.handle
-
-    def recording(event, now):
-        decided = handle(event, now)
-        actions.extend(decided)
-        return decided
-
-    rt.scheduler.handle = recording
-    return actions
-
-
-def kv_after_evictions(monkeypatch) -> list[int]:
-    """The KV blocks each instance still uses right after an eviction or hand-over job."""
-    freed, evict = [], LiveInstance.evict
-
-    def evicting(self, request_ids):
-        states = evict(self, request_ids)
-        freed.append(self.kv_blocks_used)
-        return states
-
-    monkeypatch.setattr(LiveInstance, "evict", evicting)
-    return freed
 
 
 @pytest.mark.parametrize("migration", [False, True], ids=["re-prefill", "live-migration"])
