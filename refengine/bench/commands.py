@@ -186,3 +186,34 @@ def profile(device: str, backend: str | None, force: bool) -> None:
     for row in table.decode_rows:
         click.echo(f"decode ms at context {int(row.context)}: " +
                    ", ".join(f"b{int(b)}→{l * 1e3:.1f}" for b, l in zip(row.batch, row.latency)))
+
+
+@bench.command()
+@_backend
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=16), default=(128, 512, 1024),
+              show_default=True, help="Prompt tokens of the request that is moved.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@_write
+def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write: bool) -> None:
+    """Pause of a running request moved to another device: live migration vs drop-and-re-prefill."""
+    import os
+
+    from refengine.bench import migrate_bench
+    from refengine.store.cache import model_home
+    from refengine.store.prepare import prepare
+    backend = backend_for_device("cpu", backend)
+    prepare(progress=False)
+    load_before = os.getloadavg()
+    runs = migrate_bench.run(model_home(), backend, contexts, repeats, progress=click.echo)
+    load_after = os.getloadavg()
+    table = migrate_bench.table(runs)
+    click.echo(table)
+    if write:
+        body = (f"Command: `python cli.py bench migrate --backend {backend}`; SmolLM2-135M-Instruct, two logical "
+                f"CPU devices sharing the machine's cores, {backend} backend, median of {repeats} runs per cell. "
+                f"{migrate_bench.__doc__.split(chr(10) + chr(10), 1)[1].strip()} Pause: the largest gap between "
+                f"consecutive tokens the client receives once the burst arrived; typical gap: the median one "
+                f"(both modes). Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
+                f"{'/'.join(f'{x:.1f}' for x in load_after)} after: the machine is shared, so absolute times are "
+                f"noisy.\n\n{table}")
+        update_section("migrate", "Live migration vs drop-and-re-prefill", body)

@@ -20,7 +20,8 @@ from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler import actions as act
 from scheduler.slo import SloPolicy
-from tests.runtime.two_devices import PINNED_SLO, kv_after_evictions, pinned_home, record_actions
+from refengine.bench.migrate_bench import PINNED_SLO, pinned_home
+from tests.runtime.two_devices import kv_after_evictions, record_actions
 
 PROMPT = "The capital of France is"
 # The reference backend on a shared 2-core machine is slow and noisy; these tests check the executor,
@@ -223,8 +224,8 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
     async def scenario():
         rt = LiveRuntime(RuntimeOptions(
             Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
-            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path), slo=PINNED_SLO,
-            migration=migration))
+            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path, "cpu-reference"),
+            slo=PINNED_SLO, migration=migration))
         await rt.start()
         actions = record_actions(rt)
         try:

@@ -1,6 +1,6 @@
 """Live migration under a live stream, over real HTTP with the official `openai` client.
 
-Two logical CPU devices with a pinned cost model (`tests/runtime/two_devices.py`) make the
+Two logical CPU devices with a pinned cost model (`bench migrate`'s scene) make the
 scheduler's choice certain: a long stream of tiny-b decodes on cpu:0; a burst of three tiny-a
 requests lands there too and would overload cpu:0's decode time, so tiny-b's instance, the smaller
 batch, is preempted and its request live-migrated to a new instance on cpu:1 — rebuilt from its
@@ -15,12 +15,12 @@ import openai
 import pytest
 
 from models.catalogue import Catalogue, ModelSpec
+from refengine.bench.migrate_bench import PINNED_SLO, pinned_home
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.server.app import create_app, runtime_lifespan
-from tests.runtime.two_devices import PINNED_SLO, pinned_home
 from tests.server.conftest import MODELS, WEIGHTS, LiveServer
 
 BURST, NEIGHBOUR = MODELS
@@ -29,11 +29,11 @@ TOKENS = 96                      # the move completes after a few tokens; this o
 
 
 @pytest.fixture
-def two_devices(tiny_home, tmp_path_factory):
+def two_devices(tiny_home, tmp_path):
     runtime = LiveRuntime(RuntimeOptions(
         Catalogue([ModelSpec(name, WEIGHTS) for name in MODELS]),
         [DeviceSpec("cpu:0", 1 << 30), DeviceSpec("cpu:1", 1 << 30)], keep_alive_s=5.0,
-        backend="reference", home=pinned_home(tiny_home, tmp_path_factory.mktemp("pinned"), WEIGHTS),
+        backend="reference", home=pinned_home(tiny_home, tmp_path, "cpu-reference", WEIGHTS),
         slo=PINNED_SLO))
     with LiveServer(create_app(runtime, lifespan=runtime_lifespan(runtime))) as server:
         yield server, runtime
