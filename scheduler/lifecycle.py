@@ -76,7 +76,7 @@ class Lifecycle:
         self.queued: dict[str, Request] = {}
         self.instances: dict[str, Instance] = {}
         self.by_model: dict[str, list[Instance]] = {}
-        self.touched: set[str] = set()          # other nodes a migration changed, for the pump
+        self.touched: set[str] = set()          # nodes a migration changed, for the pump
         self._serial = 0
 
     # -- instances -------------------------------------------------------------------------------
@@ -289,6 +289,7 @@ class Lifecycle:
             m.synced, m.rounds = m.sent, m.rounds + 1
             if migration.hand_over_now(m, self.config):
                 m.handover = self.memory.register_evict(m.source, (rid,), destination)
+                self.touched.add(m.source.node.id)
 
     def handed_over(self, op: MemoryOp, now: float) -> Instance | None:
         """The source let go of the request: it continues on the destination, pending its prefill
@@ -315,3 +316,4 @@ class Lifecycle:
             m.source.outbox.remove(m.handover)
         m.destination.forget_incoming(req)
         self._left(m.destination, now)
+        self.touched.add(m.destination.node.id)

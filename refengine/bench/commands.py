@@ -206,14 +206,7 @@ def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write:
     load_before = os.getloadavg()
     runs = migrate_bench.run(model_home(), backend, contexts, repeats, progress=click.echo)
     load_after = os.getloadavg()
-    table = migrate_bench.table(runs)
-    click.echo(table)
+    body = migrate_bench.report(runs, backend, repeats, load_before, load_after)
+    click.echo(body)
     if write:
-        body = (f"Command: `python cli.py bench migrate --backend {backend}`; SmolLM2-135M-Instruct, two logical "
-                f"CPU devices sharing the machine's cores, {backend} backend, median of {repeats} runs per cell. "
-                f"{migrate_bench.__doc__.split(chr(10) + chr(10), 1)[1].strip()} Pause: the largest gap between "
-                f"consecutive tokens the client receives once the burst arrived; typical gap: the median one "
-                f"(both modes). Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
-                f"{'/'.join(f'{x:.1f}' for x in load_after)} after: the machine is shared, so absolute times are "
-                f"noisy.\n\n{table}")
         update_section("migrate", "Live migration vs drop-and-re-prefill", body)

@@ -3,9 +3,9 @@ live migration (ServerlessLLM §4: the destination rebuilds the KV from the toke
 the source keeps streaming, then a hand-over) or by drop-and-re-prefill (SLINFER §4.4.1: evicted,
 placed again, prefilled from scratch), on the live runtime with the real SmolLM2 weights.
 
-The scene is the one `tests/runtime` preempts in: two logical CPU devices and a cost model pinned
-so the scheduler's choices follow from batch sizes alone (a decode iteration 0.1 s per sequence, a
-prefill 20 ms, TPOT 0.4 s: a device's instances hold three sequences between them). A request of
+The scene (the live-runtime tests preempt in it too): two logical CPU devices and a cost model
+pinned so the scheduler's choices follow from batch sizes alone (a decode iteration 0.1 s per
+sequence, a prefill 20 ms, TPOT 0.4 s: a device's instances hold three sequences). A request of
 `context` prompt tokens streams on cpu:0, beside a warm idle instance of another model; after a
 few tokens a burst of three requests for that model lands on cpu:0 and overloads its decode time,
 so the streaming request's instance (the smaller batch) is preempted and the request moves to a new
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -59,6 +60,7 @@ class MoveRun:
     migration: bool
     pause_s: float             # the largest gap between consecutive tokens once the burst arrived
     typical_gap_s: float       # the median gap over the same stretch
+    handover_gap_s: float      # migration: the gap before the destination's first token (else nan)
     moved: bool                # the runtime did move it as asked (a migration, or an eviction)
     start_up_s: float          # the destination's start-up the request waited for (re-prefill only)
     tokens: tuple[int, ...]
@@ -76,10 +78,13 @@ async def _one(options: RuntimeOptions, context: int, max_tokens: int, burst_aft
         await _drain(rt, BURST, "Hello")        # warm beside it: no cold start blocks cpu:0 later
         ids = rt.tokenizer(MOVED).encode(TEXT)
         prompt = (ids * (context // len(ids) + 1))[:context]
-        times, tokens, burst, finished = [], [], None, None
+        # per token: when it arrived, and whether the hand-over had happened (it is counted before
+        # the destination's first token is made, after the source's last one reached the client)
+        times, handed, tokens, burst, finished = [], [], [], None, None
         async for event in rt.generate(MOVED, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)):
             if isinstance(event, TokenChunk):
                 times.append(time.perf_counter())
+                handed.append(rt.counters["migrations"] > 0)
                 tokens.append(event.token_id)
                 if len(tokens) == burst_after:
                     burst = asyncio.gather(*(_drain(rt, BURST, p) for p in ("One", "Two", "Three")))
@@ -90,12 +95,14 @@ async def _one(options: RuntimeOptions, context: int, max_tokens: int, burst_aft
     finally:
         await rt.stop()
     gaps = [b - a for a, b in zip(times[burst_after - 1:], times[burst_after:])]
+    first = handed.index(True) if True in handed else None
     moved = status.migrations == 1 if options.migration else status.preemptions >= 1
-    return MoveRun(context, options.migration, max(gaps), statistics.median(gaps), moved,
+    return MoveRun(context, options.migration, max(gaps), statistics.median(gaps),
+                   times[first] - times[first - 1] if first else math.nan, moved,
                    finished.cold_start_grace_s, tuple(tokens))
 
 
-def run(model_home: Path, backend: str, contexts: tuple[int, ...], repeats: int, max_tokens: int = 32,
+def run(model_home: Path, backend: str, contexts: tuple[int, ...], repeats: int, max_tokens: int = 96,
         burst_after: int = 4, progress=print) -> list[MoveRun]:
     """Both modes at each context, `repeats` times, modes and contexts taking turns; a first run of
     each mode warms the kernels up and is not kept."""
@@ -109,27 +116,47 @@ def run(model_home: Path, backend: str, contexts: tuple[int, ...], repeats: int,
                     options = RuntimeOptions(Catalogue.default(replicas=1), devices, keep_alive_s=30.0,
                                              backend=backend, home=home, slo=PINNED_SLO, migration=migration)
                     result = asyncio.run(_one(options, context, max_tokens, burst_after))
+                    handover = f", hand-over gap {result.handover_gap_s * 1e3:.0f} ms" if migration else ""
                     progress(f"{'warm-up' if not r else f'round {r}'}: context {context} "
-                             f"{'migration' if migration else 're-prefill'}: pause {result.pause_s * 1e3:.0f} ms, "
-                             f"typical gap {result.typical_gap_s * 1e3:.0f} ms{'' if result.moved else ' (NOT MOVED)'}")
+                             f"{'migration' if migration else 're-prefill'}: largest gap {result.pause_s * 1e3:.0f} ms"
+                             f"{handover}, typical gap {result.typical_gap_s * 1e3:.0f} ms"
+                             f"{'' if result.moved else ' (NOT MOVED)'}")
                     if r:
                         runs.append(result)
     return runs
 
 
 def table(runs: list[MoveRun]) -> str:
-    """Medians per context: each mode's pause, the typical gap, and the re-prefill's wait for the
-    destination's start-up (part of its pause); whether every run gave the same tokens."""
+    """Medians per context: the migration's hand-over gap and largest gap, the re-prefill's pause
+    (its largest gap) and the part of it spent waiting for the destination's start-up, the typical
+    gap; whether every run gave the same tokens and was moved as asked."""
     rows = []
     for context in sorted({r.context for r in runs}):
         mine = [r for r in runs if r.context == context]
         moving = [r for r in mine if r.migration]
         dropping = [r for r in mine if not r.migration]
         ms = lambda values: statistics.median(values) * 1e3  # noqa: E731
-        pause_m, pause_d = ms([r.pause_s for r in moving]), ms([r.pause_s for r in dropping])
-        rows.append([context, f"{pause_m:.0f}", f"{pause_d:.0f}", f"{pause_d / pause_m:.1f}×",
-                     f"{ms([r.typical_gap_s for r in mine]):.0f}", f"{ms([r.start_up_s for r in dropping]):.0f}",
+        handover, pause = ms([r.handover_gap_s for r in moving]), ms([r.pause_s for r in dropping])
+        rows.append([context, f"{handover:.0f}", f"{ms([r.pause_s for r in moving]):.0f}", f"{pause:.0f}",
+                     f"{pause / handover:.1f}×", f"{ms([r.start_up_s for r in dropping]):.0f}",
+                     f"{ms([r.typical_gap_s for r in mine]):.0f}",
                      "yes" if len({r.tokens for r in mine}) == 1 else "NO",
                      "yes" if all(r.moved for r in mine) else "NO"])
-    return markdown_table(["context tokens", "migration pause ms", "re-prefill pause ms", "re-prefill / migration",
-                           "typical gap ms", "re-prefill start-up wait ms", "same tokens", "moved as asked"], rows)
+    return markdown_table(["context tokens", "migration: hand-over gap ms", "migration: largest gap ms",
+                           "re-prefill: pause ms", "pause / hand-over gap", "re-prefill: of which start-up ms",
+                           "typical gap ms", "same tokens", "moved as asked"], rows)
+
+
+def report(runs: list[MoveRun], backend: str, repeats: int, load_before: tuple[float, ...],
+           load_after: tuple[float, ...]) -> str:
+    """The BENCHMARKS.md section: how it was measured (the scene is this module's docstring), the
+    load on the shared machine, the table."""
+    scene = " ".join(__doc__.split("\n\n")[1].split())
+    load = lambda avg: "/".join(f"{x:.1f}" for x in avg)  # noqa: E731
+    return (f"Command: `python cli.py bench migrate --backend {backend}`; SmolLM2-135M-Instruct, {backend} "
+            f"backend, median of {repeats} runs per cell. {scene} Gaps are between consecutive tokens as the "
+            f"client receives them, from the burst on: the hand-over gap is the one before the destination's "
+            f"first token; a re-prefill's pause is its largest gap; the typical gap is the median one (both "
+            f"modes). A migration's largest gap is not its hand-over: it falls while the burst is prefilled "
+            f"on cpu:0 and the destination loads on the shared cores. Load average (1/5/15 min) {load(load_before)} before, {load(load_after)} after: the "
+            f"machine is shared with other work, so absolute times are noisy.\n\n{table(runs)}")

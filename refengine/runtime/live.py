@@ -376,7 +376,7 @@ class LiveRuntime:
             dest = self._instances.get(action.destination) if isinstance(action, act.HandOver) else None
             if dest is not None and not dest.failed and moving is not None:
                 req.instance, req.seq_id = dest.name, moving.seq_id
-                self._submit(dest, lambda: dest.adopt(moving.seq_id, request_id, state))
+                self._submit(dest, partial(dest.adopt, moving.seq_id, request_id, state))
                 self.counters["migrations"] += 1
             else:                                   # evicted, or its destination is gone
                 req.instance, req.state = None, state

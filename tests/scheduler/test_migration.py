@@ -168,6 +168,19 @@ def test_a_request_that_finishes_during_the_rounds_calls_the_migration_off(scene
     assert "Unload" in kinds(acts)                                # the victim emptied: it goes
 
 
+def test_a_request_that_finishes_before_its_hand_over_withdraws_it(scene):
+    sched, victim, acts = scene
+    source_grant = only([a for a in acts if a.instance == victim.id], Grant)
+    dest, acts = load_destination(sched, acts)
+    source_grant = only(source_steps(sched, victim, source_grant, 1, NOW + 0.3), Grant)
+    sched.handle(StepFinished(dest, only(acts, Grant).grant_id, "prefill", (), (), 8, 0.12, True,
+                              caught_up=("moving",)), NOW + 0.35)
+    assert len(victim.outbox) == 1                                # the hand-over waits for the source
+    acts = sched.handle(StepFinished(victim.id, source_grant.grant_id, "decode", ("moving",),
+                                     ("moving",), 0, 0.07, True), NOW + 0.4)
+    assert "HandOver" not in kinds(acts) and "Unload" in kinds(acts)
+
+
 def test_a_destination_that_fails_falls_back_to_drop_and_re_prefill(scene):
     sched, victim, acts = scene
     source_grant = only([a for a in acts if a.instance == victim.id], Grant)
