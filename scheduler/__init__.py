@@ -6,7 +6,7 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 - `specs`       ModelSpec, NodeSpec: what the scheduler is told at construction
 - `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed, Tick
 - `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
-                Migrate, HandOver, Drop, ColdStartGrace
+                Drop, ColdStartGrace
 - `codec`       JSON lines for events and actions (logging, replay)
 - `costmodel`   profiled latency tables, interpolation, the profile JSON format (§4.2.2)
 - `config`      SchedulerConfig and the presets: slinfer, sllm, sllm+c, sllm+c+s, ablations
@@ -18,7 +18,6 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 - `memory`      optimistic budget, pessimistic usage, reservation station (§4.3.3)
 - `partition`   instance caps, fixed KV and static time shares (baselines)
 - `consolidation` bin-packing orders and preemption victims (§4.4)
-- `migration`   token-based live migration: cost vs re-prefill, when to hand over (ServerlessLLM)
 - `placement`   existing instance → preemption → new instance (§4.1)
 - `lifecycle`   create, attach, keep-alive reclaim, eviction, cold-start grace (§4.5)
 - `core`        the Scheduler that wires them together
@@ -31,9 +30,6 @@ Executor loop (the simulator in `refengine/sim/simulator.py` is a complete examp
             CreateInstance  -> make an empty instance (no weights, 0 KV) on the node
             Load / Unload / KvResize / Evict -> do it now; then MemoryDone(action_id, seconds)
             Assign          -> queue the request on the instance (re-prefill resume_tokens too)
-            Migrate         -> send the destination the request's tokens for its next prefill
-            HandOver        -> stop the request on the source, continue it on the destination;
-                               then MemoryDone (a memory action of the source)
             Grant           -> run up to `iterations` steps of `kind`; StepFinished after each
             Drop            -> fail the request (it counts as an SLO miss)
             ColdStartGrace  -> note it for SLO accounting
@@ -41,7 +37,7 @@ Executor loop (the simulator in `refengine/sim/simulator.py` is a complete examp
         arm a timer for sched.next_wakeup() and send Tick() when it fires
 """
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant,
-                               HandOver, KvResize, Load, Migrate, ReleaseInstance, Unload)
+                               KvResize, Load, ReleaseInstance, Unload)
 from scheduler.config import PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
@@ -52,8 +48,7 @@ from scheduler.specs import ModelSpec, NodeSpec
 
 __all__ = [
     "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
-    "Grant", "HandOver", "InstanceFailed", "KvResize", "LatencyTable", "Load", "MemoryDone",
-    "Migrate", "ModelSpec", "NodeSpec", "PRESETS", "ReleaseInstance", "RequestArrived",
-    "RequestCancelled", "Scheduler", "SchedulerConfig", "SloPolicy", "StepFinished", "Tick",
-    "Unload", "load_table", "preset",
+    "Grant", "InstanceFailed", "KvResize", "LatencyTable", "Load", "MemoryDone", "ModelSpec",
+    "NodeSpec", "PRESETS", "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler",
+    "SchedulerConfig", "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
 ]

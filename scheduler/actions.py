@@ -89,22 +89,6 @@ class Evict:
 
 
 @dataclass(frozen=True)
-class Migrate:
-    request_id: str
-    source: str
-    destination: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class HandOver:
-    action_id: int
-    instance: str
-    request_id: str
-    destination: str
-
-
-@dataclass(frozen=True)
 class Drop:
     request_id: str
     reason: str
@@ -117,5 +101,5 @@ class ColdStartGrace:
 
 
 Action = Union[Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
-               Migrate, HandOver, Drop, ColdStartGrace]
-MemoryAction = Union[Load, Unload, KvResize, Evict, HandOver]
+               Drop, ColdStartGrace]
+MemoryAction = Union[Load, Unload, KvResize, Evict]

@@ -44,10 +44,6 @@ class SchedulerConfig:
     - `estimate_margin`: multiplies every latency estimate (artifact: 1.05 GPU, 1.1 CPU, §4.2.2).
     - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (§4.3.1).
     - `grant_target`: a GPU decode grant holds ≈ grant_target / iteration time steps (§9 row 5).
-    - `migration`: a preemption moves a victim's running requests by token-based live migration
-      (ServerlessLLM §4, `migration.py`) where that is cheaper than SLINFER's drop-and-re-prefill;
-      hand over once the destination is within `migration_gap` tokens of the source, or after
-      `migration_rounds` rounds whatever the gap (ServerlessLLM's rounds are unbounded).
     """
 
     name: str = "slinfer"
@@ -70,9 +66,6 @@ class SchedulerConfig:
     keep_alive: float = 1.0
     retry_interval: float = 0.25
     grant_target: float = 0.05
-    migration: bool = False
-    migration_gap: int = 4
-    migration_rounds: int = 8
 
     def concurrency_limit(self, profile: str, kind: str) -> int:
         try:

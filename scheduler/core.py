@@ -10,14 +10,13 @@ Invariants (checked by the property tests):
 - at most one grant per node is live;
 - pessimistic memory usage of every node ≤ its capacity;
 - every request ends exactly once: finished (the executor says so), cancelled, or dropped with a
-  reason; an evicted request is re-placed, never lost; a live-migrated one is attached to its
-  source until the hand-over completes, then to its destination, never to neither.
+  reason; an evicted request is re-placed, never lost.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-from scheduler.actions import Action, Evict, HandOver, KvResize, Load, Unload
+from scheduler.actions import Action, Evict, KvResize, Load, Unload
 from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
@@ -75,8 +74,6 @@ class Scheduler:
             self._tick(now)
         else:
             raise TypeError(f"unknown event {event!r}")
-        self._touched |= self.life.touched
-        self.life.touched.clear()
         for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)
@@ -143,13 +140,10 @@ class Scheduler:
                     inst.mark_prefilled(req)
             elif req.instance is not None:
                 req.instance.deadlines_changed()
-            if req.migration is not None:
-                req.migration.destination.deadlines_changed()
         for rid in ev.finished:
             req = requests.get(rid)
             if req is not None:
                 self.life.finish(req, now)
-        self.life.caught_up(inst, ev.caught_up)
         if ev.grant_done and inst.node.grant_instance is inst:
             self.tokens.release(inst.node)
         self.life.guard_kv(inst, now)
@@ -164,14 +158,10 @@ class Scheduler:
         self.memory.complete(op)
         self.life.note_memory_done(inst, ev.duration)
         if op.resource is None:
-            moved_to = self.life.handed_over(op, now) if op.destination else None
             inst.kv_used = sum(inst.model.blocks_for(r.context) for r in inst.requests.values()
                                if r.prefilled)
-            if moved_to is not None:
-                self._touched.add(moved_to.node.id)
-            if op.destination is None:
-                for req in self.life.evicted(op.requests):
-                    self._try_place(req, now)
+            for req in self.life.evicted(op.requests):
+                self._try_place(req, now)
         self.memory.wake_station(inst.node)
         self._touched.add(inst.node.id)
 
@@ -223,8 +213,6 @@ class Scheduler:
             self.life.release_if_drained(inst)
         grant = self.tokens.grant(node, now)
         if grant is not None:
-            if grant.kind == "prefill":
-                self.life.send_rounds(node.grant_instance)
             self._out.append(grant)
         elif node.grant_instance is None:
             wake = self.tokens.share_wakeup(node, now)
@@ -235,8 +223,6 @@ class Scheduler:
     @staticmethod
     def _memory_action(op: MemoryOp) -> Action:
         iid = op.instance.id
-        if op.destination is not None:
-            return HandOver(op.op_id, iid, op.requests[0], op.destination.id)
         if op.resource is None:
             return Evict(op.op_id, iid, op.requests)
         if op.resource == "weights":

@@ -20,16 +20,8 @@ class Estimator:
 
     def prefill(self, instance: Instance, requests: Iterable[Request]) -> float:
         """Σ over requests of one prefill each (the artifact's conservative sum, §4.2.4)."""
-        return sum(self.prefill_tokens(instance, r.context) for r in requests)
-
-    def prefill_tokens(self, instance: Instance, tokens: int) -> float:
-        """One prefill iteration of `tokens` tokens on `instance`."""
-        return instance.table.prefill(tokens) * self._margin[instance.node.kind]
-
-    def catch_up(self, instance: Instance) -> float:
-        """The migration rounds `instance` has to prefill: each one's tokens not yet caught up."""
-        return sum(self.prefill_tokens(instance, m.request.context - m.synced)
-                   for m in instance.catching_up)
+        margin = self._margin[instance.node.kind]
+        return sum(instance.table.prefill(r.context) for r in requests) * margin
 
     def decode(self, instance: Instance, batch: int, context_tokens: int) -> float:
         if batch == 0:
@@ -38,10 +30,8 @@ class Estimator:
         return instance.table.decode(batch, context_tokens / batch) * margin
 
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
-        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b); requests
-        migrating in count already, as they will decode here."""
-        batch = instance.batch + len(instance.incoming)
-        tokens = instance.context_tokens + sum(m.request.context for m in instance.incoming.values())
+        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""
+        batch, tokens = instance.batch, instance.context_tokens
         if extra is not None:
             batch, tokens = batch + 1, tokens + extra.context
         return self.decode(instance, batch, tokens) / self._tpot

@@ -7,8 +7,8 @@ one, in time order, and carries out the returned actions.
 Invariants the executor keeps:
 - one `StepFinished` per engine iteration it ran under a grant; the last one of a grant says
   `grant_done=True` (it ran all granted iterations or had nothing left of the granted kind);
-- one `MemoryDone` per `Load`/`Unload`/`KvResize`/`Evict`/`HandOver` action, echoing its
-  `action_id`, with the measured duration;
+- one `MemoryDone` per `Load`/`Unload`/`KvResize`/`Evict` action, echoing its `action_id`, with
+  the measured duration;
 - `RequestCancelled` only after the executor has already stopped the request itself;
 - `InstanceFailed` once per instance whose job raised, after the executor dropped it; no event
   names that instance afterwards.
@@ -45,9 +45,7 @@ class StepFinished:
 
     `sequences` produced one token each (a prefill produces a request's next token too);
     `finished` ended (EOS or max tokens) and left the instance; `kv_blocks_used` is the
-    instance's KV block count after the step (what the engine really holds); `caught_up` are
-    requests migrating in whose KV here now covers every token `Migrate` sent but the newest
-    (a migration round done).
+    instance's KV block count after the step (what the engine really holds).
     """
 
     instance: str
@@ -58,7 +56,6 @@ class StepFinished:
     kv_blocks_used: int
     elapsed: float
     grant_done: bool
-    caught_up: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,8 +83,7 @@ class InstanceFailed:
     The scheduler forgets the instance at once, without memory actions: whatever it had in flight
     or queued will never complete, and a keep-alive would send the model's next request to a dead
     instance instead of a cold start. Requests still attached end too; requests it was evicting
-    are placed again, as a completed eviction would. Requests migrating into it are not among
-    `requests` (they still run on their sources) unless their hand-over completed.
+    are placed again, as a completed eviction would.
     """
 
     instance: str

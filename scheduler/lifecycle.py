@@ -7,13 +7,7 @@
 - Detach (finish, cancel, evict): KV shrinks lazily (hysteresis); an instance left empty starts its
   keep-alive (1 s), after which it is reclaimed (scale to zero) unless a request came back.
 - Preempt: a victim leaves its model's instance list, its requests are evicted (KV dropped, to be
-  re-placed and re-prefilled) or, where placement found that cheaper, live-migrated; it unloads
-  once the last one has left.
-- Live migration (ServerlessLLM §4, `migration.py`): the request stays attached to its source,
-  which keeps decoding it, while the destination rebuilds its KV in rounds, one `Migrate` before
-  each of its prefill grants; after a round that leaves a small gap, a hand-over on the source
-  moves it to the destination. A migration that cannot finish (its request ends, is evicted, or
-  its destination fails) is called off; a request whose destination failed is evicted instead.
+  re-placed and re-prefilled), and it is unloaded.
 - Underestimation: an instance that outgrows its KV grows again if the node's budget allows, else
   evicts its longest-headroom request.
 - Cold start: requests that waited for their instance's LOAD and first KV get a TTFT grace equal to
@@ -30,14 +24,14 @@ import heapq
 from typing import Callable
 
 from scheduler import kv as kvsize
-from scheduler import migration, partition
-from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Migrate,
+from scheduler import partition
+from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop,
                                ReleaseInstance)
 from scheduler.config import SchedulerConfig
 from scheduler.kv import OutputEstimator
 from scheduler.memory import MemoryOrchestrator, free_blocks
 from scheduler.specs import ModelSpec
-from scheduler.state import Instance, MemoryOp, Migration, Node, Request
+from scheduler.state import Instance, Node, Request
 from scheduler.tokensched import kv_blocks_needed
 
 
@@ -76,7 +70,6 @@ class Lifecycle:
         self.queued: dict[str, Request] = {}
         self.instances: dict[str, Instance] = {}
         self.by_model: dict[str, list[Instance]] = {}
-        self.touched: set[str] = set()          # nodes a migration changed, for the pump
         self._serial = 0
 
     # -- instances -------------------------------------------------------------------------------
@@ -99,15 +92,8 @@ class Lifecycle:
             self.memory.register(inst, "kv", fixed)
 
     def _retire(self, inst: Instance) -> None:
-        self._withdraw(inst)
-        self._unload(inst)
-
-    def _withdraw(self, inst: Instance) -> None:
-        """No new request may come; the instance unloads once its last request has left."""
         inst.retired = True
         self.by_model[inst.model.name].remove(inst)
-
-    def _unload(self, inst: Instance) -> None:
         if inst.weights.target:
             self.memory.register(inst, "weights", 0)
         if inst.kv.target:
@@ -115,19 +101,13 @@ class Lifecycle:
 
     def reclaim_if_idle(self, inst: Instance, idle_since: float) -> None:
         """Keep-alive expired: scale the instance to zero unless it served since (§4.5)."""
-        if (not inst.retired and not inst.requests and not inst.incoming
-                and inst.idle_since == idle_since):
+        if not inst.retired and not inst.requests and inst.idle_since == idle_since:
             self._retire(inst)
 
     def preempt(self, victim: Instance, now: float) -> None:
-        """Take `victim` out of service (§4.4.1): evict for re-placement every request not
-        migrating away; it unloads once the last one has left."""
-        self._withdraw(victim)
-        staying = [r for r in victim.requests.values() if r.migration is None]
-        if staying:
-            self._evict(victim, staying, now)
-        elif not victim.requests:
-            self._unload(victim)
+        """Evict every request of `victim` for re-placement, then unload it (§4.4.1)."""
+        self._evict(victim, list(victim.requests.values()), now)
+        self._retire(victim)
 
     def fail(self, inst: Instance, ended: tuple[str, ...], now: float) -> list[Request]:
         """The executor lost `inst` (`events.InstanceFailed`): forget it without memory actions,
@@ -136,10 +116,6 @@ class Lifecycle:
         evictions = self.memory.forget(inst)
         if not inst.retired:
             self._retire(inst)                  # its targets are zero: registers no action
-        for m in list(inst.incoming.values()):  # still on their sources: re-prefill instead
-            if m.request.id not in ended:
-                self._evict(m.source, [m.request], now)
-                self.touched.add(m.source.node.id)
         for rid in (*ended, *inst.requests):
             if (req := self.requests.get(rid)) is not None:
                 self._forget(req, now)
@@ -175,12 +151,9 @@ class Lifecycle:
         self.queued.pop(req.id, None)
         inst.attach(req)
         self.emit(Assign(req.id, inst.id, req.input_tokens, req.generated))
-        self._grow_kv(inst)
-
-    def _grow_kv(self, inst: Instance) -> None:
-        """Scale up early, straight to M_recommend, once the demand passes the KV (§4.3.2)."""
         if partition.fixed_kv_blocks(inst.model, inst.node.spec, self.config) is None:
-            required = kvsize.required_blocks(inst.model, inst.held(), self.config, self.outputs)
+            required = kvsize.required_blocks(inst.model, inst.requests.values(), self.config,
+                                              self.outputs)
             target = kvsize.scale_up_target(inst.kv.target, required, self.config.watermark,
                                             free_blocks(inst.node, inst))
             if target is not None:
@@ -191,23 +164,14 @@ class Lifecycle:
         if inst is None:
             return
         inst.detach(req, now)
-        self._left(inst, now)
-
-    def _left(self, inst: Instance, now: float) -> None:
-        """A request left `inst`: shrink the KV lazily and start the keep-alive once idle; a
-        retired (preempted) instance unloads once its last request has left."""
-        if inst.retired:
-            if not inst.requests:
-                self._unload(inst)
-            return
-        if partition.fixed_kv_blocks(inst.model, inst.node.spec, self.config) is None:
-            required = kvsize.required_blocks(inst.model, inst.held(), self.config, self.outputs)
+        if partition.fixed_kv_blocks(inst.model, inst.node.spec, self.config) is None \
+                and not inst.retired:
+            required = kvsize.required_blocks(inst.model, inst.requests.values(), self.config,
+                                              self.outputs)
             target = kvsize.scale_down_target(inst.kv.target, required, self.config.watermark)
             if target is not None:
                 self.memory.register(inst, "kv", target)
-        if not inst.requests and not inst.incoming:
-            if inst.idle_since is None:         # a migration in was called off
-                inst.idle_since = now
+        if not inst.requests and not inst.retired:
             self.timers.add(now + self.config.keep_alive, "reclaim", inst.id, inst.idle_since)
 
     def enqueue(self, req: Request, now: float) -> None:
@@ -217,7 +181,6 @@ class Lifecycle:
         self.timers.add(req.retry_at, "retry", req.id, req.arrival)
 
     def _forget(self, req: Request, now: float) -> None:
-        self.cancel_migration(req, now)
         self.detach(req, now)
         self.requests.pop(req.id, None)
         self.queued.pop(req.id, None)
@@ -231,12 +194,11 @@ class Lifecycle:
         self.emit(Drop(req.id, reason))
 
     def _evict(self, inst: Instance, victims: list[Request], now: float) -> None:
-        self.memory.register_evict(inst, tuple(r.id for r in victims))   # before a retired
-        for r in victims:                                                # instance's unload
-            self.cancel_migration(r, now)
+        for r in victims:
             if r.prefilled:
                 inst.kv_used -= inst.model.blocks_for(r.context)
             self.detach(r, now)
+        self.memory.register_evict(inst, tuple(r.id for r in victims))
 
     def evicted(self, request_ids: tuple[str, ...]) -> list[Request]:
         """An eviction completed: the requests still alive and unplaced, to be placed again."""
@@ -253,67 +215,9 @@ class Lifecycle:
                 free = free_blocks(inst.node, inst)
                 if inst.kv.target + free >= need:
                     required = max(need, kvsize.required_blocks(
-                        inst.model, inst.held(), self.config, self.outputs))
+                        inst.model, inst.requests.values(), self.config, self.outputs))
                     recommended = kvsize.recommended_blocks(required, self.config.watermark)
                     self.memory.register(inst, "kv", min(recommended, inst.kv.target + free))
                     return
             longest = max(inst.requests.values(), key=lambda r: r.deadline)
             self._evict(inst, [longest], now)
-
-    # -- live migration ---------------------------------------------------------------------------
-
-    def migrate(self, req: Request, destination: Instance) -> None:
-        """Start moving `req` from its instance to `destination`, whose KV grows to hold it; the
-        source keeps decoding it until the hand-over."""
-        m = Migration(req, req.instance, destination)
-        req.migration = m
-        destination.receive(m)
-        self._grow_kv(destination)
-        self.touched.add(destination.node.id)
-
-    def send_rounds(self, destination: Instance) -> None:
-        """`destination` is about to prefill: send each migration catching up there the tokens its
-        request produced since the last round (the first round sends them all)."""
-        for m in destination.catching_up:
-            if m.request.context > m.sent:
-                m.sent = m.request.context
-                self.emit(Migrate(m.request.id, m.source.id, destination.id, m.sent))
-
-    def caught_up(self, destination: Instance, request_ids: tuple[str, ...]) -> None:
-        """Rounds done: hand over if the gap is small, else the next round goes with the next
-        prefill grant."""
-        for rid in request_ids:
-            m = destination.incoming.get(rid)
-            if m is None or not m.catching_up:
-                continue
-            m.synced, m.rounds = m.sent, m.rounds + 1
-            if migration.hand_over_now(m, self.config):
-                m.handover = self.memory.register_evict(m.source, (rid,), destination)
-                self.touched.add(m.source.node.id)
-
-    def handed_over(self, op: MemoryOp, now: float) -> Instance | None:
-        """The source let go of the request: it continues on the destination, pending its prefill
-        of the last gap (which samples its next token). Returns the destination, or None if the
-        migration was called off meanwhile."""
-        req = self.requests.get(op.requests[0])
-        m = req.migration if req is not None else None
-        if m is None or m.handover is not op:
-            return None
-        req.migration = None
-        self.detach(req, now)
-        m.destination.forget_incoming(req)
-        m.destination.attach(req)
-        return m.destination
-
-    def cancel_migration(self, req: Request, now: float) -> None:
-        """Call off `req`'s migration, if any: the destination forgets it (the executor drops what
-        it rebuilt once the request ends; a hand-over not yet dispatched is withdrawn)."""
-        m = req.migration
-        if m is None:
-            return
-        req.migration = None
-        if m.handover is not None and m.handover in m.source.outbox:
-            m.source.outbox.remove(m.handover)
-        m.destination.forget_incoming(req)
-        self._left(m.destination, now)
-        self.touched.add(m.destination.node.id)

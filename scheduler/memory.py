@@ -79,14 +79,8 @@ class MemoryOrchestrator:
         else:
             node.station.append(op)
 
-    def register_evict(self, instance: Instance, request_ids: tuple[str, ...],
-                       destination: Instance | None = None) -> MemoryOp:
-        """Queue an eviction (or, with a `destination`, a live migration's hand-over): it frees
-        KV, so it never waits in the station."""
-        op = self._new_op(instance, None, 0, 0, request_ids)
-        op.destination = destination
-        instance.outbox.append(op)
-        return op
+    def register_evict(self, instance: Instance, request_ids: tuple[str, ...]) -> None:
+        instance.outbox.append(self._new_op(instance, None, 0, 0, request_ids))
 
     def _fits(self, op: MemoryOp) -> bool:
         node = op.instance.node
@@ -156,7 +150,7 @@ class MemoryOrchestrator:
     def forget(instance: Instance) -> list[MemoryOp]:
         """The executor lost `instance` with its memory: zero its figures and drop its actions (in
         flight, committed, waiting in the station), which will never complete. Returns the dropped
-        evictions (not hand-overs), whose requests were detached but not yet placed again."""
+        evictions, whose requests were detached but not yet placed again."""
         dropped = [op for op in (instance.in_flight, *instance.outbox) if op is not None]
         for op in [op for op in instance.node.station if op.instance is instance]:
             instance.node.station.remove(op)
@@ -165,7 +159,7 @@ class MemoryOrchestrator:
         for state in (instance.weights, instance.kv):
             state.version += 1
             state.target = state.actual = state.physical = 0
-        return [op for op in dropped if op.resource is None and op.destination is None]
+        return [op for op in dropped if op.resource is None]
 
     @staticmethod
     def waiting_in_station(instance: Instance) -> bool:

@@ -8,10 +8,7 @@ Invariants:
 - per instance and memory resource (weights, KV) there are three figures (§4.3.3): `target`
   (optimistic, what admission plans with), `actual` (pessimistic, what execution reserves) and
   `physical` (what the executor holds after the last completed action); physical ≤ actual;
-- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute;
-- a request being live-migrated stays attached to its source (which keeps decoding it) and sits in
-  its destination's `incoming` until the hand-over completes; then it is attached to the
-  destination alone. An instance has at most one migration per request.
+- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute.
 """
 from __future__ import annotations
 
@@ -39,7 +36,6 @@ class Request:
     instance: "Instance | None" = None
     prefilled: bool = False
     retry_at: float = 0.0
-    migration: "Migration | None" = None
 
     @property
     def context(self) -> int:
@@ -66,8 +62,7 @@ class ResourceState:
 class MemoryOp:
     """A registered memory action, before it becomes an `actions.*` for the executor.
 
-    `resource` is None for an eviction (it frees KV but sets no target); an eviction with a
-    `destination` is a live migration's hand-over of its one request.
+    `resource` is None for an eviction (it frees KV but sets no target).
     """
 
     op_id: int
@@ -76,31 +71,6 @@ class MemoryOp:
     value: int
     version: int
     requests: tuple[str, ...] = ()
-    destination: "Instance | None" = None
-
-
-@dataclass
-class Migration:
-    """A running request moving from `source` to `destination` by its tokens (ServerlessLLM §4).
-
-    Rounds: the destination prefills the tokens `sent` to it (prompt + produced, all but the newest,
-    as a running sequence holds them) while the source keeps decoding; `synced` is what it has
-    caught up to. When the gap to the source is small, `handover` (an eviction with a destination,
-    on the source) stops the request there and the destination continues it.
-    """
-
-    request: Request
-    source: "Instance"
-    destination: "Instance"
-    sent: int = 0
-    synced: int = 0
-    rounds: int = 0
-    handover: MemoryOp | None = None
-
-    @property
-    def catching_up(self) -> bool:
-        """The destination has prefill work for it: a round in flight or the next one due."""
-        return self.handover is None
 
 
 @dataclass
@@ -112,7 +82,6 @@ class Instance:
     created: float
     requests: dict[str, Request] = field(default_factory=dict)
     pending: dict[str, Request] = field(default_factory=dict)
-    incoming: dict[str, Migration] = field(default_factory=dict)
     context_tokens: int = 0
     kv_used: int = 0
     time_share: float = 1.0
@@ -150,22 +119,13 @@ class Instance:
     def memory_busy(self) -> bool:
         return self.in_flight is not None or bool(self.outbox)
 
-    @property
-    def catching_up(self) -> list[Migration]:
-        """Migrations into this instance that need its prefill iterations."""
-        return [m for m in self.incoming.values() if m.catching_up]
-
-    def held(self) -> list[Request]:
-        """Requests whose KV this instance holds or is rebuilding: attached and migrating in."""
-        return [*self.requests.values(), *(m.request for m in self.incoming.values())]
-
     def min_deadline(self) -> float:
         """The instance's urgency: the earliest next-token deadline of its requests (§4.2.1).
 
         Cached: whoever changes a request's `generated` or `grace` calls `deadlines_changed`.
         """
         if self._urgency is None:
-            deadlines = (r.deadline for r in self.held())     # rounds: as urgent as their request
+            deadlines = (r.deadline for r in self.requests.values())
             self._urgency = min(deadlines, default=float("inf"))
         return self._urgency
 
@@ -181,16 +141,6 @@ class Instance:
         self.idle_since = None
         self._urgency = None
 
-    def receive(self, migration: Migration) -> None:
-        self.incoming[migration.request.id] = migration
-        self.idle_since = None
-        self._urgency = None
-
-    def forget_incoming(self, request: Request) -> None:
-        """A migration into this instance ended: handed over, called off or its request gone."""
-        self.incoming.pop(request.id, None)
-        self._urgency = None
-
     def mark_prefilled(self, request: Request) -> None:
         request.prefilled = True
         del self.pending[request.id]
@@ -202,7 +152,7 @@ class Instance:
         self._urgency = None
         request.instance = None
         request.prefilled = False
-        if not self.requests and not self.incoming:
+        if not self.requests:
             self.idle_since = now
 
 

@@ -7,10 +7,10 @@ grant on fast steps. Prefill iterations run apart from decode iterations: an ins
 prompts gets a one-iteration prefill grant first. When the grant ends the permit is free again and
 the next pick happens at once, so a node never idles while an instance could run.
 
-Eligible (§4.2.3, §8 item 4): has requests (or live-migration rounds to prefill, `migration.py`);
-weights loaded and not being unloaded; no memory action in flight or committed; KV in place for the
-next iteration; within its static time share (only sllm+c+s has one: an instance may not compute
-more than `time_share` of the wall time since it was created, the artifact's sleep rule, §6.2).
+Eligible (§4.2.3, §8 item 4): has requests; weights loaded and not being unloaded; no memory action
+in flight or committed; KV in place for the next iteration; within its static time share (only
+sllm+c+s has one: an instance may not compute more than `time_share` of the wall time since it was
+created, the artifact's sleep rule, §6.2).
 
 Invariant: at most one instance per node holds a grant (`Node.grant_instance`).
 """
@@ -22,13 +22,11 @@ from scheduler.state import Instance, Node
 
 
 def kv_blocks_needed(inst: Instance) -> int:
-    """KV blocks the engine may need for the next iteration (each sequence may open a block; a
-    migration round may fill its request's whole context)."""
-    blocks_for = inst.model.blocks_for
-    rounds = sum(blocks_for(m.request.context) for m in inst.catching_up)
+    """KV blocks the engine may need for the next iteration (each sequence may open a block)."""
     if not inst.pending:
-        return inst.kv_used + len(inst.requests) + rounds
-    return (inst.kv_used + inst.running + rounds
+        return inst.kv_used + len(inst.requests)
+    blocks_for = inst.model.blocks_for
+    return (inst.kv_used + inst.running
             + sum(blocks_for(r.context + 1) for r in inst.pending.values()))
 
 
@@ -46,7 +44,7 @@ class TokenScheduler:
 
     @staticmethod
     def eligible(inst: Instance, now: float) -> bool:
-        return ((bool(inst.requests) or bool(inst.catching_up)) and not inst.computing and inst.loaded
+        return (bool(inst.requests) and not inst.computing and inst.loaded
                 and not inst.memory_busy and inst.kv.physical > 0
                 and inst.kv.physical >= kv_blocks_needed(inst)
                 and share_ready_at(inst) <= now + 1e-12)
@@ -67,9 +65,9 @@ class TokenScheduler:
         inst = self.pick(node, now)
         if inst is None:
             return None
-        if inst.pending or inst.catching_up:
+        if inst.pending:
             kind, iterations = "prefill", 1
-            duration = self.est.prefill(inst, inst.pending.values()) + self.est.catch_up(inst)
+            duration = self.est.prefill(inst, inst.pending.values())
         else:
             step = self.est.decode(inst, inst.batch, inst.context_tokens)
             kind, iterations = "decode", self.est.decode_iterations(inst, step)

@@ -161,8 +161,8 @@ def test_requests_a_failed_instance_was_evicting_are_placed_again():
     iid, grant = cold_start(sched)
     acts = sched.handle(StepFinished(iid, grant.grant_id, "prefill", ("r1",), (), 42, 0.01, True),
                         0.7)
-    assert only(acts, Evict).requests == ("r1",)        # underestimated KV, no room to grow;
-    assert "KvResize" not in kinds(acts)                # its blocks go before the KV shrinks
+    acts = sched.handle(MemoryDone(iid, only(acts, KvResize).action_id, 0.01), 0.7)
+    assert only(acts, Evict).requests == ("r1",)        # underestimated KV, no room to grow
     acts = sched.handle(InstanceFailed(iid, ()), 0.8)   # the executor had already let r1 go
     assert kinds(acts) == ["ReleaseInstance", "CreateInstance", "Assign", "Load"]
     assert only(acts, Assign) == Assign("r1", only(acts, CreateInstance).instance, 16, 1)
