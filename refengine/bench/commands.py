@@ -133,15 +133,18 @@ def profile(device: str, backend: str | None, force: bool) -> None:
               help="Multiplies the trace's prompt and output lengths.")
 @click.option("--devices", default="cpu", show_default=True, help="The server's devices: cpu, cpu*2, cpu,cuda:0 ...")
 @_backend
+@click.option("--keep-alive", default=ServeBench.keep_alive_s, show_default=True, type=click.FloatRange(min=0),
+              help="The server's keep-alive, seconds.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the requests' model assignment.")
 @_write
 def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tuple[float, ...], duration: float,
-                length_scale: float, devices: str, backend: str | None, seed: int, write: bool) -> None:
+                length_scale: float, devices: str, backend: str | None, keep_alive: float, seed: int,
+                write: bool) -> None:
     """Replay the Azure conversation trace against the live server: SLO-met rate, TTFT/TPOT, goodput
     and peak memory per (models, scheduler, offered load), written with a plot to docs/BENCHMARKS.md."""
     from refengine.bench import serve_bench as sb, serve_report
     config = ServeBench(tuple(models), tuple(schedulers), tuple(sorted(loads)), duration, devices=devices,
-                        backend=backend, seed=seed, length_scale=length_scale)
+                        backend=backend, keep_alive_s=keep_alive, seed=seed, length_scale=length_scale)
     loadavg_start, started = os.getloadavg(), time.monotonic()
     click.echo(f"{len(config.points())} points of {duration:g} s each; load average {loadavg_start[0]:.1f}")
     try:

@@ -76,48 +76,58 @@ async def _stream(client: openai.AsyncOpenAI, request: TraceRequest, prompt: lis
             record.output_tokens = chunk.usage.completion_tokens
 
 
+COUNTERS = ("cold_starts", "preemptions")
+
+
 @dataclass
 class ServerSamples:
-    """Peaks of the runtime's gauges over the run, and its counters at the end (from `/metrics`)."""
+    """Peaks of the runtime's gauges over the run, and how far its counters moved from the first
+    scrape to the last (so the warm-up's cold start is not counted)."""
 
     peak_device_memory_bytes: float = 0.0     # refengine_device_memory_actual_bytes, all devices
     peak_instances_loaded: float = 0.0
-    counters: dict[str, float] = field(default_factory=dict)   # cold_starts, preemptions
+    first: dict[str, float] | None = None
+    last: dict[str, float] = field(default_factory=dict)
 
     def add(self, exposition: str) -> None:
-        gauges: dict[str, float] = {}
+        totals: dict[str, float] = {}       # each sample summed over its labels (devices, instances)
         for family in text_string_to_metric_families(exposition):
             for sample in family.samples:
-                gauges[sample.name] = gauges.get(sample.name, 0.0) + sample.value
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
         self.peak_device_memory_bytes = max(self.peak_device_memory_bytes,
-                                            gauges.get("refengine_device_memory_actual_bytes", 0.0))
-        self.peak_instances_loaded = max(self.peak_instances_loaded, gauges.get("refengine_instances_loaded", 0.0))
-        self.counters = {name: gauges.get(f"refengine_{name}_total", 0.0)
-                         for name in ("cold_starts", "preemptions")}
+                                            totals.get("refengine_device_memory_actual_bytes", 0.0))
+        self.peak_instances_loaded = max(self.peak_instances_loaded, totals.get("refengine_instances_loaded", 0.0))
+        self.last = {name: totals.get(f"refengine_{name}_total", 0.0) for name in COUNTERS}
+        self.first = self.first if self.first is not None else self.last
+
+    def counted(self, name: str) -> float:
+        """How much counter `name` grew over the sampled run."""
+        return self.last.get(name, 0.0) - (self.first or {}).get(name, 0.0)
 
 
-async def sample_metrics(base_url: str, samples: ServerSamples, stop: asyncio.Event) -> None:
+async def sample_metrics(http: httpx.AsyncClient, samples: ServerSamples, stop: asyncio.Event) -> None:
     """Scrape `/metrics` every SAMPLE_EVERY_S until `stop` is set, and once more after."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        while True:
-            stopping = stop.is_set()
-            samples.add((await http.get("/metrics")).text)
-            if stopping:
-                return
-            try:
-                await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-            except asyncio.TimeoutError:
-                pass
+    while True:
+        stopping = stop.is_set()
+        samples.add((await http.get("/metrics")).text)
+        if stopping:
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def replay_sampled(base_url: str, workload: Workload, passage: Sequence[int],
                          drain_s: float) -> tuple[list[RequestRecord], ServerSamples]:
-    """`replay` with `/metrics` sampled beside it."""
+    """`replay` with `/metrics` sampled beside it; the first scrape is taken before the first request."""
     samples, stop = ServerSamples(), asyncio.Event()
-    sampler = asyncio.create_task(sample_metrics(base_url, samples, stop))
-    try:
-        records = await replay(base_url, workload, passage, drain_s)
-    finally:
-        stop.set()
-        await sampler
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        samples.add((await http.get("/metrics")).text)
+        sampler = asyncio.create_task(sample_metrics(http, samples, stop))
+        try:
+            records = await replay(base_url, workload, passage, drain_s)
+        finally:
+            stop.set()
+            await sampler
     return records, samples

@@ -80,29 +80,32 @@ def section(bench: ServeBench, summaries: list[PointSummary], notes: RunNotes) -
     biggest = serve_workload(served_names(max(bench.models)), max(bench.loads), bench.duration_s, bench.seed,
                              bench.length_scale).requests
     prompts, outputs = [r.input_tokens for r in biggest], [r.output_tokens for r in biggest]
-    return f"""Command: `{notes.command}`: {len(summaries)} points in {notes.wall_s / 60:.1f} min; devices
-`{bench.devices}`, kernels `{bench.backend or "the device's own"}`. Load average (1/5/15 min) {_load(notes.loadavg_start)}
-at the start, {_load(notes.loadavg_end)} at the end: the machine was shared with other sessions' jobs,
-so read latencies as upper bounds.
+    kernels = f"`{bench.backend}` kernels" if bench.backend else "each device's own kernels"
+    return f"""Command: `{notes.command}`: {len(summaries)} points in {notes.wall_s / 60:.1f} min on devices
+`{bench.devices}` with {kernels}. Load average (1/5/15 min) {_load(notes.loadavg_start)} at the start,
+{_load(notes.loadavg_end)} at the end: the machine was shared with other sessions' jobs, so read
+latencies as upper bounds.
 
 - **Workload**: the first ⌈load × {bench.duration_s:g} s⌉ requests of `AzureLLMInferenceTrace_conv.csv`,
   arrivals rescaled to the offered load (the trace's burstiness kept), prompt and output lengths
-  × {bench.length_scale:g} (at least 1, clipped to {CONTEXT} tokens): prompt mean {mean(prompts):.0f} / median
-  {median(prompts):.0f}, output mean {mean(outputs):.0f} / median {median(outputs):.0f} tokens in the largest slice.
+  × {bench.length_scale:g} (at least 1, clipped to {CONTEXT} tokens): prompt mean {mean(prompts):.0f} /
+  median {median(prompts):.0f}, output mean {mean(outputs):.0f} / median {median(outputs):.0f} tokens in the largest slice.
   Requests go to the N served models (`serve --replicas N-1`: N names on one set of weights) by
   Zipf(1) popularity, seed {bench.seed}. Prompts are token ids; `ignore_eos` makes every output the
   trace's length.
 - **Each point**: a fresh `cli.py serve` process (keep-alive {bench.keep_alive_s:g} s, memory budget
-  {bench.cpu_memory} per CPU device and {bench.gpu_memory} per GPU), one warm-up request, idle until scaled back to zero, then an open-loop replay with the OpenAI client
-  (streaming, TTFT and TPOT taken by the client); requests unfinished {bench.drain_s:g} s after the last
-  arrival time out.
+  {bench.cpu_memory} per CPU device and {bench.gpu_memory} per GPU), one warm-up request, idle until
+  scaled back to zero, then an open-loop replay with the OpenAI client (streaming, so TTFT and TPOT
+  are taken by the client); requests unfinished {bench.drain_s:g} s after the last arrival time out.
 - **SLO met** (SLINFER §6.1): TTFT ≤ min(max(0.5, L/512), 8) s and mean TPOT ≤ 0.25 s. The server does
   not report a request's cold-start time over HTTP, so there is **no cold-start grace**: a cold
   start (≈ 0.5 s of weight loading here) counts in full against TTFT. Overloaded (429), aborted,
   timed-out and failed requests are misses. TTFT/TPOT percentiles are over answered requests;
   goodput is SLO-met requests (tokens) per second of offered trace. Peak RSS is the server
-  process's `VmHWM`; peak device memory is the runtime's own allocation from `/metrics`, sampled
-  every 0.5 s. p99 of a few dozen requests is close to their maximum.
+  process's `VmHWM` (pages touched); peak device memory is what the runtime allocated (weights and
+  KV cache, `/metrics`, sampled every 0.5 s; the exclusive baseline gives its one instance the
+  whole budget as KV cache, mostly untouched). Cold starts and preemptions exclude the warm-up.
+  p99 of a few dozen requests is close to their maximum.
 
 {tables(summaries)}
 

@@ -60,9 +60,10 @@ refengine_drops_total 2.0
 """
 
 
-def test_samples_keep_peaks_summed_over_devices_and_the_last_counters():
+def test_samples_keep_peaks_summed_over_devices_and_count_from_the_first_scrape():
     samples = ServerSamples()
+    samples.add(EXPOSITION.format(loaded=0, memory=0, cold=1))        # after the warm-up
     samples.add(EXPOSITION.format(loaded=3, memory=3e9, cold=4))
     samples.add(EXPOSITION.format(loaded=0, memory=0, cold=6))
     assert samples.peak_instances_loaded == 4 and samples.peak_device_memory_bytes == 4e9
-    assert samples.counters == {"cold_starts": 6, "preemptions": 0}
+    assert samples.counted("cold_starts") == 5 and samples.counted("preemptions") == 0
