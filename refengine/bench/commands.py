@@ -14,7 +14,7 @@ from kernels import backend_for_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, markdown_table, update_section
-from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench
+from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
 from refengine.bench.serve_workload import LENGTH_SCALE
 
 
@@ -142,13 +142,13 @@ def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tup
                 write: bool) -> None:
     """Replay the Azure conversation trace against the live server: SLO-met rate, TTFT/TPOT, goodput
     and peak memory per (models, scheduler, offered load), written with a plot to docs/BENCHMARKS.md."""
-    from refengine.bench import serve_bench as sb, serve_report
+    from refengine.bench import serve_report
     config = ServeBench(tuple(models), tuple(schedulers), tuple(sorted(loads)), duration, devices=devices,
                         backend=backend, keep_alive_s=keep_alive, seed=seed, length_scale=length_scale)
     loadavg_start, started = os.getloadavg(), time.monotonic()
     click.echo(f"{len(config.points())} points of {duration:g} s each; load average {loadavg_start[0]:.1f}")
     try:
-        summaries = sb.run(config, click.echo)
+        summaries = run_serve_bench(config, click.echo)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     if write:

@@ -2,6 +2,7 @@
 offered load, one panel per number of models, one line per scheduler (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
@@ -28,8 +29,9 @@ class RunNotes:
     plot_name: str              # the PNG, relative to docs/
 
 
+LINE_STYLES = (("o", "-", "full"), ("s", "--", "none"), ("^", ":", "none"))   # marker, dash, fill
 HEADER = ["scheduler", "offered req/s", "requests", "SLO met", "TTFT p50 / p99 s", "TPOT p50 / p99 s",
-          "goodput req/s", "goodput tok/s", " / ".join(FAILURES + ("error",)), "cold starts / preemptions",
+          "goodput req/s", "goodput tok/s", " / ".join(FAILURES), "cold starts / preemptions",
           "peak instances", "peak RSS GiB", "peak device memory GiB"]
 
 
@@ -41,7 +43,8 @@ def _row(s: PointSummary) -> list[object]:
     return [s.scheduler, f"{s.load:g}", s.requests, f"{s.slo_met} ({s.slo_met_rate:.0%})",
             f"{s.ttft_p50_s:.2f} / {s.ttft_p99_s:.2f}", f"{s.tpot_p50_s:.3f} / {s.tpot_p99_s:.3f}",
             f"{s.goodput_rps:.2f}", f"{s.goodput_tokens_per_s:.1f}",
-            " / ".join(str(s.failures[k]) for k in FAILURES + ("error",)), f"{s.server.cold_starts:.0f} / {s.server.preemptions:.0f}",
+            " / ".join(str(s.failures[k]) for k in FAILURES),
+            f"{s.server.cold_starts:.0f} / {s.server.preemptions:.0f}",
             f"{s.server.peak_instances:.0f}", _gib(s.server.peak_rss_bytes), _gib(s.server.peak_device_memory_bytes)]
 
 
@@ -55,14 +58,19 @@ def tables(summaries: list[PointSummary]) -> str:
 
 
 def plot(summaries: list[PointSummary], path: Path) -> None:
-    """SLO-met rate against offered load: a panel per number of models, a line per scheduler."""
+    """SLO-met rate against offered load (doubling steps, so a log-2 axis): a panel per number of models,
+    a line per scheduler, each with its own marker, dash and fill so that equal figures stay visible."""
     counts = sorted({s.models for s in summaries})
+    loads = sorted({s.load for s in summaries})
     fig, axes = plt.subplots(1, len(counts), figsize=(4.5 * len(counts), 3.6), sharey=True, squeeze=False)
     for ax, models in zip(axes[0], counts):
-        for scheduler in dict.fromkeys(s.scheduler for s in summaries):
+        schedulers = dict.fromkeys(s.scheduler for s in summaries)
+        for scheduler, (marker, dash, fill) in zip(schedulers, itertools.cycle(LINE_STYLES)):
             points = sorted((s.load, s.slo_met_rate) for s in summaries
                             if s.models == models and s.scheduler == scheduler)
-            ax.plot(*zip(*points), marker="o", label=scheduler)
+            ax.plot(*zip(*points), marker=marker, linestyle=dash, fillstyle=fill, markersize=8, label=scheduler)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(loads, [f"{load:g}" for load in loads])
         ax.set_title(f"{models} models")
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylim(0, 1.05)

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 from refengine.sim.metrics import RequestRecord, percentile
 
-FAILURES = ("overloaded", "aborted", "timeout")
+FAILURES = ("overloaded", "aborted", "timeout", "error")   # the client's `dropped` reasons, "error: ..." as one
+
+
+def failure(record: RequestRecord) -> str | None:
+    """Which of FAILURES befell the request, if any."""
+    return None if record.dropped is None else record.dropped.split(":", 1)[0]
 
 
 def tpot(record: RequestRecord) -> float | None:
@@ -47,7 +52,7 @@ class PointSummary:
     tpot_p99_s: float
     goodput_rps: float
     goodput_tokens_per_s: float
-    failures: dict[str, int]         # FAILURES and "error"
+    failures: dict[str, int]         # requests per kind of FAILURES
     server: ServerFigures
 
     @property
@@ -60,8 +65,7 @@ def summarize(models: int, scheduler: str, load: float, duration_s: float, recor
     met = [r for r in records if r.slo_met()]
     ttfts = [r.first_token - r.arrival for r in records if r.first_token is not None]
     tpots = [t for t in map(tpot, records) if t is not None]
-    failures = {reason: sum(r.dropped == reason for r in records) for reason in FAILURES}
-    failures["error"] = sum(r.dropped is not None and r.dropped.startswith("error") for r in records)
+    failures = {kind: sum(failure(r) == kind for r in records) for kind in FAILURES}
     return PointSummary(
         models, scheduler, load, len(records), len(met),
         percentile(ttfts, 0.5), percentile(ttfts, 0.99), percentile(tpots, 0.5), percentile(tpots, 0.99),
