@@ -1,6 +1,9 @@
 """`python cli.py bench ...`: engine throughput and load times, printed and written to docs/BENCHMARKS.md."""
 from __future__ import annotations
 
+import os
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +14,8 @@ from kernels import backend_for_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, markdown_table, update_section
+from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
+from refengine.bench.serve_workload import LENGTH_SCALE
 
 
 def _load(device: str, backend: str | None):
@@ -171,18 +176,53 @@ def load(write: bool) -> None:
 @click.option("--force", is_flag=True, help="Measure again even if a cached table exists.")
 def profile(device: str, backend: str | None, force: bool) -> None:
     """Measure the scheduler's per-iteration latency table for this device (cached in the model home)."""
-    from refengine.runtime.profile import cached_table
+    from refengine.runtime.profile import device_profile
     from refengine.store.cache import model_home
-    from scheduler.costmodel import profile_filename
-    name, loaded = _load(device, backend)
-    kind = "gpu" if device.startswith("cuda") else "cpu"
-    directory = model_home() / "profiles"
-    path = directory / profile_filename(DEFAULT_MODEL, f"{kind}-{name}")
-    if force:
-        path.unlink(missing_ok=True)
-    table = cached_table(loaded.model, DEFAULT_MODEL, f"{kind}-{name}", directory)
+    path, table = device_profile(DEFAULT_MODEL, device, backend, model_home(), force=force)
     click.echo(f"{path}")
     click.echo("prefill ms: " + ", ".join(f"{int(t)}→{l * 1e3:.1f}" for t, l in zip(table.prefill_tokens, table.prefill_latency)))
     for row in table.decode_rows:
         click.echo(f"decode ms at context {int(row.context)}: " +
                    ", ".join(f"b{int(b)}→{l * 1e3:.1f}" for b, l in zip(row.batch, row.latency)))
+
+
+@bench.command("serve")
+@click.option("--replicas", "models", multiple=True, type=click.IntRange(min=1), default=(8, 16), show_default=True,
+              help="Models served at once: the default model and N-1 replicas of its weights (repeatable).")
+@click.option("--scheduler", "schedulers", multiple=True, type=click.Choice(SCHEDULERS), default=SCHEDULERS,
+              show_default=True, help="Repeatable.")
+@click.option("--load", "loads", multiple=True, type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LOADS,
+              show_default=True, help="Offered load in requests/s (repeatable).")
+@click.option("--duration", default=ServeBench.duration_s, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds of trace replayed per point.")
+@click.option("--length-scale", default=LENGTH_SCALE, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Multiplies the trace's prompt and output lengths.")
+@click.option("--devices", default="cpu", show_default=True, help="The server's devices: cpu, cpu*2, cpu,cuda:0 ...")
+@_backend
+@click.option("--keep-alive", default=ServeBench.keep_alive_s, show_default=True, type=click.FloatRange(min=0),
+              help="The server's keep-alive, seconds.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the requests' model assignment.")
+@_write
+def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tuple[float, ...], duration: float,
+                length_scale: float, devices: str, backend: str | None, keep_alive: float, seed: int,
+                write: bool) -> None:
+    """Replay the Azure conversation trace against the live server: SLO-met rate, TTFT/TPOT, goodput
+    and peak memory per (models, scheduler, offered load), written with a plot to docs/BENCHMARKS.md."""
+    from refengine.bench import serve_report
+    config = ServeBench(tuple(models), tuple(schedulers), tuple(sorted(loads)), duration, devices=devices,
+                        backend=backend, keep_alive_s=keep_alive, seed=seed, length_scale=length_scale)
+    loadavg_start, started = os.getloadavg(), time.monotonic()
+    click.echo(f"{len(config.points())} points of {duration:g} s each; load average {loadavg_start[0]:.1f}")
+    try:
+        summaries = run_serve_bench(config, click.echo)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    if write:
+        slug = re.sub(r"[^a-z0-9]+", "-", devices.lower()).strip("-")
+        plot_name = "bench_serve.png" if slug == "cpu" else f"bench_serve_{slug}.png"
+        serve_report.plot(summaries, BENCHMARKS.parent / plot_name)
+        notes = serve_report.RunNotes(" ".join(["python cli.py", *sys.argv[1:]]), time.monotonic() - started,
+                                      loadavg_start, os.getloadavg(), plot_name)
+        update_section(f"serve-{slug}", f"Serving a replayed trace ({devices})",
+                       serve_report.section(config, summaries, notes))
+        click.echo(f"wrote docs/BENCHMARKS.md (serve-{slug}) and docs/{plot_name}")
