@@ -74,6 +74,7 @@ async def _stream(client: openai.AsyncOpenAI, request: TraceRequest, prompt: lis
                     record.dropped = "aborted"
         if chunk.usage is not None:
             record.output_tokens = chunk.usage.completion_tokens
+            record.grace = (chunk.usage.model_extra or {}).get("cold_start_grace_s", 0.0)
 
 
 COUNTERS = ("cold_starts", "preemptions")
