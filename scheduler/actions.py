@@ -21,8 +21,9 @@ Frozen dataclasses of ids and numbers (JSON via `codec.py`). Semantics the execu
   Between the two it occupies the node ("nodes used", §6.1).
 - `Drop`: the request will not be served (its first-token deadline passed while queued, or it was
   unplaceable); the executor reports it to the client. It counts as an SLO failure.
-- `ColdStartGrace`: informational; the request waited for a cold start of `seconds`, which extends
-  its TTFT SLO (§4.5 "cold-start fairness").
+- `ColdStartGrace`: informational, sent when the request's instance first becomes ready; the
+  request waited for a cold start and its TTFT SLO is extended by `seconds` (§4.5 "cold-start
+  fairness"): the estimated start-up, bounded by the actual wait (`lifecycle.py`).
 """
 from __future__ import annotations
 

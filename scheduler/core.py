@@ -21,13 +21,14 @@ from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
 from scheduler.estimate import Estimator
-from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
-                              Tick)
+from scheduler.events import (Event, MemoryDone, ModelTierChanged, RequestArrived,
+                              RequestCancelled, StepFinished, Tick)
 from scheduler.kv import OutputEstimator
 from scheduler.lifecycle import Lifecycle, Timers
 from scheduler.memory import MemoryOrchestrator
 from scheduler.placement import Placement
 from scheduler.specs import ModelSpec, NodeSpec
+from scheduler.startup import StartupEstimator
 from scheduler.state import MemoryOp, Node, Request
 from scheduler.tokensched import TokenScheduler
 
@@ -47,9 +48,11 @@ class Scheduler:
         self.estimator = Estimator(self.config)
         outputs = OutputEstimator(self.config.output_prior)
         self.validator = ShadowValidator(self.config, self.estimator, outputs)
-        self.life = Lifecycle(self.config, self.memory, outputs, self._out.append, self.timers)
+        self.startup = StartupEstimator()
+        self.life = Lifecycle(self.config, self.memory, outputs, self._out.append, self.timers,
+                              self.startup)
         self.placement = Placement(self.config, self.validator, self.life,
-                                   list(self.nodes.values()), cost)
+                                   list(self.nodes.values()), cost, self.startup)
         self.tokens = TokenScheduler(self.estimator)
         self._touched: set[str] = set()
         self._share_timers: dict[str, float] = {}
@@ -70,6 +73,8 @@ class Scheduler:
             self._cancelled(event, now)
         elif isinstance(event, Tick):
             self._tick(now)
+        elif isinstance(event, ModelTierChanged):
+            self.startup.tier_changed(event.host, event.model, event.tier)
         else:
             raise TypeError(f"unknown event {event!r}")
         for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
@@ -143,7 +148,7 @@ class Scheduler:
             raise ValueError(f"MemoryDone for action {ev.action_id}, which {ev.instance} "
                              "is not running")
         self.memory.complete(op)
-        self.life.note_memory_done(inst, ev.duration)
+        self.life.note_memory_done(inst, op, ev.duration, now)
         if op.resource is None:
             inst.kv_used = sum(inst.model.blocks_for(r.context) for r in inst.requests.values()
                                if r.prefilled)

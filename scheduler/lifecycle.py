@@ -10,8 +10,13 @@
   re-placed and re-prefilled), and it is unloaded.
 - Underestimation: an instance that outgrows its KV grows again if the node's budget allows, else
   evicts its longest-headroom request.
-- Cold start: requests that waited for their instance's LOAD and first KV get a TTFT grace equal to
-  the measured duration of those actions.
+- Cold start: a request that waits for its instance's start-up gets a TTFT grace (§4.5
+  "cold-start fairness"). With a startup estimate (`startup.py`) the grace is promised at attach —
+  the estimated time left until the weights are loaded, so admission, EDF and the SLO plan with
+  one deadline from the start — and cut when the load completes early: the grace is
+  min(estimate, actual wait), so it never forgives more than the request waited, nor more than
+  was promised (a late load counts against the scheduler). Without an estimate the grace is the
+  measured duration of the LOAD and first KV actions, as in SLINFER.
 
 Invariants: a retired instance takes no new request and is released once its memory is back to
 zero and nothing is queued for it; every evicted request is re-queued exactly once.
@@ -29,7 +34,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.kv import OutputEstimator
 from scheduler.memory import MemoryOrchestrator, free_blocks
 from scheduler.specs import ModelSpec
-from scheduler.state import Instance, Node, Request
+from scheduler.startup import StartupEstimator, cold_grace
+from scheduler.state import Instance, MemoryOp, Node, Request
 from scheduler.tokensched import kv_blocks_needed
 
 
@@ -58,9 +64,11 @@ class Timers:
 
 class Lifecycle:
     def __init__(self, config: SchedulerConfig, memory: MemoryOrchestrator,
-                 outputs: OutputEstimator, emit: Callable[[Action], None], timers: Timers):
+                 outputs: OutputEstimator, emit: Callable[[Action], None], timers: Timers,
+                 startup: StartupEstimator):
         self.config = config
         self.memory = memory
+        self.startup = startup
         self.outputs = outputs
         self.emit = emit
         self.timers = timers
@@ -72,14 +80,18 @@ class Lifecycle:
 
     # -- instances -------------------------------------------------------------------------------
 
-    def provisional(self, model: ModelSpec, node: Node, table, now: float) -> Instance:
-        """An instance that does not exist yet, for shadow validation of a new placement."""
+    def provisional(self, model: ModelSpec, node: Node, table, now: float,
+                    ready_at: float | None = None) -> Instance:
+        """An instance that does not exist yet, for shadow validation of a new placement;
+        `ready_at` is when its weights are estimated to be loaded, if known."""
         self._serial += 1
         return Instance(f"{model.name}@{node.id}#{self._serial}", model, node, table, now,
-                        time_share=partition.time_share(model, node.spec, self.config))
+                        time_share=partition.time_share(model, node.spec, self.config),
+                        ready_at=ready_at)
 
     def create(self, inst: Instance) -> None:
         node, model = inst.node, inst.model
+        self.startup.plan(inst)
         node.instances[inst.id] = inst
         self.instances[inst.id] = inst
         self.by_model.setdefault(model.name, []).append(inst)
@@ -116,25 +128,37 @@ class Lifecycle:
             return False
         del inst.node.instances[inst.id]
         del self.instances[inst.id]
+        self.startup.finished(inst)
         self.emit(ReleaseInstance(inst.id))
         return True
 
-    def note_memory_done(self, inst: Instance, duration: float) -> None:
-        """Accumulate cold-start time; when the instance first becomes ready, grant the grace."""
+    def note_memory_done(self, inst: Instance, op: MemoryOp, duration: float,
+                         now: float) -> None:
+        """Track the cold start; when the instance first becomes ready, grant the grace."""
         if inst.ready_once:
             return
         inst.cold_start += duration
+        if inst.ready_at is not None and op.resource == "weights" and op.value > 0:
+            early = max(0.0, inst.ready_at - now)
+            for r in inst.requests.values():
+                r.grace = max(0.0, r.grace - early)
+            inst.ready_at = now
+            self.startup.finished(inst)
         if inst.loaded and inst.kv.physical > 0:
             inst.ready_once = True
             inst.deadlines_changed()
             for r in inst.requests.values():
-                r.grace = inst.cold_start
-                self.emit(ColdStartGrace(r.id, inst.cold_start))
+                if inst.ready_at is None:
+                    r.grace = inst.cold_start
+                self.emit(ColdStartGrace(r.id, r.grace))
 
     # -- requests ---------------------------------------------------------------------------------
 
     def attach(self, inst: Instance, req: Request, now: float) -> None:
         self.queued.pop(req.id, None)
+        grace = cold_grace(inst, now)
+        if grace is not None:
+            req.grace = grace
         inst.attach(req)
         self.emit(Assign(req.id, inst.id, req.input_tokens, req.generated))
         if partition.fixed_kv_blocks(inst.model, inst.node.spec, self.config) is None:

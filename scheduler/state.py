@@ -8,7 +8,9 @@ Invariants:
 - per instance and memory resource (weights, KV) there are three figures (§4.3.3): `target`
   (optimistic, what admission plans with), `actual` (pessimistic, what execution reserves) and
   `physical` (what the executor holds after the last completed action); physical ≤ actual;
-- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute.
+- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute;
+- `Instance.ready_at` is the estimated end of a cold instance's weight load (`startup.py`), None
+  when no estimate exists; it is set at creation and corrected when the load completes.
 """
 from __future__ import annotations
 
@@ -45,7 +47,11 @@ class Request:
     @property
     def deadline(self) -> float:
         """When the next token is due (Eq. 1, cumulative)."""
-        return self.arrival + self.grace + self.ttft_slo + self.tpot_slo * self.generated
+        return self.deadline_after(self.grace)
+
+    def deadline_after(self, grace: float) -> float:
+        """The next-token deadline were the request granted `grace` s of cold start instead."""
+        return self.arrival + grace + self.ttft_slo + self.tpot_slo * self.generated
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Instance:
     idle_since: float | None = None
     cold_start: float = 0.0
     ready_once: bool = False
+    ready_at: float | None = None
     _urgency: float | None = None
 
     @property
