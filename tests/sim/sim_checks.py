@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from refengine.sim.loading import Storage
 from refengine.sim.simulator import Simulation
 from refengine.sim.workload import DEFAULT_TRACE, TraceRequest, Workload
 from scheduler import Assign, Drop, Evict, Grant, StepFinished, preset
@@ -59,10 +60,10 @@ class InvariantChecker:
 
 
 def simulate_checked(workload: Workload, system: str, size: str, cpus: int, gpus: int,
-                     **overrides) -> InvariantChecker:
+                     storage: Storage | None = None, **overrides) -> InvariantChecker:
     checker = InvariantChecker()
     sim = Simulation(workload, preset(system, **overrides), size=size, cpus=cpus, gpus=gpus,
-                     observer=checker)
+                     storage=storage, observer=checker)
     checker.sim = sim
     sim.run()
     checker.check_end(workload)

@@ -2,6 +2,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from refengine.sim.loading import Storage
 from sim_checks import simulate_checked, workload
 
 N_MODELS = 4
@@ -36,3 +37,16 @@ def test_nothing_is_lost_across_preemption():
 def test_invariants_under_memory_pressure(items):
     """One GPU, 13B models: preemption and underestimation evictions on random bursts."""
     simulate_checked(workload(items, N_MODELS), "slinfer", "13b", cpus=0, gpus=1)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(arrival, min_size=1, max_size=30),
+       system=st.sampled_from(["slinfer", "sllm", "sllm+c+s"]),
+       loading=st.sampled_from(["local", "multicast"]),
+       cache_gib=st.sampled_from([None, 0, 30]),
+       cpus=st.integers(0, 1), gpus=st.integers(1, 3))
+def test_invariants_hold_with_tiers_and_startup_estimates(items, system, loading, cache_gib,
+                                                          cpus, gpus):
+    """The same invariants when loads come from simulated tiers and placement is startup-aware."""
+    storage = Storage(loading, None if cache_gib is None else cache_gib << 30)
+    simulate_checked(workload(items, N_MODELS), system, "7b", cpus, gpus, storage=storage)
