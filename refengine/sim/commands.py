@@ -6,6 +6,7 @@
     python cli.py simulate --reproduce              # the Fig. 22 grid → docs/PAPER_REPRODUCTION.md
     python cli.py simulate --systems slinfer --host-cache 32 --loading local,multicast
                                                     # ServerlessLLM vs λScale loading, same trace
+    python cli.py simulate --compare-loading        # that comparison → docs/PAPER_REPRODUCTION.md
 
 Writes `metrics.json` (every metric of every run) and PNG plots to `--out`.
 """
@@ -91,13 +92,20 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="JSON lines of every event and action (single system only).")
 @click.option("--reproduce", is_flag=True,
               help="Run the paper's grid and write docs/PAPER_REPRODUCTION.md.")
+@click.option("--compare-loading", is_flag=True,
+              help="Compare local (ServerlessLLM) and multicast (λScale) loading on the same "
+              "traces; writes a section of docs/PAPER_REPRODUCTION.md.")
 def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
              keep_alive, shadow, loading, host_cache, jobs, out, make_plots, log_path,
-             reproduce) -> None:
+             reproduce, compare_loading) -> None:
     """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
     if reproduce:
         from refengine.sim.reproduce import reproduce as run_reproduction
         run_reproduction(out=out, jobs=jobs, trace=str(trace) if trace else None)
+        return
+    if compare_loading:
+        from refengine.sim.loading_report import compare_loading as run_comparison
+        click.echo(run_comparison(out=out, jobs=jobs, trace=str(trace) if trace else None))
         return
     if trace is not None and not trace.is_file():
         raise click.ClickException(f"trace file {trace} does not exist")

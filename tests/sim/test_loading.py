@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from refengine.sim.commands import simulate
 from refengine.sim.loading import (HostCache, Loader, LoadTiming, Receiver, Storage,
                                    just_in_time)
+from refengine.sim.loading_report import timing_table
+from refengine.sim.reproduce import marked_sections
 from refengine.sim.simulator import Simulation
 from scheduler import Scheduler, preset
 from scheduler.codec import decode, encode
@@ -147,3 +149,11 @@ def test_simulate_compares_loading_styles_quickly(tmp_path):
 def test_simulate_rejects_an_unknown_loading(tmp_path):
     result = CliRunner().invoke(simulate, ["--loading", "rdma", "--no-plots"])
     assert result.exit_code != 0 and "unknown loading" in result.output
+
+
+def test_the_timing_table_and_the_kept_section():
+    table = timing_table().splitlines()
+    assert table[2] == "| 1 | 2.94 | 1.00 | 0.45 / 0.45 | – | – |"     # 12.6 GiB: λScale's 0.45 s
+    doc = "# grid\n\nold numbers\n\n<!-- begin:loading -->\n## x\nrows\n<!-- end:loading -->\n"
+    assert marked_sections(doc) == "\n<!-- begin:loading -->\n## x\nrows\n<!-- end:loading -->\n"
+    assert marked_sections("# grid only\n") == ""
