@@ -62,7 +62,7 @@ class ShadowValidator:
 
     def required_with(self, target: Instance, request: Request | None) -> int:
         """M_require of `target` in blocks with `request` attached (§4.3.1)."""
-        requests = list(target.requests.values())
+        requests = target.demand
         if request is not None:
             requests.append(request)
         return required_blocks(target.model, requests, self.config, self.outputs)

@@ -47,6 +47,9 @@ class SchedulerConfig:
     - `startup_aware`: a new instance goes to the passing node of the pool with the earliest
       estimated start-up (ServerlessLLM §5.1); start-ups within `startup_tolerance` s of the
       earliest count as equal, and the bin-packing order decides among them (`placement.py`).
+    - `migration`: a GPU preemption victim's requests move live to warm instances where that
+      costs less lateness than drop-and-re-prefill (`migration.py`); needs an executor that
+      carries out `Migrate` and `HandOver`.
     """
 
     name: str = "slinfer"
@@ -71,6 +74,7 @@ class SchedulerConfig:
     grant_target: float = 0.05
     startup_aware: bool = True
     startup_tolerance: float = 0.1
+    migration: bool = False
 
     def concurrency_limit(self, profile: str, kind: str) -> int:
         try:

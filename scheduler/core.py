@@ -63,6 +63,7 @@ class Scheduler:
         """Apply one event at time `now`; return the actions to carry out, in order."""
         self._out.clear()
         self._touched.clear()
+        self.life.touched.clear()
         if isinstance(event, StepFinished):
             self._step_finished(event, now)
         elif isinstance(event, MemoryDone):
@@ -77,6 +78,9 @@ class Scheduler:
             self.startup.tier_changed(event.host, event.model, event.tier)
         else:
             raise TypeError(f"unknown event {event!r}")
+        if self.life.migrating:
+            self.life.hand_over_ready(now)
+        self._touched |= self.life.touched
         for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)
@@ -126,6 +130,8 @@ class Scheduler:
             if req is None:
                 continue
             req.generated += 1
+            if req.copy_at is not None:
+                req.copy_at.deadlines_changed()
             if req.instance is inst:
                 inst.context_tokens += 1
                 if not req.prefilled:
@@ -136,6 +142,8 @@ class Scheduler:
             req = requests.get(rid)
             if req is not None:
                 self.life.finish(req, now)
+        if ev.kind == "prefill":
+            self.life.rebuilt(inst)
         if ev.grant_done and inst.node.grant_instance is inst:
             self.tokens.release(inst.node)
         self.life.guard_kv(inst, now)
@@ -152,7 +160,7 @@ class Scheduler:
         if op.resource is None:
             inst.kv_used = sum(inst.model.blocks_for(r.context) for r in inst.requests.values()
                                if r.prefilled)
-            for req in self.life.evicted(op.requests):
+            for req in self.life.evicted(inst, op.requests):
                 self._try_place(req, now)
         self.memory.wake_station(inst.node)
         self._touched.add(inst.node.id)

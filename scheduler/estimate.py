@@ -29,9 +29,17 @@ class Estimator:
         margin = self._margin[instance.node.kind]
         return instance.table.decode(batch, context_tokens / batch) * margin
 
+    def prefill_tokens(self, instance: Instance, tokens: int) -> float:
+        """One prefill of `tokens` tokens (a migration's catch-up of the tokens it missed)."""
+        return instance.table.prefill(tokens) * self._margin[instance.node.kind]
+
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
-        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""
+        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b), requests
+        migrating in counted as if already handed over."""
         batch, tokens = instance.batch, instance.context_tokens
+        if instance.copies:
+            batch += len(instance.copies)
+            tokens += sum(r.context for r in instance.copies.values())
         if extra is not None:
             batch, tokens = batch + 1, tokens + extra.context
         return self.decode(instance, batch, tokens) / self._tpot

@@ -3,7 +3,8 @@
 In order, the first that passes shadow validation wins:
 1. an existing instance of the model (bin-packing order: largest batch first, §4.4.2);
 2. proactive preemption: an existing instance that would pass but for a smaller neighbour, which is
-   evicted (§4.4.1);
+   evicted (§4.4.1) — or, request by request, migrated live where that is cheaper
+   (`migration.py`, with `config.migration`);
 3. a new instance, pool by pool (CPU first, §3.1), one candidate per node (the artifact's "first
    free slot"). Within a pool, ServerlessLLM's startup-time-aware choice (§5.1) composes with
    SLINFER's bin-packing order (most loaded first, empty nodes last, §4.4.2) as follows: among the
@@ -31,6 +32,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.consolidation import find_victim, order_instances, order_nodes
 from scheduler.costmodel import CostModel
 from scheduler.lifecycle import Lifecycle
+from scheduler.migration import Migrator
 from scheduler.specs import ModelSpec
 from scheduler.startup import StartupEstimator
 from scheduler.state import Instance, Node, Request
@@ -45,6 +47,7 @@ class Placement:
         self.nodes = list(nodes)
         self.cost = cost
         self.startup = startup
+        self.migrator = Migrator(config, validator)
         self._turns: dict[str, int] = {}
 
     def place(self, req: Request, model: ModelSpec, now: float) -> Instance | None:
@@ -61,7 +64,9 @@ class Placement:
             for inst in existing:
                 victim = find_victim(inst, req, now, self.validator)
                 if victim is not None:
-                    self.life.preempt(victim, now)
+                    serving = self.life.by_model.get(victim.model.name, [])
+                    self.life.preempt(victim, now,
+                                      self.migrator.chooser(victim, inst, req, serving, now))
                     self.life.attach(inst, req, now)
                     return inst
         for kind in self.config.pools:

@@ -77,6 +77,8 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
 @click.option("--watermark", type=float, help="Override the KV watermark w (§4.3.2).")
 @click.option("--keep-alive", type=float, help="Override the keep-alive (s).")
 @click.option("--shadow", type=click.Choice(["edf", "full"]), help="Shadow-validation fidelity.")
+@click.option("--migration", is_flag=True, default=None,
+              help="Preemption migrates requests live where cheaper (ServerlessLLM).")
 @click.option("--loading", help="Simulated tiers and loading: local (ServerlessLLM: each node "
               "from its fastest tier) or multicast (λScale: GPU-to-GPU multicast, execute while "
               "loading); comma-separated to compare. Default: the legacy fixed load cost.")
@@ -96,7 +98,7 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="Compare local (ServerlessLLM) and multicast (λScale) loading on the same "
               "traces; writes a section of docs/PAPER_REPRODUCTION.md.")
 def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
-             keep_alive, shadow, loading, host_cache, jobs, out, make_plots, log_path,
+             keep_alive, shadow, migration, loading, host_cache, jobs, out, make_plots, log_path,
              reproduce, compare_loading) -> None:
     """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
     if reproduce:
@@ -116,7 +118,8 @@ def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, dura
     if log_path is not None and len(names) * len(loadings) != 1:
         raise click.ClickException("--log needs exactly one system and loading")
     overrides = tuple((k, v) for k, v in (("watermark", watermark), ("keep_alive", keep_alive),
-                                          ("shadow", shadow)) if v is not None)
+                                          ("shadow", shadow), ("migration", migration))
+                      if v is not None)
     specs = [RunSpec(s, size, models, cpus, gpus, workload, str(trace) if trace else None, rps,
                      seed, duration, overrides, ld, host_cache)
              for s in names for ld in loadings]

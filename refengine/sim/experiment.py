@@ -1,8 +1,9 @@
 """One simulated experiment, described by a picklable spec, and a pool to run many of them.
 
 A `RunSpec` names the system (a scheduler preset), the model size and count, the cluster, the
-workload and, optionally, the storage tiers and loading style (`loading.py`); `run` returns every metric as plain JSON-ready data. `run_many` spreads specs over
-processes (the simulator is single-threaded Python; the machine has 2 cores).
+workload and, optionally, the storage tiers and loading style (`loading.py`); `run` returns
+every metric as plain JSON-ready data. `run_many` spreads specs over processes (the simulator is
+single-threaded Python; the machine has 2 cores).
 """
 from __future__ import annotations
 

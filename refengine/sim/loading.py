@@ -13,8 +13,9 @@ Two loading styles (`simulate --loading`):
 - `multicast` (λScale): a GPU node may also receive the model from the GPUs already serving it
   (k-way split + binomial pipeline, `multicast.py`), all such loads of one scheduling decision
   forming one multicast; every node loads from its fastest source, as the scheduler's estimate
-  assumes (with the figures below a peer beats the host cache); every load executes while loading: a step runs each block of
-  layers as soon as it has arrived, and once the receivers together hold every block a step may
+  assumes (with the figures below a peer beats the host cache); every load executes while
+  loading: a step runs each block of layers as soon as it has arrived, and once the receivers
+  together hold every block a step may
   instead run on a cross-node pipeline of them (full-model time plus one activation hop per extra
   stage). The LOAD is reported done when the instance can first compute without stalling: just in
   time for its waiting prompts' prefill to meet each block as it lands (a stalled step would hold

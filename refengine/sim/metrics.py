@@ -71,6 +71,7 @@ class Recorder:
     kv_overflows: int = 0
     startups: list[float] = field(default_factory=list)
     load_sources: Counter = field(default_factory=Counter)
+    migrations: int = 0
     sched_seconds: dict[str, array] = field(default_factory=dict)
 
     def sched_time(self, event_type: str, seconds: float) -> None:
@@ -87,6 +88,7 @@ class Recorder:
             "slo_met_no_grace": sum(r.slo_met(with_grace=False) for r in recs),
             "dropped": sum(r.dropped is not None for r in recs),
             "evictions": sum(r.evictions for r in recs),
+            "migrations": self.migrations,
             "ttft_p50_s": percentile(ttfts, 0.5),
             "ttft_p90_s": percentile(ttfts, 0.9),
             "ttft_p99_s": percentile(ttfts, 0.99),

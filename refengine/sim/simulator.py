@@ -24,8 +24,9 @@ from refengine.sim.loading import Loader, LoadTiming, Receiver, Storage
 from refengine.sim.metrics import Recorder, RequestRecord
 from refengine.sim.workload import Workload
 from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
-                       KvResize, Load, MemoryDone, ModelTierChanged, NodeSpec, ReleaseInstance,
-                       RequestArrived, Scheduler, SchedulerConfig, StepFinished, Tick, Unload)
+                       HandOver, KvResize, Load, MemoryDone, Migrate, ModelTierChanged, NodeSpec,
+                       ReleaseInstance, RequestArrived, Scheduler, SchedulerConfig, StepFinished,
+                       Tick, Unload)
 from scheduler.codec import encode
 
 # Event kinds, in tie-break order at equal times (a tier report informs the next decision).
@@ -218,6 +219,16 @@ class Simulation:
             out = self._outputs[action.request_id]
             self._instances[action.instance].add(
                 Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
+        elif isinstance(action, Migrate):
+            seq = self._instances[action.source].running[action.request_id]
+            self._instances[action.destination].add(Sequence(
+                seq.request_id, seq.input_tokens, seq.generated, seq.output_tokens, rebuild=True))
+        elif isinstance(action, HandOver):
+            if action.source in self._grants:
+                raise RuntimeError(f"{action} while the source is computing")
+            seq = self._instances[action.source].remove(action.request_id)
+            self._instances[action.destination].take_over(seq)
+            self.rec.migrations += 1
         elif isinstance(action, CreateInstance):
             model = self.models[action.model]
             hw = self.node_specs[action.node].hardware
@@ -253,8 +264,9 @@ class Simulation:
                                     inst.kv_used * bb)
         else:
             for rid in action.requests:
-                inst.remove(rid)
-                self.rec.requests[rid].evictions += 1
+                seq = inst.remove(rid)
+                if seq is None or not seq.rebuild:      # a dropped rebuild is no eviction
+                    self.rec.requests[rid].evictions += 1
             duration = 0.0
         self._push(self.now + duration, MEMORY, (inst, action, duration))
 
