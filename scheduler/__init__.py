@@ -4,7 +4,8 @@ Events in, actions out: `Scheduler(models, nodes, cost, config).handle(event, no
 threads, arrays or I/O, so the simulator and the live runtime drive the same code. Module map:
 
 - `specs`       ModelSpec, NodeSpec, LoadBandwidths: what the scheduler is told at construction
-- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, ModelTierChanged, Tick
+- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed,
+                ModelTierChanged, Tick
 - `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
                 Migrate, HandOver, Drop, ColdStartGrace
 - `codec`       JSON lines for events and actions (logging, replay)
@@ -27,7 +28,7 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 Executor loop (the simulator in `refengine/sim/simulator.py` is a complete example)::
 
     sched = Scheduler(models, nodes, CostModel.from_dirs(profile_dir), preset("slinfer"))
-    for each event at time now (arrival, step done, memory action done, cancel, timer,
+    for each event at time now (arrival, step done, memory action done, cancel, failure, timer,
                                 a model entering or leaving a host's memory cache):
         for action in sched.handle(event, now):
             CreateInstance  -> make an empty instance (no weights, 0 KV) on the node
@@ -46,15 +47,15 @@ from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, D
 from scheduler.config import PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
-from scheduler.events import (Event, MemoryDone, ModelTierChanged, RequestArrived,
+from scheduler.events import (Event, InstanceFailed, MemoryDone, ModelTierChanged, RequestArrived,
                               RequestCancelled, StepFinished, Tick)
 from scheduler.slo import SloPolicy
 from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 __all__ = [
     "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
-    "Grant", "HandOver", "KvResize", "LatencyTable", "Load", "LoadBandwidths", "MemoryDone",
-    "Migrate", "ModelSpec", "ModelTierChanged", "NodeSpec", "PRESETS", "ReleaseInstance",
-    "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig", "SloPolicy",
-    "StepFinished", "Tick", "Unload", "load_table", "preset",
+    "Grant", "HandOver", "InstanceFailed", "KvResize", "LatencyTable", "Load", "LoadBandwidths",
+    "MemoryDone", "Migrate", "ModelSpec", "ModelTierChanged", "NodeSpec", "PRESETS",
+    "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig",
+    "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
 ]

@@ -39,7 +39,17 @@ def load_llama(files: ModelFiles, kernels: Kernels) -> LlamaModel:
     except (SafetensorError, OSError) as e:
         raise ModelCacheError(f"cannot read {files.weights}: {e}; {PREPARE_HINT}") from None
     config = LlamaConfig.from_json(files.config)
-    return LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels)
+    return with_decode_graphs(LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels))
+
+
+def with_decode_graphs(model: LlamaModel) -> LlamaModel:
+    """On the CuPy backend, decode steps replay captured CUDA graphs: a small-batch step is ~350
+    kernel launches, which cost more from Python than the kernels run (6x at batch 1 on an H200,
+    docs/benchmarks_gpu.md). Prefill and large batches still run eagerly; other backends as they are."""
+    if getattr(model.kernels, "name", None) != "cuda":
+        return model
+    from kernels.gpu_graph import GraphedDecodeModel
+    return GraphedDecodeModel(model)
 
 
 def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_prepare: bool = True) -> LoadedModel:
