@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler import (Evict, Grant, HandOver, Migrate, RequestArrived, StepFinished, Unload)
+from scheduler import (Evict, Grant, HandOver, InstanceFailed, Migrate, RequestArrived,
+                       StepFinished, Unload)
 from scheduler.admission import ShadowValidator
 from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator
@@ -160,3 +161,14 @@ def test_a_request_ending_before_its_hand_over_drops_the_rebuild():
     acts = sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 1.0, True), 1.0)
     assert only(acts, Evict).requests == ("r",) and only(acts, Evict).instance == "D"
     assert not [a for a in acts if isinstance(a, HandOver)]
+
+
+def test_a_failed_destination_leaves_the_request_at_its_source():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    sched.handle(InstanceFailed("D", ()), 0.5)
+    assert r.copy_at is None and r.instance is victim and "r" not in sched.life.migrating
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True),
+                        0.57)
+    assert not [a for a in acts if isinstance(a, HandOver)]
+    assert next(a for a in acts if isinstance(a, Grant)).instance == "V"    # r carries on
