@@ -14,7 +14,7 @@ from refengine.sim.reproduce import marked_sections
 from refengine.sim.simulator import Simulation
 from scheduler import Scheduler, preset
 from scheduler.codec import decode, encode
-from sim_checks import simulate_checked, workload
+from sim_checks import needs_traces, simulate_checked, workload
 
 
 def test_host_cache_is_lru_never_over_budget_and_never_evicts_a_pinned_model():
@@ -133,6 +133,7 @@ def test_tier_reports_and_bandwidths_reach_the_scheduler_and_replay():
         assert [encode(a) for a in actions] == rec["actions"]
 
 
+@needs_traces                   # the Pareto workload draws its lengths from the conversation trace
 def test_simulate_compares_loading_styles_quickly(tmp_path):
     result = CliRunner().invoke(simulate, [
         "--workload", "pareto", "--rps", "2", "--models", "4", "--duration", "30", "--cpus", "1",
