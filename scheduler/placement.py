@@ -86,7 +86,7 @@ class Placement:
         estimates = {n.id: self.startup.estimate(n, model, now, serving) for n in packed}
         passed: dict[str, Instance | None] = {}
 
-        def startup(node: Node) -> float:
+        def startup_s(node: Node) -> float:
             estimate = estimates[node.id]
             return estimate.seconds if estimate is not None and self.config.startup_aware \
                 else 0.0
@@ -100,11 +100,11 @@ class Placement:
                 passed[node.id] = inst if self.validator.admit(inst, req, now) else None
             return passed[node.id]
 
-        earliest = next((n for n in sorted(packed, key=startup) if passing(n)), None)
+        earliest = next((n for n in sorted(packed, key=startup_s) if passing(n)), None)
         if earliest is None:
             return None
-        limit = startup(earliest) + self.config.startup_tolerance
-        return next(inst for n in packed if startup(n) <= limit and (inst := passing(n)))
+        limit = startup_s(earliest) + self.config.startup_tolerance
+        return next(inst for n in packed if startup_s(n) <= limit and (inst := passing(n)))
 
     def _has_room(self, node: Node, model: ModelSpec) -> bool:
         return ((model.profile, node.spec.hardware) in self.cost
