@@ -89,8 +89,9 @@ class PartArrival:
         self._events[name].set()
 
     def _finish(self, error: BaseException | None) -> None:
+        on_complete, self._on_complete = self._on_complete, None   # once; and no cycle keeps the loader alive
         try:
-            if self._on_complete is not None:
-                self._on_complete(error)
+            if on_complete is not None:
+                on_complete(error)
         finally:
             self._done.set()

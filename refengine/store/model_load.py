@@ -148,6 +148,7 @@ class ModelLoad:
             last = self._reads_finished == len(self.index.chunks)
         if last:
             self._reader.close()
+            self._reads = []      # their callbacks point back here: let the buffer go with the model
 
     def _complete(self, error: BaseException | None) -> None:
         self.finished = time.perf_counter()

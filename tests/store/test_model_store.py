@@ -124,3 +124,20 @@ def test_a_failed_load_leaves_nothing_behind(home: Path) -> None:
         lease.load.wait()
     lease.release()
     assert store.host.keys() == [] and store.residency("a").tier == DISK
+
+
+def test_a_dropped_model_frees_its_buffer_at_once(home: Path) -> None:
+    """No reference cycle keeps a model's bytes alive until the garbage collector runs."""
+    import gc
+    import weakref
+    store = ModelStore(home)                      # no host cache: the buffer is the model's alone
+    lease = store.load(files(home, "a"), KERNELS)
+    lease.load.wait()
+    buffer = weakref.ref(lease.load.host)
+    gc.disable()
+    try:
+        lease.release()
+        del lease
+        assert buffer() is None
+    finally:
+        gc.enable()
