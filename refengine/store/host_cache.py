@@ -86,7 +86,7 @@ class HostCache:
             self._entries.pop(key, None)
 
     def _victims(self, nbytes: int) -> list[str] | None:
-        free = self.budget - self.used_bytes
+        free = self.budget - self._used_bytes()
         victims = []
         for key, entry in self._entries.items():
             if free >= nbytes:
@@ -99,16 +99,22 @@ class HostCache:
     # ---------------------------------------------------------------- what the store reports
     @property
     def used_bytes(self) -> int:
+        with self._lock:
+            return self._used_bytes()
+
+    def _used_bytes(self) -> int:
         return sum(entry.nbytes for entry in self._entries.values())
 
     def holds(self, key: str) -> bool:
         """A complete copy of `key` is in host memory."""
-        entry = self._entries.get(key)
-        return entry is not None and entry.complete
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.complete
 
     def pins(self, key: str) -> int:
-        entry = self._entries.get(key)
-        return entry.pins if entry is not None else 0
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.pins if entry is not None else 0
 
     def keys(self) -> list[str]:
         """Cached keys, least recently used first."""

@@ -70,6 +70,8 @@ class Lease:
 
 
 class ModelStore:
+    """The tiers of one machine: the model cache on disk, one host cache, the devices it loads onto."""
+
     def __init__(self, home: Path | None = None, host_budget: int = 0, threads: int = READ_THREADS,
                  direct: bool = True, allocate: Callable[[int], np.ndarray] = aligned_empty):
         """host_budget: bytes of the host cache (0 = no host tier). allocate: how host buffers are
@@ -80,7 +82,7 @@ class ModelStore:
         self._allocate = allocate
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="store-read")
         self._lock = threading.Lock()
-        self._filling: dict[str, Future] = {}                    # weights -> done when its host entry is
+        self._filling: dict[str, Future] = {}                    # weights -> done once its entry is filled
         self._on_devices: Counter[tuple[str, str]] = Counter()   # (weights, device) -> leases held
 
     # ---------------------------------------------------------------- what the scheduler asks
@@ -107,12 +109,15 @@ class ModelStore:
             host = self._allocate(index.size)    # no room in the cache now: a private buffer, freed with the model
 
         def complete(error: BaseException | None) -> None:
+            """Settle the host-cache entry once the load has ended."""
             if not cached:
                 return
             if from_disk:
-                self._filled(weights, error)     # a failed fill is discarded, its pin with it
-            if (error is None and not keeps_host) or (error is not None and not from_disk):
-                self.host.release(weights)
+                self._filled(weights, error)     # complete the entry, or drop it (pin and all) after a failure
+                if error is not None:
+                    return
+            if error is not None or not keeps_host:
+                self.host.release(weights)       # a GPU has its own copy now; a failed copy needs no pin
 
         try:
             load = ModelLoad(files, index, host, target, config, kernels, complete)

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from refengine.store.cache import PREPARE_HINT, ModelCacheError, ModelFiles
+from refengine.store.chunked_read import ALIGN   # every tensor offset and the file size: direct reads need it
 
 FORMAT = "refengine-packed"
 VERSION = 1
-ALIGN = 4096                   # every tensor offset, and the file size: a page, and a disk block for O_DIRECT
 CHUNK_BYTES = 16 << 20         # checksum granularity, and the unit of a parallel read (ServerlessLLM uses 32 MB)
 
 
