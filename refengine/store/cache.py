@@ -98,11 +98,12 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(files: ModelFiles, source: dict, known: dict | None = None) -> None:
-    """Record size and sha256 of every payload file; call it after all of them are written.
+    """Record size and sha256 of every payload file there; call it after all of them are written.
+    (An entry written without the checkpoint verifies as unprepared, and `prepare` completes it.)
     known: entries already checked against their files (name -> size, sha256), not hashed again."""
     known = known or {}
     entries = {p.name: known.get(p.name) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
-               for p in files.payload}
+               for p in files.payload if p.exists()}
     manifest = {"format_version": FORMAT_VERSION, "source": source, "files": entries}
     files.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
 

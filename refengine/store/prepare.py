@@ -84,8 +84,8 @@ def source_for(name: str) -> GgufSource:
 
 def prepare(name: str = DEFAULT_MODEL, home: Path | None = None, force: bool = False,
             progress: bool = True) -> ModelFiles:
-    """Make `<home>/models/<name>/` a verified prepared model and return its files."""
-    source = source_for(name)
+    """Make `<home>/models/<name>/` a verified prepared model and return its files. Only converting
+    needs the model's GGUF source: an entry whose converted files are sound is completed without it."""
     files = model_files(name, home)
     if not force and _is_whole(files):
         return files
@@ -94,17 +94,20 @@ def prepare(name: str = DEFAULT_MODEL, home: Path | None = None, force: bool = F
     except OSError as e:
         raise ModelCacheError(f"cannot create {files.dir.parent} ({e.strerror}); set $REFENGINE_HOME to a writable "
                               "directory") from None
-    with _locked(files), source.path() as gguf_path:
+    with _locked(files):
         if not force and _is_whole(files):  # another process prepared it while we waited
             return files
         _remove_leftovers(files)
+        reuse = not force and _converted_intact(files)     # only the checkpoint is missing or damaged
+        source = None if reuse else source_for(name)
         staged = ModelFiles(Path(tempfile.mkdtemp(dir=files.dir.parent, prefix=f".{name}.tmp-")))
         try:
-            if not force and _converted_intact(files):
+            if source is None:
                 origin, known = _link_converted(files, staged)
             else:
-                _write_model(GGUFReader(gguf_path), staged, progress, desc=name)
-                origin, known = source.describe(gguf_path), {}
+                with source.path() as gguf_path:
+                    _write_model(GGUFReader(gguf_path), staged, progress, desc=name)
+                    origin, known = source.describe(gguf_path), {}
             _write_packed(staged)
             write_manifest(staged, origin, known)
             _swap_in(staged.dir, files.dir)

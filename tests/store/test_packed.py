@@ -2,19 +2,28 @@
 in forward order; damage is named in one line, and `prepare` rebuilds it without re-converting."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from kernels import get_kernels
 from models.config import LlamaConfig
 from models.llama import HEAD_PART, final_layout, layer_part
-from refengine.engine.loader import load_llama
-from refengine.store.cache import PREPARE_HINT, ModelCacheError, ModelFiles, is_prepared, model_files
+from models.random_weights import TINY, random_tensors
+from refengine.engine.loader import ensure_prepared, load_llama
+from refengine.store.cache import (
+    PREPARE_HINT,
+    ModelCacheError,
+    ModelFiles,
+    is_prepared,
+    model_files,
+    write_manifest,
+)
 from refengine.store.packed import ALIGN, is_verified, read_index, write_packed
 from refengine.store.prepare import DEFAULT_MODEL, prepare
 from tests.store.tiny_packed import write_tiny_model
@@ -142,3 +151,23 @@ def test_checkpoint_is_in_the_manifest(tmp_path: Path) -> None:
     files = write_tiny_model(tmp_path, "tiny")
     listed = json.loads(files.manifest.read_text())["files"]
     assert {files.packed.name, files.packed_index.name} <= listed.keys()
+
+
+def test_entry_written_without_a_checkpoint_is_completed_without_its_gguf(tmp_path: Path) -> None:
+    """A cache entry made by hand (safetensors, config, tokenizer files: as tests and older versions
+    write them) gets its checkpoint from `prepare`, which needs no GGUF source to do it."""
+    config = dataclasses.replace(TINY, tie_word_embeddings=True)
+    tensors = random_tensors(config, seed=3)
+    files = model_files("hand-made", tmp_path)
+    files.dir.mkdir(parents=True)
+    save_file(tensors, str(files.weights))
+    files.config.write_text(json.dumps(dataclasses.asdict(config)))
+    files.tokenizer.write_text("{}")
+    files.tokenizer_config.write_text("{}")
+    write_manifest(files, source={"test": True})
+    assert not is_prepared("hand-made", tmp_path)
+    assert ensure_prepared("hand-made", tmp_path) == files
+    assert is_prepared("hand-made", tmp_path)
+    model = load_llama(files, get_kernels("reference"))
+    assert [p.name for p in read_index(files).parts][-1] == layer_part(config.num_hidden_layers - 1)  # tied
+    assert np.array_equal(model.weights.embed, tensors["model.embed_tokens.weight"])
