@@ -18,7 +18,7 @@ import numpy as np
 
 from kernels.interface import Array, Kernels
 from models.config import LlamaConfig
-from models.llama import LlamaModel, LlamaWeights
+from models.llama import LlamaModel, LlamaWeights, Resident
 from refengine.store.arrival import PartArrival
 from refengine.store.cache import PREPARE_HINT, ModelCacheError, ModelFiles
 from refengine.store.chunked_read import FileReader, read_chunks
@@ -153,7 +153,9 @@ class ModelLoad:
     def _complete(self, error: BaseException | None) -> None:
         self.finished = time.perf_counter()
         self.target.close()
-        if error is None and self._verify:
-            mark_verified(self.files)
+        if error is None:
+            self.model.weights.arrival = Resident()    # every later step skips the waits
+            if self._verify:
+                mark_verified(self.files)
         if self._on_complete is not None:
             self._on_complete(error)
