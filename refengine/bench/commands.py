@@ -98,6 +98,7 @@ def _store_for(device: str, budget: int, direct: bool = True):
 def load(device: str, backend: str | None, repeats: int, direct: bool, write: bool) -> None:
     """Prepare times; load throughput of each store tier beside this machine's limits, safetensors and the GGUF."""
     from refengine.bench import load_bench as lb
+    from refengine.store.chunked_read import FileReader
     from refengine.store.packed import verify_packed
     from refengine.store.prepare import DEFAULT_MODEL as WEIGHTS
     from refengine.store.prepare import SOURCES, prepare
@@ -126,6 +127,8 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
                  "store: host": lb.store_host_case(store, files, kernels, device)}
         seconds = lb.medians(cases, repeats)
         gguf_mb = gguf.stat().st_size / 1e6
+        with FileReader(files.packed, direct=direct) as reader:
+            direct = reader.direct           # what the file system granted
         store.close()
     disk_limit = min(seconds[name] for name in disk_cases)
     safetensors = seconds["safetensors"]

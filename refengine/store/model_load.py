@@ -72,8 +72,7 @@ class ModelLoad:
                  on_complete: Callable[[BaseException | None], None] | None = None):
         """on_complete(error) runs once when every chunk is resident or the load failed, before `wait` returns."""
         self.files, self.index, self.host, self.target = files, index, host, target
-        self.source = ""
-        self.direct = False
+        self.source = ""              # the tier the bytes came from: "disk" or "host"
         self.started = time.perf_counter()
         self.read_done: float | None = None
         self.finished: float | None = None
@@ -88,15 +87,10 @@ class ModelLoad:
         self.model = LlamaModel(config, LlamaWeights.from_arrays(target.arrays(index, host), config, self.arrival),
                                 kernels)
 
-    @property
-    def nbytes(self) -> int:
-        return self.index.size
-
     def from_disk(self, pool: Executor, verify: bool, direct: bool) -> "ModelLoad":
         """Read the data file into the host buffer on `pool`, checking chunk checksums if `verify`."""
         self.source, self._verify = "disk", verify
         self._reader = FileReader(self.files.packed, direct=direct)
-        self.direct = self._reader.direct
         self._reads = read_chunks(self._reader, self.host, self.index.chunks, pool, self._chunk_read)
         for future in self._reads:
             future.add_done_callback(self._read_finished)
@@ -114,6 +108,7 @@ class ModelLoad:
         self.arrival.wait_all()
         return self
 
+    # the observed time of each tier, from which a startup estimate can learn its bandwidths
     @property
     def read_s(self) -> float:
         """Seconds until the last byte was in host memory (0 from the host cache)."""
