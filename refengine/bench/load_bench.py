@@ -24,7 +24,6 @@ from refengine.store.chunked_read import FileReader, aligned_empty, drop_page_ca
 from refengine.store.model_store import ModelStore
 from refengine.store.packed import CHUNK_BYTES
 
-
 Case = tuple[Callable[[], object], Callable[[], object] | None]   # (timed run, untimed preparation)
 
 
@@ -40,10 +39,6 @@ def medians(cases: Mapping[str, Case], repeats: int) -> dict[str, float]:
             run()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def median_seconds(run: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
-    return medians({"": (run, before)}, repeats)[""]
 
 
 def load_average() -> str:
