@@ -51,7 +51,7 @@ LAYER_FIELDS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
 
 
 HEAD_PART = "head"          # the embedding and every norm: small, and needed before and inside every layer
-LM_HEAD_PART = "lm_head"    # an untied lm_head, needed only after the last layer (empty when tied)
+LM_HEAD_PART = "lm_head"    # an untied lm_head, needed only after the last layer (none when tied)
 
 
 def layer_part(i: int) -> str:
