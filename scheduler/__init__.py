@@ -4,7 +4,7 @@ Events in, actions out: `Scheduler(models, nodes, cost, config).handle(event, no
 threads, arrays or I/O, so the simulator and the live runtime drive the same code. Module map:
 
 - `specs`       ModelSpec, NodeSpec: what the scheduler is told at construction
-- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, Tick
+- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed, Tick
 - `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
                 Drop, ColdStartGrace
 - `codec`       JSON lines for events and actions (logging, replay)
@@ -25,7 +25,7 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 Executor loop (the simulator in `refengine/sim/simulator.py` is a complete example)::
 
     sched = Scheduler(models, nodes, CostModel.from_dirs(profile_dir), preset("slinfer"))
-    for each event at time now (arrival, step done, memory action done, cancel, timer):
+    for each event at time now (arrival, step done, memory action done, cancel, failure, timer):
         for action in sched.handle(event, now):
             CreateInstance  -> make an empty instance (no weights, 0 KV) on the node
             Load / Unload / KvResize / Evict -> do it now; then MemoryDone(action_id, seconds)
@@ -41,14 +41,14 @@ from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, D
 from scheduler.config import PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
-from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
-                              Tick)
+from scheduler.events import (Event, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
+                              StepFinished, Tick)
 from scheduler.slo import SloPolicy
 from scheduler.specs import ModelSpec, NodeSpec
 
 __all__ = [
     "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
-    "Grant", "KvResize", "LatencyTable", "Load", "MemoryDone", "ModelSpec", "NodeSpec", "PRESETS",
-    "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig",
-    "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
+    "Grant", "InstanceFailed", "KvResize", "LatencyTable", "Load", "MemoryDone", "ModelSpec",
+    "NodeSpec", "PRESETS", "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler",
+    "SchedulerConfig", "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
 ]

@@ -21,8 +21,8 @@ from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
 from scheduler.estimate import Estimator
-from scheduler.events import (Event, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
-                              Tick)
+from scheduler.events import (Event, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
+                              StepFinished, Tick)
 from scheduler.kv import OutputEstimator
 from scheduler.lifecycle import Lifecycle, Timers
 from scheduler.memory import MemoryOrchestrator
@@ -68,6 +68,8 @@ class Scheduler:
             self._arrived(event, now)
         elif isinstance(event, RequestCancelled):
             self._cancelled(event, now)
+        elif isinstance(event, InstanceFailed):
+            self._instance_failed(event, now)
         elif isinstance(event, Tick):
             self._tick(now)
         else:
@@ -90,14 +92,25 @@ class Scheduler:
     def _arrived(self, ev: RequestArrived, now: float) -> None:
         if ev.request_id in self.life.requests:
             raise ValueError(f"duplicate request id {ev.request_id!r}")
-        slo = self.config.slo
         req = Request(ev.request_id, ev.model, ev.input_tokens, ev.max_output_tokens, ev.arrival,
-                      slo.ttft(ev.input_tokens), slo.tpot_slo)
+                      *self._internal_slos(ev))
         self.life.requests[req.id] = req
         if ev.model not in self.models:
             self.life.drop(req, "unknown model", now)
             return
         self._try_place(req, now)
+
+    def _internal_slos(self, ev: RequestArrived) -> tuple[float, float]:
+        """(TTFT, TPOT) the scheduler plans with: the request's own SLOs where it gave them, else the
+        policy's; both shrunk by the same margin (§4.2.1), so an override of exactly the default
+        SLO schedules exactly like no override. They set the request's deadlines (token priority,
+        prefill EDF check, drops); the decode-throughput check (b) keeps the policy's TPOT, one
+        figure per node as in the paper."""
+        slo = self.config.slo
+        keep = 1.0 - slo.margin
+        ttft = slo.ttft(ev.input_tokens) if ev.ttft_slo is None else ev.ttft_slo * keep
+        tpot = slo.tpot_slo if ev.tpot_slo is None else ev.tpot_slo * keep
+        return ttft, tpot
 
     def _try_place(self, req: Request, now: float) -> None:
         inst = self.placement.place(req, self.models[req.model], now)
@@ -159,6 +172,19 @@ class Scheduler:
             self.life.finish(req, now)
             if node:
                 self._touched.add(node)
+
+    def _instance_failed(self, ev: InstanceFailed, now: float) -> None:
+        inst = self.life.instances.get(ev.instance)
+        if inst is None:
+            return
+        if inst.node.grant_instance is inst:
+            self.tokens.release(inst.node)
+        evicted = self.life.fail(inst, ev.requests, now)
+        self.life.release_if_drained(inst)
+        for req in evicted:
+            self._try_place(req, now)
+        self.memory.wake_station(inst.node)     # its reservations are gone: others may fit now
+        self._touched.add(inst.node.id)
 
     def _tick(self, now: float) -> None:
         for kind, key, tag in self.timers.due(now):

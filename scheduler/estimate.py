@@ -30,11 +30,15 @@ class Estimator:
         return instance.table.decode(batch, context_tokens / batch) * margin
 
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
-        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""
+        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b). The
+        tightest TPOT among its requests counts: a request with its own, stricter TPOT needs the
+        instance stepped that much more often."""
         batch, tokens = instance.batch, instance.context_tokens
+        tpots = [r.tpot_slo for r in instance.requests.values()]
         if extra is not None:
             batch, tokens = batch + 1, tokens + extra.context
-        return self.decode(instance, batch, tokens) / self._tpot
+            tpots.append(extra.tpot_slo)
+        return self.decode(instance, batch, tokens) / min(tpots, default=self._tpot)
 
     def decode_iterations(self, instance: Instance, step: float) -> int:
         """k iterations per GPU decode grant ≈ grant_target / iteration time `step` (§9 row 5)."""

@@ -9,7 +9,9 @@ Invariants the executor keeps:
   `grant_done=True` (it ran all granted iterations or had nothing left of the granted kind);
 - one `MemoryDone` per `Load`/`Unload`/`KvResize`/`Evict` action, echoing its `action_id`, with
   the measured duration;
-- `RequestCancelled` only after the executor has already stopped the request itself.
+- `RequestCancelled` only after the executor has already stopped the request itself;
+- `InstanceFailed` once per instance whose job raised, after the executor dropped it; no event
+  names that instance afterwards.
 """
 from __future__ import annotations
 
@@ -21,13 +23,20 @@ StepKind = Literal["prefill", "decode"]
 
 @dataclass(frozen=True)
 class RequestArrived:
-    """A request for `model`. `max_output_tokens` is never used to predict (§4.2.2)."""
+    """A request for `model`. `max_output_tokens` is never used to predict (§4.2.2).
+
+    `ttft_slo`/`tpot_slo` are the client's own SLOs in seconds, replacing the policy's defaults
+    (§4.2.1) for this request; None keeps the default. The scheduler shrinks them by its safety
+    margin exactly as it shrinks the defaults, so an override means what a default would.
+    """
 
     request_id: str
     model: str
     input_tokens: int
     max_output_tokens: int
     arrival: float
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,24 @@ class RequestCancelled:
 
 
 @dataclass(frozen=True)
+class InstanceFailed:
+    """A job on `instance` (a step, a load, a resize, an eviction) raised, so the executor dropped
+    the instance: it holds none of its memory any more and has ended `requests`, those it had
+    attached there, with an error.
+
+    The scheduler forgets the instance at once, without memory actions: whatever it had in flight
+    or queued will never complete, and a keep-alive would send the model's next request to a dead
+    instance instead of a cold start. Requests still attached end too; requests it was evicting
+    are placed again, as a completed eviction would.
+    """
+
+    instance: str
+    requests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed; sent at (or after) `Scheduler.next_wakeup()` for timers."""
 
 
-Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, Tick]
+Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed, Tick]

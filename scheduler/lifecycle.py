@@ -12,6 +12,8 @@
   evicts its longest-headroom request.
 - Cold start: requests that waited for their instance's LOAD and first KV get a TTFT grace equal to
   the measured duration of those actions.
+- Failure (not in the paper; a live executor's job raised): the instance is forgotten at once,
+  its requests end, the ones it was evicting are placed again.
 
 Invariants: a retired instance takes no new request and is released once its memory is back to
 zero and nothing is queued for it; every evicted request is re-queued exactly once.
@@ -107,6 +109,18 @@ class Lifecycle:
         self._evict(victim, list(victim.requests.values()), now)
         self._retire(victim)
 
+    def fail(self, inst: Instance, ended: tuple[str, ...], now: float) -> list[Request]:
+        """The executor lost `inst` (`events.InstanceFailed`): forget it without memory actions,
+        end `ended` and whatever is still attached; return the requests it was evicting, to be
+        placed again."""
+        evictions = self.memory.forget(inst)
+        if not inst.retired:
+            self._retire(inst)                  # its targets are zero: registers no action
+        for rid in (*ended, *inst.requests):
+            if (req := self.requests.get(rid)) is not None:
+                self._forget(req, now)
+        return self.evicted(tuple(rid for op in evictions for rid in op.requests))
+
     def release_if_drained(self, inst: Instance) -> bool:
         """Forget a retired instance whose memory is back to zero; True if released."""
         if not (inst.retired and not inst.requests and not inst.memory_busy and not inst.computing
@@ -166,16 +180,17 @@ class Lifecycle:
         req.retry_at = now + self.config.retry_interval
         self.timers.add(req.retry_at, "retry", req.id, req.arrival)
 
-    def finish(self, req: Request, now: float) -> None:
+    def _forget(self, req: Request, now: float) -> None:
         self.detach(req, now)
-        self.outputs.observe(req.model, req.generated)
         self.requests.pop(req.id, None)
         self.queued.pop(req.id, None)
 
+    def finish(self, req: Request, now: float) -> None:
+        self._forget(req, now)
+        self.outputs.observe(req.model, req.generated)
+
     def drop(self, req: Request, reason: str, now: float) -> None:
-        self.detach(req, now)
-        self.requests.pop(req.id, None)
-        self.queued.pop(req.id, None)
+        self._forget(req, now)
         self.emit(Drop(req.id, reason))
 
     def _evict(self, inst: Instance, victims: list[Request], now: float) -> None:

@@ -147,5 +147,20 @@ class MemoryOrchestrator:
             state.actual = op.value             # a superseded shrink leaves the reservation alone
 
     @staticmethod
+    def forget(instance: Instance) -> list[MemoryOp]:
+        """The executor lost `instance` with its memory: zero its figures and drop its actions (in
+        flight, committed, waiting in the station), which will never complete. Returns the dropped
+        evictions, whose requests were detached but not yet placed again."""
+        dropped = [op for op in (instance.in_flight, *instance.outbox) if op is not None]
+        for op in [op for op in instance.node.station if op.instance is instance]:
+            instance.node.station.remove(op)
+        instance.in_flight = None
+        instance.outbox.clear()
+        for state in (instance.weights, instance.kv):
+            state.version += 1
+            state.target = state.actual = state.physical = 0
+        return [op for op in dropped if op.resource is None]
+
+    @staticmethod
     def waiting_in_station(instance: Instance) -> bool:
         return any(op.instance is instance for op in instance.node.station)

@@ -10,7 +10,7 @@ import click
 from kernels import backend_for_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
-from refengine.bench.report import markdown_table, update_section
+from refengine.bench.report import BENCHMARKS, markdown_table, update_section
 from refengine.store.model_store import READ_THREADS
 from refengine.store.packed import CHUNK_BYTES
 
@@ -29,18 +29,36 @@ def bench() -> None:
 _device = click.option("--device", default="cpu", show_default=True)
 _backend = click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]))
 _write = click.option("--write/--no-write", default=True, show_default=True, help="Update docs/BENCHMARKS.md.")
+_peers = click.option("--peers", is_flag=True,
+                      help="Side by side with llama.cpp and transformers (CPU) or transformers eager and CUDA "
+                           "graphs (GPU), each engine in turn, median over --rounds.")
+_rounds = click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+                       help="With --peers: rounds, engines taking turns.")
+_random_weights = click.option("--random-weights", is_flag=True,
+                               help="With --peers: random weights of the SmolLM2 shape (a GPU machine without "
+                                    "the model package); speed does not depend on the values.")
 
 
 @bench.command()
 @_device
 @_backend
-@click.option("--batch", "batches", multiple=True, type=int, default=(1, 8, 32), show_default=True)
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
+              help="Sequences per step [default: 1, 8, 32; with --peers 1, 8, 32, 64].")
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
+@_peers
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1), default=(128, 1024),
+              show_default=True, help="With --peers: tokens each sequence already holds.")
+@_rounds
+@_random_weights
 @_write
 def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_len: int, new_tokens: int,
-           write: bool) -> None:
-    """Decode tokens/s per batch size, beside the memory-bandwidth bound."""
+           peers: bool, contexts: tuple[int, ...], rounds: int, random_weights: bool, write: bool) -> None:
+    """Decode tokens/s per batch size, beside the memory-bandwidth bound (and peers with --peers)."""
+    if peers:
+        cases = [("decode", b, c) for c in contexts for b in batches or (1, 8, 32, 64)]
+        return _side_by_side(device, cases, rounds, random_weights, write)
+    batches = batches or (1, 8, 32)
     name, loaded = _load(device, backend)
     model = loaded.model
     bw = bandwidth.measure_copy_bandwidth()
@@ -65,10 +83,19 @@ def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_le
 @bench.command()
 @_device
 @_backend
-@click.option("--length", "lengths", multiple=True, type=int, default=(128, 512, 1024), show_default=True)
+@click.option("--length", "lengths", multiple=True, type=click.IntRange(min=1),
+              help="Prompt tokens [default: 128, 512, 1024; with --peers 128, 512, 2048].")
+@_peers
+@_rounds
+@_random_weights
 @_write
-def prefill(device: str, backend: str | None, lengths: tuple[int, ...], write: bool) -> None:
-    """Prefill tokens/s for one prompt per iteration."""
+def prefill(device: str, backend: str | None, lengths: tuple[int, ...], peers: bool, rounds: int,
+            random_weights: bool, write: bool) -> None:
+    """Prefill tokens/s for one prompt per iteration (beside peers with --peers)."""
+    if peers:
+        return _side_by_side(device, [("prefill", n) for n in lengths or (128, 512, 2048)], rounds,
+                             random_weights, write)
+    lengths = lengths or (128, 512, 1024)
     name, loaded = _load(device, backend)
     rows = []
     for length in lengths:
@@ -78,6 +105,45 @@ def prefill(device: str, backend: str | None, lengths: tuple[int, ...], write: b
     if write:
         update_section(f"prefill-{name}", f"Prefill, {name} backend",
                        markdown_table(["backend", "prompt tokens", "median ms", "tok/s"], rows))
+
+
+def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: bool, write: bool) -> None:
+    """Every engine of this device kind on `cases`, then tables, targets and (decode) a plot."""
+    from refengine.bench import comparison_report as report
+    from refengine.bench import side_by_side
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    options = side_by_side.Options(device, random_weights)
+    config, weight_bytes = side_by_side.model_shape(options)
+    if kind == "cuda":
+        import cupy
+
+        from refengine.bench.gpu_bench import copy_bandwidth
+        bw = copy_bandwidth()
+        where = f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}. "
+    else:
+        bw, where = bandwidth.measure_copy_bandwidth(), ""
+    click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
+    results = side_by_side.run(cases, options, rounds, progress=click.echo)
+    bounds = {c: bandwidth.decode_bound_tokens_per_s(config, weight_bytes, c[1], c[2] + 1, bw)
+              for c in cases if c[0] == "decode"}
+    mode = cases[0][0]
+    table = report.decode_table(results, bounds) if mode == "decode" else report.prefill_table(results)
+    click.echo(table)
+    targets = report.targets_table(results, bounds, kind)
+    click.echo(targets)
+    if not write:
+        return
+    weights = "random weights of the SmolLM2-135M shape" if random_weights else "SmolLM2-135M-Instruct"
+    body = (f"{where}Command: `python cli.py bench {mode} --device {device} --peers"
+            f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
+            f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
+            f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
+            f"bandwidth ÷ (weights + cached K/V).\n\n{table}\n\n{targets}")
+    if mode == "decode":
+        png = BENCHMARKS.parent / f"decode_vs_batch_{kind}.png"
+        report.plot(results, bounds, png, f"Decode tokens/s vs batch ({kind}, {weights})")
+        body += f"\n\n![decode tokens/s vs batch]({png.name})"
+    update_section(f"{mode}-peers-{kind}", f"{mode.capitalize()} side by side ({kind})", body)
 
 
 def _store_for(device: str, budget: int, direct: bool = True):

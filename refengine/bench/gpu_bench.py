@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from typing import Callable
 
 import cupy
@@ -21,23 +20,10 @@ import numpy as np
 
 from kernels import get_kernels
 from kernels.gpu_graph import GraphedDecodeModel
-from models.llama import LlamaModel, LlamaWeights, StepInputs
+from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import SMOLLM2_135M, random_tensors
-
-BLOCK_TOKENS = 16
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of `run`, which must end synchronised with the device."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
+from refengine.bench.steps import (BLOCK_TOKENS, decode_step, median_seconds, prefill_tokens_per_s,
+                                   random_cache)
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
@@ -56,38 +42,10 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def random_cache(config, num_blocks: int) -> tuple[cupy.ndarray, cupy.ndarray]:
-    """K and V caches [L, N, P, Hkv, D] of random values (never time on zeros)."""
-    shape = (config.num_hidden_layers, num_blocks, BLOCK_TOKENS, config.num_key_value_heads, config.head_dim)
-    return (cupy.random.standard_normal(shape, dtype=cupy.float32),
-            cupy.random.standard_normal(shape, dtype=cupy.float32))
-
-
-def decode_step(config, batch: int, context: int, rng: np.random.Generator) -> StepInputs:
-    """One new token for each of `batch` sequences holding `context` cached tokens, in consecutive blocks."""
-    per_seq = -(-(context + 1) // BLOCK_TOKENS)
-    tables = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
-    slots = tables[:, context // BLOCK_TOKENS].astype(np.int64) * BLOCK_TOKENS + context % BLOCK_TOKENS
-    return StepInputs(is_prefill=False, token_ids=rng.integers(0, config.vocab_size, batch),
-                      positions=np.full(batch, context, dtype=np.int64), slot_mapping=slots,
-                      block_tables=tables, query_start=np.arange(batch + 1, dtype=np.int32),
-                      context_lens=np.full(batch, context + 1, dtype=np.int32))
-
-
-def prefill_step(config, num_tokens: int, rng: np.random.Generator) -> StepInputs:
-    """One prompt of `num_tokens` tokens, into blocks 0, 1, ..."""
-    blocks = -(-num_tokens // BLOCK_TOKENS)
-    return StepInputs(is_prefill=True, token_ids=rng.integers(0, config.vocab_size, num_tokens),
-                      positions=np.arange(num_tokens), slot_mapping=np.arange(num_tokens),
-                      block_tables=np.arange(blocks, dtype=np.int32)[None, :],
-                      query_start=np.array([0, num_tokens], dtype=np.int32),
-                      context_lens=np.array([num_tokens], dtype=np.int32))
-
-
 def bench_decode(model: LlamaModel, batch: int, context: int, bandwidth: float, repeats: int) -> dict:
     config, kern = model.config, model.kernels
     step = decode_step(config, batch, context, np.random.default_rng(batch))
-    k_cache, v_cache = random_cache(config, int(step.block_tables.size))
+    k_cache, v_cache = random_cache(model, int(step.block_tables.size))
     graphed = GraphedDecodeModel(model)
     eager_s = median_seconds(lambda: kern.argmax(model.forward(step, k_cache, v_cache)), max(5, repeats // 4))
     graph_s = median_seconds(lambda: kern.argmax(graphed.forward(step, k_cache, v_cache)), repeats)
@@ -132,7 +90,7 @@ def op_breakdown(model: LlamaModel, batch: int, context: int) -> dict[str, float
     step, whose weights come from DRAM."""
     config, kern, layer = model.config, model.kernels, model.weights.layers[0]
     step = decode_step(config, batch, context, np.random.default_rng(1))
-    k_cache, v_cache = (c[0] for c in random_cache(config, int(step.block_tables.size)))
+    k_cache, v_cache = (c[0] for c in random_cache(model, int(step.block_tables.size)))
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rng = np.random.default_rng(2)
     hidden = kern.asarray(rng.standard_normal((batch, config.hidden_size), dtype=np.float32))
@@ -164,10 +122,8 @@ def op_breakdown(model: LlamaModel, batch: int, context: int) -> dict[str, float
 
 
 def bench_prefill(model: LlamaModel, num_tokens: int, repeats: int = 5) -> dict:
-    step = prefill_step(model.config, num_tokens, np.random.default_rng(num_tokens))
-    k_cache, v_cache = random_cache(model.config, int(step.block_tables.size))
-    seconds = median_seconds(lambda: model.kernels.argmax(model.forward(step, k_cache, v_cache)), repeats, warmup=1)
-    return {"tokens": num_tokens, "ms": seconds * 1e3, "tok_s": num_tokens / seconds}
+    tok_s = prefill_tokens_per_s(model, num_tokens, repeats)
+    return {"tokens": num_tokens, "ms": num_tokens / tok_s * 1e3, "tok_s": tok_s}
 
 
 def bench_hf(tensors: dict, model: LlamaModel, cases: list[tuple[int, int]], repeats: int) -> dict:

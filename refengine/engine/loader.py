@@ -37,7 +37,17 @@ def load_llama(files: ModelFiles, kernels: Kernels, execute_while_load: bool = F
         load = store.load(files, kernels).load
     finally:
         store.close()
-    return load.model if execute_while_load else load.wait().model
+    return with_decode_graphs(load.model if execute_while_load else load.wait().model)
+
+
+def with_decode_graphs(model: LlamaModel) -> LlamaModel:
+    """On the CuPy backend, decode steps replay captured CUDA graphs: a small-batch step is ~350
+    kernel launches, which cost more from Python than the kernels run (6x at batch 1 on an H200,
+    docs/benchmarks_gpu.md). Prefill and large batches still run eagerly; other backends as they are."""
+    if getattr(model.kernels, "name", None) != "cuda":
+        return model
+    from kernels.gpu_graph import GraphedDecodeModel
+    return GraphedDecodeModel(model)
 
 
 def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_prepare: bool = True) -> LoadedModel:

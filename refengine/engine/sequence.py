@@ -13,6 +13,11 @@ class RequestError(ValueError):
     """A request the engine refuses, with a one-line message fit for a user (CLI or HTTP 400)."""
 
 
+class ContextLengthError(RequestError):
+    """The prompt, or the prompt plus max_tokens, does not fit the model's context (OpenAI's
+    `context_length_exceeded`: clients shorten the conversation on this one and retry)."""
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # some of its tokens are not in the KV cache yet: needs a prefill iteration
     RUNNING = "running"    # all but its newest token are cached: advances one token per decode iteration
@@ -41,13 +46,13 @@ class SamplingParams:
         if prompt_len == 0:
             raise RequestError("the prompt is empty")
         if prompt_len >= max_model_len:
-            raise RequestError(f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} "
-                               f"tokens and at least one must be left to generate")
+            raise ContextLengthError(f"the prompt has {prompt_len} tokens; this model's context is "
+                                     f"{max_model_len} tokens and at least one must be left to generate")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if prompt_len + self.max_tokens > max_model_len:
-            raise RequestError(f"the prompt ({prompt_len} tokens) plus max_tokens ({self.max_tokens}) exceeds "
-                               f"this model's context of {max_model_len} tokens")
+            raise ContextLengthError(f"the prompt ({prompt_len} tokens) plus max_tokens ({self.max_tokens}) "
+                                     f"exceeds this model's context of {max_model_len} tokens")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

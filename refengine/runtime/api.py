@@ -23,6 +23,12 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeviceFailure(Exception):
+    """A job on the request's instance raised (a weight load, a step, a KV resize, an eviction): the
+    instance is gone, and the request with it (HTTP 500). Other requests and models carry on; the
+    model's next request starts a new instance."""
+
+
 @dataclass(frozen=True)
 class SloOverride:
     """Per-request SLOs in seconds (None = the scheduler's defaults, SLINFER §6.1)."""
@@ -44,6 +50,7 @@ class Finished:
     completion_tokens: int
     ttft_s: float                   # arrival to first token
     cold_start: bool                # the request waited for an instance to load
+    cold_start_grace_s: float = 0.0  # that wait, which extends its TTFT SLO (SLINFER §4.5); 0 when warm
 
 
 GenerationEvent = TokenChunk | Finished
@@ -73,6 +80,7 @@ class RuntimeStatus:
     cold_starts: int = 0
     preemptions: int = 0
     drops: int = 0
+    failures: int = 0                # instances lost because a job on their device raised
 
 
 class Runtime(Protocol):
@@ -81,10 +89,14 @@ class Runtime(Protocol):
     def tokenizer(self, model: str) -> Tokenizer:
         """The model's tokenizer (raises UnknownModelError for a name not in the catalogue)."""
 
+    def context_length(self, model: str) -> int:
+        """Tokens the model attends over, prompt and output together (raises UnknownModelError)."""
+
     def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                  slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         """Tokens as they are produced, then one Finished. Raises UnknownModelError, RequestError
-        (bad parameters or prompt too long, before any token) or Overloaded (dropped)."""
+        (bad parameters or prompt too long, before any token), Overloaded (dropped) or
+        DeviceFailure (its instance failed, before or after tokens)."""
 
     def status(self) -> RuntimeStatus: ...
 

@@ -60,28 +60,36 @@ class DeviceSpec:
         return "gpu" if self.name.startswith("cuda") else "cpu"
 
 
-class DeviceWorker:
-    """A thread that runs jobs for one device in submission order."""
+Job = Callable[[], None]
+OnError = Callable[[Exception], None]
 
-    def __init__(self, spec: DeviceSpec, on_error: Callable[[BaseException], None]):
+
+class DeviceWorker:
+    """A thread that runs jobs for one device in submission order.
+
+    A job that raises does not stop the device: its own `on_error` runs instead, on this thread
+    before the next job, because only the submitter knows what the failure touched.
+    """
+
+    def __init__(self, spec: DeviceSpec):
         self.spec = spec
-        self.on_error = on_error
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Job, OnError] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"worker-{spec.name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+    def submit(self, job: Job, on_error: OnError) -> None:
+        self._jobs.put((job, on_error))
 
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, on_error = item
             try:
                 job()
-            except BaseException as e:   # a failed job must not kill the device; the runtime decides
-                self.on_error(e)
+            except Exception as e:
+                on_error(e)

@@ -26,6 +26,7 @@ class LiveInstance:
         self._request_of: dict[int, str] = {}
         self._seq_of: dict[str, int] = {}
         self._before_load: list[tuple[int, list[int], SamplingParams]] = []  # assigned during a cold start
+        self.failed = False                          # a job raised: the instance is gone for good
 
     # ---- memory actions
     def load(self, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
@@ -40,6 +41,13 @@ class LiveInstance:
         self.engine = None
         self._request_of.clear()
         self._seq_of.clear()
+        self._before_load.clear()
+
+    def fail(self) -> None:
+        """A job on this instance raised, leaving it in a state nobody can vouch for (a half-done
+        step or resize): free what it holds and refuse any further job."""
+        self.failed = True
+        self.unload()
 
     def resize(self, blocks: int) -> None:
         self._kv_blocks = blocks

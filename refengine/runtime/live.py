@@ -8,6 +8,9 @@ which reports back with a measured duration as the next event.
     HTTP request --RequestArrived--> scheduler --Grant/Assign/Load/KvResize/...--> device workers
     device workers --StepFinished/MemoryDone--> scheduler          tokens --> the request's queue
 
+A job that raises fails its instance, not the device or the server: the instance's memory is freed,
+each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
+
 Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
 timer that sends `Tick` (keep-alive expiry, placement retries).
 """
@@ -18,8 +21,9 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
 from models.catalogue import Catalogue
@@ -27,7 +31,7 @@ from models.config import LlamaConfig
 from refengine.engine.loader import ensure_prepared, load_llama
 from refengine.engine.sequence import SamplingParams
 from refengine.engine.tokenizer import Tokenizer
-from refengine.runtime.api import (Finished, GenerationEvent, InstanceInfo, Overloaded, RuntimeStatus,
+from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
 from refengine.runtime.devices import DeviceSpec, DeviceWorker
 from refengine.runtime.instances import LiveInstance
@@ -36,7 +40,8 @@ from scheduler import actions as act
 from scheduler.config import SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel
-from scheduler.events import MemoryDone, RequestArrived, RequestCancelled, StepFinished, Tick
+from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
+                              Tick)
 from scheduler.memory import optimistic_budget
 from scheduler.slo import SloPolicy
 from scheduler.specs import ModelSpec, NodeSpec
@@ -67,9 +72,15 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     cold_start: bool = False
+    cold_start_grace_s: float = 0.0
     instance: str | None = None
     seq_id: int | None = None
     done: bool = False
+
+    def finished(self, reason: str, now: float) -> Finished:
+        ttft = (self.first_token_at or now) - self.arrival
+        return Finished(reason, len(self.prompt_ids), len(self.output_ids), ttft, self.cold_start,
+                        self.cold_start_grace_s)
 
 
 def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
@@ -96,7 +107,7 @@ class LiveRuntime:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0}
+        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0}
         self.scheduler: Scheduler | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -119,7 +130,7 @@ class LiveRuntime:
                 model = load_llama(f, get_kernels(backend, device.name))
                 tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid))
             nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes))
-            self._workers[device.name] = DeviceWorker(device, self._worker_failed)
+            self._workers[device.name] = DeviceWorker(device)
         specs = []
         for name in self.catalogue.names:
             weights = self.catalogue[name].weights
@@ -146,16 +157,20 @@ class LiveRuntime:
     def tokenizer(self, model: str) -> Tokenizer:
         return self._tokenizers[self.catalogue[model].weights]
 
+    def context_length(self, model: str) -> int:
+        return self._specs[self.catalogue[model].name].max_context
+
     def loaded_models(self) -> set[str]:
         return {inst.model for inst in self._instances.values() if inst.engine is not None}
 
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                        slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
-        spec = self._specs[self.catalogue[model].name]
-        params.validate(len(prompt_ids), spec.max_context)
+        params.validate(len(prompt_ids), self.context_length(model))
         req = _Request(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
-        self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival))
+        slo = slo or SloOverride()
+        self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival,
+                                    ttft_slo=slo.ttft_s, tpot_slo=slo.tpot_s))
         try:
             while True:
                 event = await req.events.get()
@@ -217,12 +232,18 @@ class LiveRuntime:
         elif isinstance(action, act.Drop):
             self._drop(action)
         elif isinstance(action, act.ColdStartGrace):
-            if (req := self._requests.get(action.request_id)) is not None:
-                req.cold_start = True
+            if (req := self._requests.get(action.request_id)) is not None:    # re-placed: the latest wait
+                req.cold_start, req.cold_start_grace_s = True, action.seconds
                 self.counters["cold_starts"] += 1
 
-    def _worker_of(self, instance: str) -> DeviceWorker:
-        return self._workers[self._instances[instance].node]
+    def _submit(self, inst: LiveInstance, job: Callable[[], None]) -> None:
+        """Run `job` on the instance's device thread. Once a job of the instance failed, its later
+        jobs are skipped: their events would name an instance the scheduler has forgotten."""
+        def run() -> None:
+            if not inst.failed:
+                job()
+
+        self._workers[inst.node].submit(run, partial(self._job_failed, inst))
 
     # ---------------------------------------------------------------- actions
     def _run_grant(self, grant: act.Grant) -> None:
@@ -236,7 +257,7 @@ class LiveRuntime:
                 if result is None:
                     return
 
-        self._worker_of(grant.instance).submit(job)
+        self._submit(inst, job)
 
     def _step_done(self, inst: LiveInstance, grant: act.Grant, result, grant_done: bool) -> None:
         sequences, finished = [], []
@@ -256,8 +277,7 @@ class LiveRuntime:
                     continue
                 finished.append(req.id)
                 req.done = True
-                req.events.put_nowait(Finished(done.reason.value, len(req.prompt_ids), len(req.output_ids),
-                                               (req.first_token_at or now) - req.arrival, req.cold_start))
+                req.events.put_nowait(req.finished(done.reason.value, now))
             self.counters["preemptions"] += len(result.preempted)
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
                                   inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
@@ -273,8 +293,7 @@ class LiveRuntime:
         params = SamplingParams(**{**vars(req.params), "max_tokens": remaining})
         seq_id = next(self._ids)
         req.seq_id = seq_id
-        self._worker_of(assign.instance).submit(
-            lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
+        self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
@@ -297,7 +316,7 @@ class LiveRuntime:
                 inst.evict(action.requests)
             self._post(self._handle, MemoryDone(inst.name, action.action_id, time.perf_counter() - started))
 
-        self._worker_of(action.instance).submit(job)
+        self._submit(inst, job)
 
     def _drop(self, drop: act.Drop) -> None:
         req = self._requests.pop(drop.request_id, None)
@@ -306,8 +325,7 @@ class LiveRuntime:
         req.done = True
         self.counters["drops"] += 1
         if req.output_ids:
-            req.events.put_nowait(Finished("abort", len(req.prompt_ids), len(req.output_ids),
-                                           (req.first_token_at or self._now()) - req.arrival, req.cold_start))
+            req.events.put_nowait(req.finished("abort", self._now()))
         else:
             req.events.put_nowait(Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
                                              retry_after_s=1.0))
@@ -325,7 +343,22 @@ class LiveRuntime:
             inst.abort_request(req.id)
             self._post(self._handle, RequestCancelled(req.id))
 
-        self._worker_of(req.instance).submit(job)
+        self._submit(inst, job)
 
-    def _worker_failed(self, error: BaseException) -> None:
-        log.exception("device job failed", exc_info=error)
+    def _job_failed(self, inst: LiveInstance, error: Exception) -> None:
+        """On the device thread, at once: free the instance's memory before the device's next job."""
+        inst.fail()
+        self._post(self._instance_failed, inst, error)
+
+    def _instance_failed(self, inst: LiveInstance, error: Exception) -> None:
+        """End every request the instance held with a DeviceFailure, then tell the scheduler."""
+        log.error("a job on %s (%s on %s) failed; its requests end with an error", inst.name, inst.model,
+                  inst.node, exc_info=error)
+        self.counters["failures"] += 1
+        ended = [req for req in self._requests.values() if req.instance == inst.name]
+        for req in ended:
+            del self._requests[req.id]
+            req.done = True
+            req.events.put_nowait(DeviceFailure(
+                f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
+        self._handle(InstanceFailed(inst.name, tuple(req.id for req in ended)))

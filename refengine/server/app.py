@@ -94,7 +94,8 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
     request.state.model = body.model if body.model in runtime.catalogue else "unknown"
     tokenizer = runtime.tokenizer(body.model)
     prompts = await asyncio.to_thread(body.prompt_ids, tokenizer)
-    choices = [Choice(p * body.num_choices + s, p, s, ids, body.sampling_params(s))
+    context = runtime.context_length(body.model)
+    choices = [Choice(p * body.num_choices + s, p, s, ids, body.sampling_params(s, context - len(ids)))
                for p, ids in enumerate(prompts) for s in range(body.num_choices)]
     slo = body.slo_override(*(slo_header(request, name) for name in SLO_HEADERS))
     generation = Generation(runtime, body.model, choices, slo, partial(metrics.observe, body.model, slo))

@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from models.catalogue import UnknownModelError
-from refengine.engine.sequence import RequestError
-from refengine.runtime.api import Overloaded
+from refengine.engine.sequence import ContextLengthError, RequestError
+from refengine.runtime.api import DeviceFailure, Overloaded
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only ever seen in metrics
 
@@ -41,18 +41,16 @@ def to_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, UnknownModelError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, RequestError):
-        return APIError(400, str(exc), code=_request_error_code(exc))
+        return APIError(400, str(exc))
     if isinstance(exc, Overloaded):
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(429, str(exc), type="rate_limit_error", code="overloaded", headers={"Retry-After": retry_after})
+    if isinstance(exc, DeviceFailure):
+        return APIError(500, str(exc), type="server_error", code="device_failure")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
-
-
-def _request_error_code(exc: RequestError) -> str | None:
-    """RequestError has no subclasses yet: the engine's context-limit messages are the ones naming
-    the model's context (`SamplingParams.validate`)."""
-    return "context_length_exceeded" if "context" in str(exc) else None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -89,7 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return APIError(exc.status_code, message, code=code, headers=exc.headers).response()
 
-    for cls in (APIError, UnknownModelError, RequestError, Overloaded, Exception):
+    # Each expected class by name: a handler for plain Exception runs in Starlette's outermost
+    # middleware, which re-raises after answering and so loses the connection.
+    for cls in (APIError, UnknownModelError, RequestError, Overloaded, DeviceFailure, Exception):
         app.add_exception_handler(cls, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

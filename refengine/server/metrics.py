@@ -25,11 +25,13 @@ PAPER_SLOS = SloPolicy()  # no safety margin: metrics judge against the paper's 
 
 
 def meets_slo(finished: Finished, tpot_s: float | None, slo: SloOverride | None) -> bool:
-    """SLINFER §6.1's verdict, with the request's own SLOs where it gave them. Without the cold-start
-    time in `Finished`, a cold start gets no grace (the paper adds its load time to the TTFT SLO)."""
+    """SLINFER §6.1's verdict, with the request's own SLOs where it gave them: TTFT within its SLO plus
+    the cold-start grace (a request that waited for a load is not blamed for it, §4.5), mean TPOT
+    within its SLO."""
     ttft_slo = slo.ttft_s if slo and slo.ttft_s is not None else PAPER_SLOS.ttft(finished.prompt_tokens)
     tpot_slo = slo.tpot_s if slo and slo.tpot_s is not None else PAPER_SLOS.tpot_slo
-    return finished.reason != "abort" and finished.ttft_s <= ttft_slo and (tpot_s or 0.0) <= tpot_slo
+    return (finished.reason != "abort" and finished.ttft_s <= ttft_slo + finished.cold_start_grace_s
+            and (tpot_s or 0.0) <= tpot_slo)
 
 
 class Metrics:
@@ -88,7 +90,9 @@ class RuntimeCollector:
                          {(i.instance, i.model, i.device): getattr(i, field) for i in status.instances})
         for name, doc, value in (("cold_starts", "Requests that waited for an instance to load", status.cold_starts),
                                  ("preemptions", "Sequences preempted to free KV blocks", status.preemptions),
-                                 ("drops", "Requests dropped because their SLO could not be met", status.drops)):
+                                 ("drops", "Requests dropped because their SLO could not be met", status.drops),
+                                 ("instance_failures", "Instances lost because a job on their device raised",
+                                  status.failures)):
             yield CounterMetricFamily(f"refengine_{name}", doc, value=value)
 
 

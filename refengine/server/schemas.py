@@ -20,8 +20,7 @@ from refengine.server.errors import APIError
 from refengine.server.responses import CHAT, COMPLETION, Shape
 
 MAX_CHOICES = 64            # prompts x n of one request: each is a sequence in the runtime
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_MAX_TOKENS = 512       # OpenAI's chat default is "the rest of the context", which the runtime does not expose
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat's is the rest of the context
 
 Seconds = Annotated[float, Field(gt=0)]
 StopString = Annotated[str, Field(min_length=1)]
@@ -54,7 +53,6 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     slo: SloRequest | None = None                              # extension (refengine)
 
-    default_max_tokens: ClassVar[int] = COMPLETION_MAX_TOKENS
     shape: ClassVar[Shape]
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
@@ -69,14 +67,15 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def output_limit(self) -> int:
-        return self.max_tokens or self.default_max_tokens
+    def output_limit(self, room: int) -> int:
+        """max_tokens, or the endpoint's default; `room` is what the context leaves after the prompt."""
+        return self.max_tokens or COMPLETION_MAX_TOKENS
 
-    def sampling_params(self, choice: int) -> SamplingParams:
+    def sampling_params(self, choice: int, room: int) -> SamplingParams:
         """Parameters of the choice-th generation: with a seed, choice i draws with seed + i, so the
         n choices differ yet the whole response is reproducible."""
         return SamplingParams(
-            max_tokens=self.output_limit(),
+            max_tokens=self.output_limit(room),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -115,11 +114,10 @@ class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
 
-    default_max_tokens: ClassVar[int] = CHAT_MAX_TOKENS
     shape: ClassVar[Shape] = CHAT
 
-    def output_limit(self) -> int:
-        return self.max_completion_tokens or super().output_limit()
+    def output_limit(self, room: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or room
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
         try:

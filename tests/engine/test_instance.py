@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from refengine.engine.instance import Instance
-from refengine.engine.sequence import FinishReason, RequestError, SamplingParams
+from refengine.engine.sequence import ContextLengthError, FinishReason, RequestError, SamplingParams
 from refengine.engine.step_result import StepKind
 from tests.conftest import random_prompt, run_to_end
 
@@ -166,6 +166,7 @@ def test_bad_requests_fail_clearly_and_leak_nothing(tiny_model, prompt_len, para
     with pytest.raises(RequestError, match=message) as err:
         inst.add_request(random_prompt(prompt_len, 1), params)
     assert "\n" not in str(err.value)
+    assert isinstance(err.value, ContextLengthError) == (message in ("context", "exceeds"))
     assert inst.kv.num_free_blocks == 16 and not inst.has_work
 
 

@@ -1,21 +1,26 @@
 """The live runtime on the real SmolLM2 weights, driven by the real SLINFER scheduler.
 
 Reference backend and a quick latency grid keep it to seconds; what is checked is the executor:
-interleaved models, keep-alive scale-to-zero, cancellation freeing KV blocks, logical devices.
+interleaved models, keep-alive scale-to-zero, cancellation freeing KV blocks, per-request SLOs,
+device failures, logical devices with bin-packing and preemption.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from models.catalogue import Catalogue
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from refengine.runtime.api import Finished, TokenChunk
+from refengine.runtime.api import DeviceFailure, Finished, Overloaded, SloOverride, TokenChunk
 from refengine.runtime.devices import DeviceSpec
+from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
+from scheduler import actions as act
+from scheduler.costmodel import FORMAT, profile_filename
 from scheduler.slo import SloPolicy
 
 PROMPT = "The capital of France is"
@@ -31,9 +36,13 @@ def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0) -> LiveR
                                       slo=RELAXED))
 
 
-async def collect(rt, model, prompt=PROMPT, max_tokens=8):
+async def collect(rt, model, prompt=PROMPT, max_tokens=8, slo=None):
     ids = rt.tokenizer(model).encode(prompt)
-    return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens))]
+    return [e async for e in rt.generate(model, ids, SamplingParams(max_tokens=max_tokens), slo)]
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenChunk))
 
 
 def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, smollm2):
@@ -51,8 +60,9 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
 
     results, status = asyncio.run(scenario())
     for events in results:
-        assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == expected
+        assert text_of(events) == expected
         assert isinstance(events[-1], Finished) and events[-1].reason == "length" and events[-1].cold_start
+        assert events[-1].cold_start_grace_s > 0                # the measured load and first KV sizing
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
 
 
@@ -79,6 +89,7 @@ def test_cancelled_stream_frees_its_blocks_and_the_runtime_keeps_serving(model_h
     blocks, after = asyncio.run(scenario())
     assert blocks == [0]
     assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 3
+    assert not after[-1].cold_start and after[-1].cold_start_grace_s == 0.0     # kept alive: warm
 
 
 def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
@@ -87,13 +98,185 @@ def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
         await rt.start()
         try:
             from models.catalogue import UnknownModelError
-            from refengine.engine.sequence import RequestError
+            from refengine.engine.sequence import ContextLengthError, RequestError
             with pytest.raises(UnknownModelError, match="known models"):
                 await collect(rt, "nope")
             with pytest.raises(RequestError, match="max_tokens"):
                 await collect(rt, "smollm2-135m-instruct", max_tokens=0)
+            assert rt.context_length("smollm2-135m-instruct") == 8192      # SmolLM2's config.json
+            with pytest.raises(ContextLengthError):
+                await collect(rt, "smollm2-135m-instruct", max_tokens=8190)
+            with pytest.raises(UnknownModelError):
+                rt.context_length("nope")
             return rt.status()
         finally:
             await rt.stop()
 
     assert asyncio.run(scenario()).instances == []
+
+
+def test_a_request_s_own_slo_reaches_the_scheduler(model_home):
+    """RELAXED gives every request a minute; a request asking for its first token within 0.1 ms is
+    one no placement can promise, so the scheduler drops it before creating anything."""
+    async def scenario():
+        rt = runtime(model_home)
+        await rt.start()
+        try:
+            with pytest.raises(Overloaded, match="SLO"):
+                await collect(rt, "smollm2-135m-instruct", slo=SloOverride(ttft_s=1e-4, tpot_s=2.0))
+            return rt.status()
+        finally:
+            await rt.stop()
+
+    status = asyncio.run(scenario())
+    assert status.instances == [] and status.drops == 1
+
+
+def fail_once(monkeypatch, method: str, when=lambda inst: True) -> None:
+    """LiveInstance.<method> raises the first time `when(instance)` holds, then behaves."""
+    original, failed = getattr(LiveInstance, method), []
+
+    def flaky(self, *args):
+        if not failed and when(self):
+            failed.append(self.name)
+            raise RuntimeError(f"injected {method} failure")
+        return original(self, *args)
+
+    monkeypatch.setattr(LiveInstance, method, flaky)
+
+
+def test_a_failed_load_ends_its_request_and_the_next_one_cold_starts(model_home, monkeypatch):
+    fail_once(monkeypatch, "load")
+
+    async def scenario():
+        rt = runtime(model_home, keep_alive=5.0)
+        await rt.start()
+        try:
+            with pytest.raises(DeviceFailure, match="injected load failure"):
+                await collect(rt, "smollm2-135m-instruct", max_tokens=2)
+            return await collect(rt, "smollm2-135m-instruct", max_tokens=2), rt.status()
+        finally:
+            await rt.stop()
+
+    after, status = asyncio.run(scenario())
+    assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 2 and after[-1].cold_start
+    assert status.failures == 1 and [i.loaded for i in status.instances] == [True]
+
+
+def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, monkeypatch):
+    """Two models share the device; a decode step of one raises mid-stream. Its request ends with a
+    DeviceFailure after the tokens it had, its memory is freed, the other model finishes untouched."""
+    expected = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=6))[0].text
+    calls: dict[str, int] = {}
+
+    def third_step_of_r1(inst) -> bool:
+        calls[inst.name] = calls.get(inst.name, 0) + 1
+        return inst.model.endswith("-r1") and calls[inst.name] == 3
+
+    fail_once(monkeypatch, "step", third_step_of_r1)
+
+    async def failing(rt, model="smollm2-135m-instruct-r1"):
+        events = []
+        with pytest.raises(DeviceFailure, match="injected step failure"):
+            async for event in rt.generate(model, rt.tokenizer(model).encode(PROMPT), SamplingParams(max_tokens=6)):
+                events.append(event)
+        return events
+
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=5.0)
+        await rt.start()
+        try:
+            survivor, failed = await asyncio.gather(collect(rt, "smollm2-135m-instruct", max_tokens=6),
+                                                    failing(rt))
+            return survivor, failed, rt.status()
+        finally:
+            await rt.stop()
+
+    survivor, failed, status = asyncio.run(scenario())
+    assert text_of(survivor) == expected
+    assert 1 <= len(failed) < 6 and all(isinstance(e, TokenChunk) for e in failed)
+    assert [i.model for i in status.instances] == ["smollm2-135m-instruct"]
+    assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
+
+
+# A pinned cost model for the two-device test: a decode iteration costs 0.1 s per sequence whatever
+# the context, a prefill 20 ms. With the CPU margin (×1.1) and a 0.4 s TPOT, one instance's decode
+# time-slice is 0.275 per sequence, so a device's instances hold three sequences between them, not
+# four. The scheduler's choices then follow from batch sizes alone, not from how fast a shared
+# machine runs the reference kernels today; the steps themselves run for real.
+PINNED_TABLE = {"format": FORMAT, "profile": "smollm2-135m-instruct", "hardware": "cpu-reference", "unit": "s",
+                "source": "tests/runtime: pinned so that placement is deterministic",
+                "prefill": {"tokens": [1, 100_000], "latency": [0.02, 0.02]},
+                "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
+PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
+
+
+def pinned_home(model_home, directory):
+    """A model home sharing the prepared weights, whose profile is PINNED_TABLE."""
+    home = directory / "home"
+    (home / "profiles").mkdir(parents=True)
+    (home / "models").symlink_to(model_home / "models")
+    table = home / "profiles" / profile_filename(PINNED_TABLE["profile"], PINNED_TABLE["hardware"])
+    table.write_text(json.dumps(PINNED_TABLE))
+    return home
+
+
+def record_actions(rt: LiveRuntime) -> list:
+    """Every action the scheduler hands the runtime from now on, in order."""
+    actions, handle = [], rt.scheduler.handle
+
+    def recording(event, now):
+        decided = handle(event, now)
+        actions.extend(decided)
+        return decided
+
+    rt.scheduler.handle = recording
+    return actions
+
+
+def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path):
+    """The neighbour decodes on cpu:0; a burst of three on another model arrives. The burst's first
+    request starts an instance on the busy cpu:0 (most loaded node first), the second joins it
+    (largest instance first), the third would overload cpu:0's decode time, so the neighbour with the
+    smaller batch is preempted (§4.4.1): evicted, unloaded, and its request re-placed on cpu:1, where
+    it is re-prefilled with the tokens it had and finishes exactly as greedy decoding would.
+
+    On a CPU node SLINFER preempts for decode time, not memory (`consolidation.find_victim`: the
+    target must fit in memory; memory gaps are the GPU rule), so compute is what runs short here."""
+    burst, neighbour = "smollm2-135m-instruct", "smollm2-135m-instruct-r1"
+    burst_prompts = [PROMPT, "Once upon a time", "The sky is"]
+    expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in burst_prompts],
+                                                   SamplingParams(max_tokens=4))]
+    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=12))[0].text
+
+    async def scenario():
+        rt = LiveRuntime(RuntimeOptions(
+            Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
+            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path), slo=PINNED_SLO))
+        await rt.start()
+        actions = record_actions(rt)
+        try:
+            stream = rt.generate(neighbour, rt.tokenizer(neighbour).encode(PROMPT), SamplingParams(max_tokens=12))
+            events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
+            bursting = asyncio.gather(*(collect(rt, burst, p, max_tokens=4) for p in burst_prompts))
+            events += [e async for e in stream]
+            return events, await bursting, actions, rt.status()
+        finally:
+            await rt.stop()
+
+    events, bursts, actions, status = asyncio.run(scenario())
+    created = [a for a in actions if isinstance(a, act.CreateInstance)]
+    assert [(a.model, a.node) for a in created] == [(neighbour, "cpu:0"), (burst, "cpu:0"), (neighbour, "cpu:1")]
+    old, packed, new = (a.instance for a in created)
+    assigns = [a for a in actions if isinstance(a, act.Assign)]
+    assert [a.instance for a in assigns if a.request_id != assigns[0].request_id] == [packed] * 3
+    (evict,) = [a for a in actions if isinstance(a, act.Evict)]
+    moved = assigns[0].request_id
+    assert evict.instance == old and evict.requests == (moved,)
+    assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == old}
+    (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
+    assert resumed.resume_tokens >= 2                                   # re-prefilled with what it had
+    assert text_of(events) == expected_neighbour
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 12
+    assert [text_of(b) for b in bursts] == expected_burst
+    assert status.preemptions >= 1

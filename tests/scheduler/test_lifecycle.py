@@ -1,8 +1,12 @@
-"""Lifecycle (§4.5): cold start and grace, keep-alive, reuse, cancellation, retry and drop."""
-from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Grant, KvResize, Load,
-                       MemoryDone, ReleaseInstance, RequestArrived, RequestCancelled, StepFinished,
-                       Tick, Unload)
-from sched_builders import make_scheduler, model, node_spec
+"""Lifecycle (§4.5): cold start and grace, keep-alive, reuse, cancellation, retry and drop; and
+an instance the executor lost."""
+from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant, InstanceFailed,
+                       KvResize, Load, MemoryDone, ReleaseInstance, RequestArrived, RequestCancelled,
+                       StepFinished, Tick, Unload)
+from dataclasses import replace
+
+from sched_builders import EXACT, make_scheduler, model, node_spec
+from scheduler.slo import SloPolicy
 
 
 def kinds(actions):
@@ -89,6 +93,24 @@ def test_retry_every_quarter_second_then_drop_at_the_first_token_deadline():
     assert not sched.requests
 
 
+def test_a_request_s_own_slos_replace_the_defaults():
+    sched = make_scheduler(models=[model(weight=20_000)])   # queued: its deadline decides the drop
+    sched.handle(RequestArrived("r", "m", 16, 4, 0.0, ttft_slo=2.0, tpot_slo=1.0), 0.0)
+    req = sched.requests["r"]
+    assert (req.ttft_slo, req.tpot_slo, req.deadline) == (2.0, 1.0, 2.0)
+    assert sched.handle(Tick(), 1.75) == []             # the default 0.5 s would have dropped it
+    assert isinstance(sched.handle(Tick(), 2.25)[0], Drop)
+
+
+def test_the_safety_margin_shrinks_an_override_like_a_default():
+    margin = replace(EXACT, slo=SloPolicy(margin=0.05))
+    sched = make_scheduler(margin, models=[model(weight=20_000)])
+    sched.handle(RequestArrived("r", "m", 16, 4, 0.0, tpot_slo=1.0), 0.0)
+    req = sched.requests["r"]
+    assert req.ttft_slo == SloPolicy(margin=0.05).ttft(16)   # not overridden: the default
+    assert req.tpot_slo == 0.95
+
+
 def test_cancel_while_queued_is_never_dropped():
     sched = make_scheduler(models=[model(weight=20_000)])
     sched.handle(RequestArrived("r", "m", 16, 4, 0.0), 0.0)
@@ -106,3 +128,41 @@ def test_new_instances_go_to_cpu_first():
     sched = make_scheduler(nodes=[node_spec("g0"), node_spec("c0", kind="cpu")])
     acts = sched.handle(RequestArrived("r", "m", 16, 4, 0.0), 0.0)
     assert only(acts, CreateInstance).node == "c0"
+
+
+def test_a_failed_load_forgets_the_instance_and_the_next_request_cold_starts():
+    sched = make_scheduler()
+    acts = sched.handle(RequestArrived("r1", "m", 16, 4, 0.0), 0.0)
+    iid = only(acts, CreateInstance).instance
+    acts = sched.handle(InstanceFailed(iid, ("r1",)), 0.3)
+    assert acts == [ReleaseInstance(iid)]
+    assert not sched.requests and not sched.nodes["g0"].instances
+    acts = sched.handle(RequestArrived("r2", "m", 16, 4, 0.4), 0.4)
+    assert kinds(acts) == ["CreateInstance", "Assign", "Load"]
+    assert only(acts, CreateInstance).instance != iid
+    assert sched.handle(Tick(), 5.0) == []              # no timer of the dead instance fires
+
+
+def test_a_failure_mid_grant_frees_the_node_for_its_neighbour():
+    sched = make_scheduler(models=[model("m"), model("n")])
+    iid, grant = cold_start(sched)
+    acts = sched.handle(RequestArrived("s1", "n", 16, 4, 0.6), 0.6)
+    other = only(acts, CreateInstance).instance
+    acts = sched.handle(MemoryDone(other, only(acts, Load).action_id, 0.1), 0.7)
+    acts = sched.handle(MemoryDone(other, only(acts, KvResize).action_id, 0.1), 0.8)
+    assert "Grant" not in kinds(acts)                   # m's grant still holds the node's permit
+    acts = sched.handle(InstanceFailed(iid, ("r1",)), 0.9)
+    assert kinds(acts) == ["ReleaseInstance", "Grant"] and only(acts, Grant).instance == other
+    assert set(sched.requests) == {"s1"}
+
+
+def test_requests_a_failed_instance_was_evicting_are_placed_again():
+    sched = make_scheduler(nodes=[node_spec(memory=10 + 42 * 16)])   # no room for the KV to grow
+    iid, grant = cold_start(sched)
+    acts = sched.handle(StepFinished(iid, grant.grant_id, "prefill", ("r1",), (), 42, 0.01, True),
+                        0.7)
+    acts = sched.handle(MemoryDone(iid, only(acts, KvResize).action_id, 0.01), 0.7)
+    assert only(acts, Evict).requests == ("r1",)        # underestimated KV, no room to grow
+    acts = sched.handle(InstanceFailed(iid, ()), 0.8)   # the executor had already let r1 go
+    assert kinds(acts) == ["ReleaseInstance", "CreateInstance", "Assign", "Load"]
+    assert only(acts, Assign) == Assign("r1", only(acts, CreateInstance).instance, 16, 1)

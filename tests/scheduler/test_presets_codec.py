@@ -29,6 +29,7 @@ def test_presets_differ_only_in_configuration():
 
 @pytest.mark.parametrize("item", [
     RequestArrived("r", "m", 10, 20, 1.5),
+    RequestArrived("r", "m", 10, 20, 1.5, ttft_slo=2.0, tpot_slo=None),
     StepFinished("i", 3, "decode", ("a", "b"), ("b",), 12, 0.05, True),
     Grant(1, "g0", "i", "decode", 2), Assign("r", "i", 10, 3), KvResize(7, "i", 40, 10),
     Evict(8, "i", ("a",)),

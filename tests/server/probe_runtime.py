@@ -49,6 +49,9 @@ class ProbeRuntime:
     def tokenizer(self, model: str) -> Tokenizer:
         return self.inner.tokenizer(model)
 
+    def context_length(self, model: str) -> int:
+        return self.inner.context_length(model)
+
     def status(self) -> RuntimeStatus:
         return self.inner.status()
 

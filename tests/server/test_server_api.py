@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from tests.server.conftest import MODELS, WEIGHTS, wait_until
+from tests.server.conftest import CONTEXT, MODELS, WEIGHTS, wait_until
 
 MODEL = MODELS[0]
 QUESTION = "What is the capital of France?"
@@ -133,6 +133,16 @@ def test_batch_of_prompts(client):
                                          temperature=0, n=2)
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
     assert response.choices[0].text == response.choices[1].text != response.choices[2].text
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(http, runtime):
+    """OpenAI's chat default: a long conversation is not refused for a max_tokens it never gave."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x " * 200}], "ignore_eos": True}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == runtime.context_length(MODEL) == CONTEXT
+    assert response.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_slo_override_from_body_and_headers(client, http, runtime):

@@ -6,6 +6,7 @@ import json
 import openai
 import pytest
 
+from refengine.runtime.instances import LiveInstance
 from tests.server.conftest import CONTEXT, MODELS, wait_until
 
 MODEL = MODELS[0]
@@ -108,6 +109,25 @@ def test_overloaded_is_429_with_retry_after(http, client, runtime, stream):
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=USER)
     runtime.heal()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_device_failure_is_500_and_the_model_starts_again(http, runtime, monkeypatch, stream):
+    """A step that raises on the device ends its request with a 500; `still_serving` then sends the
+    model's next request, which a new instance serves."""
+    failures = runtime.status().failures
+    original = LiveInstance.step
+
+    def failing_step(self, kind):
+        monkeypatch.setattr(LiveInstance, "step", original)     # once
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(LiveInstance, "step", failing_step)
+    response = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "stream": stream})
+    error = assert_error(response, 500, code="device_failure")
+    assert error["type"] == "server_error" and "injected device fault" in error["message"]
+    assert runtime.status().failures == failures + 1
+    assert 'refengine_instance_failures_total' in http.get("/metrics").text
 
 
 def test_error_after_stream_began_is_an_event_then_done(http, client, runtime):

@@ -1,0 +1,58 @@
+"""The side-by-side benchmark's plumbing: synthetic steps on a real backend, rounds and medians,
+the targets table's verdicts and the plot (the measurements themselves are `bench` commands)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refengine.bench import comparison_report, side_by_side, steps
+
+
+def test_synthetic_decode_step_matches_what_the_engine_builds(tiny_model):
+    step = steps.decode_step(tiny_model.config, batch=3, context=17, rng=np.random.default_rng(0))
+    assert step.block_tables.shape == (3, 2)                       # 18 tokens -> 2 blocks of 16
+    assert list(step.slot_mapping) == [1 * 16 + 1, 3 * 16 + 1, 5 * 16 + 1]
+    assert list(step.context_lens) == [18, 18, 18]
+    assert steps.decode_tokens_per_s(tiny_model, 3, 17, repeats=2) > 0
+    assert steps.prefill_tokens_per_s(tiny_model, 40, repeats=1) > 0
+
+
+def test_rounds_take_turns_and_quote_the_median(monkeypatch):
+    calls = []
+    figures = iter([10.0, 1.0, 30.0, 2.0, 20.0, 3.0])
+
+    def fake(engine, cases, options):
+        calls.append(engine)
+        return {case: next(figures) for case in cases}
+
+    monkeypatch.setattr(side_by_side, "_in_fresh_process", fake)
+    results = side_by_side.run([("decode", 1, 128)], side_by_side.Options("cpu", True), rounds=3,
+                               engines=["ours", "peer"], progress=lambda _: None)
+    assert calls == ["ours", "peer"] * 3
+    assert results == {"ours": {("decode", 1, 128): 20.0}, "peer": {("decode", 1, 128): 2.0}}
+
+
+def test_targets_say_met_or_missed_and_skip_what_did_not_run():
+    results = {"refengine cuda graph": {("decode", 1, 128): 900.0, ("decode", 64, 128): 19_000.0},
+               "transformers cuda eager": {("decode", 1, 128): 50.0, ("decode", 64, 128): 2_000.0}}
+    bounds = {("decode", 1, 128): 7_500.0, ("decode", 64, 128): 290_000.0}
+    table = comparison_report.targets_table(results, bounds, "cuda")
+    assert "18.00×" in table and "| met |" in table                # 900 / 50 against ≥ 10×
+    assert "12% of bound" in table and "**missed**" in table        # 900 / 7,500 against ≥ 20%
+    cpu = comparison_report.targets_table(results, bounds, "cpu")
+    assert cpu == ""                                                # no CPU engine ran
+
+
+def test_plot_writes_a_png(tmp_path):
+    results = {"a": {("decode", 1, 128): 40.0, ("decode", 8, 128): 180.0, ("prefill", 128): 700.0}}
+    bounds = {("decode", 1, 128): 58.0, ("decode", 8, 128): 433.0}
+    path = tmp_path / "plot.png"
+    comparison_report.plot(results, bounds, path, "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1 × 128 | 40.0 | 58.0 |" in comparison_report.decode_table(results, bounds)
+    assert "| 128 | 700 |" in comparison_report.prefill_table(results)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_engines_put_ours_first(device):
+    assert side_by_side.engines_for(device)[0].startswith("refengine")
