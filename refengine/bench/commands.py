@@ -228,7 +228,9 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
         note = (f"{nbytes / 1e6:.0f} MB of float32 weights (the GGUF row delivers the same weights from the Q4_1 "
                 f"file); backend `{kernels.name}`; {READ_THREADS} reader threads, {CHUNK_BYTES >> 20} MiB chunks. "
                 "GB/s is the float32 bytes over the time. The page cache is dropped before every disk row with "
-                "`posix_fadvise(POSIX_FADV_DONTNEED)` on the file about to be read. "
+                "`posix_fadvise(POSIX_FADV_DONTNEED)` on the file about to be read (`fincore` shows no page of it "
+                "resident after the call; `/proc/sys/vm/drop_caches` would also work as root but drops every "
+                "other process's cache too). "
                 f"Load average at the end of the run: {lb.load_average()}.")
         body = "\n\n".join([markdown_table(["what", "seconds"], prepare_rows), markdown_table(header, rows), note])
         update_section(f"load-{device.partition(':')[0]}", f"Model store: prepare and load ({device})", body)
