@@ -270,8 +270,9 @@ def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, w
     for row in table:
         click.echo(f"{row[0]} (execute-while-load {row[1]}): TTFT {row[2]} ms, {row[3]} ms above prefill alone")
     if write:
-        body = (markdown_table([f"weights from (median of {repeats})", "execute-while-load", "TTFT ms",
-                                "ms above prefill alone"], table)
+        header = [f"weights from (median of {repeats}, cases interleaved)", "execute-while-load", "TTFT ms",
+                  "ms above prefill alone"]
+        body = (markdown_table(header, table)
                 + f"\n\nA {prompt_len}-token prompt, one prefill step, backend `{kernels.name}`; disk rows start "
                   "from a dropped page cache (`posix_fadvise(DONTNEED)`) and an empty host cache. "
                   f"Load average at the end of the run: {load_average()}.")
