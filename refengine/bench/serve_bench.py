@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 from models.catalogue import DEFAULT_MODEL
-from refengine.bench.serve_process import ServerProcess
 from refengine.bench.serve_summary import PointSummary, ServerFigures, summarize
 from refengine.bench.serve_workload import LENGTH_SCALE, PASSAGE, serve_workload, served_names
 from refengine.engine.loader import ensure_prepared
@@ -71,7 +70,9 @@ def prepare(bench: ServeBench, echo: Callable[[str], None]) -> list[int]:
 
 def run_point(bench: ServeBench, models: int, scheduler: str, load: float, passage: list[int],
               log_dir: Path) -> PointSummary:
-    from refengine.bench.serve_client import replay_sampled   # openai: only when a benchmark runs, not for --help
+    # httpx and openai (the bench extra): only when a benchmark runs, so `cli.py serve` needs neither
+    from refengine.bench.serve_client import replay_sampled
+    from refengine.bench.serve_process import ServerProcess
     workload = serve_workload(served_names(models), load, bench.duration_s, bench.seed, bench.length_scale)
     log = log_dir / f"serve-{models}-{scheduler}-{load:g}.log"
     with ServerProcess(bench.serve_args(models, scheduler), log, bench.home) as server:
