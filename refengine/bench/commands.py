@@ -120,13 +120,10 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     options = side_by_side.Options(device, random_weights)
     config, weight_bytes = side_by_side.model_shape(options)
     if kind == "cuda":
-        import cupy
-
         from refengine.bench.gpu_bench import copy_bandwidth
         bw = copy_bandwidth()
-        where = f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}. "
     else:
-        bw, where = bandwidth.measure_copy_bandwidth(), ""
+        bw = bandwidth.measure_copy_bandwidth()
     click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
     results = side_by_side.run(cases, options, rounds, progress=click.echo)
     bounds = {c: bandwidth.decode_bound_tokens_per_s(config, weight_bytes, c[1], c[2] + 1, bw)
@@ -139,7 +136,7 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     if not write:
         return
     weights = "random weights of the SmolLM2-135M shape" if random_weights else "SmolLM2-135M-Instruct"
-    body = (f"{where}Command: `python cli.py bench {mode} --device {device} --peers"
+    body = (f"Command: `python cli.py bench {mode} --device {device} --peers"
             f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
             f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
