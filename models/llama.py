@@ -6,8 +6,8 @@ returns the logits of each sequence's last token. It never asks which backend or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -47,39 +47,85 @@ class LayerWeights:
     down: Array         # [E, F]
 
 
+LAYER_FIELDS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
+
+
+HEAD_PART = "head"          # the embedding and every norm: small, and needed before and inside every layer
+LM_HEAD_PART = "lm_head"    # an untied lm_head, needed only after the last layer (none when tied)
+
+
+def layer_part(i: int) -> str:
+    """Layer i's four matrices: all it waits for while a cold model is still arriving."""
+    return f"layer{i}"
+
+
+class WeightArrival(Protocol):
+    """Weights still on their way to the device (execute-while-load, λScale): `wait(part)` returns
+    once that part's tensors are resident, or raises the error that stopped the load."""
+
+    def wait(self, part: str) -> None: ...
+
+
+class Resident:
+    """Every weight is already in place: waiting costs nothing."""
+
+    def wait(self, part: str) -> None:
+        pass
+
+
+def final_layout(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(part, name, float32 host array) of every weight as the forward pass uses it, in load order.
+
+    Projections that share an input are stacked here (q|k|v, gate|up), once: a checkpoint written in
+    this layout loads with no copies. The order is the forward pass's, so a model whose weights arrive
+    in it can start computing before the last layer lands.
+    """
+    def get(name: str) -> np.ndarray:
+        return np.ascontiguousarray(tensors[name], dtype=np.float32)
+
+    layers = range(config.num_hidden_layers)
+    yield HEAD_PART, "embed", get("model.embed_tokens.weight")
+    yield HEAD_PART, "norm", get("model.norm.weight")
+    for i in layers:
+        yield HEAD_PART, f"layers.{i}.input_norm", get(f"model.layers.{i}.input_layernorm.weight")
+        yield HEAD_PART, f"layers.{i}.post_norm", get(f"model.layers.{i}.post_attention_layernorm.weight")
+    for i in layers:
+        p = f"model.layers.{i}."
+        yield layer_part(i), f"layers.{i}.qkv", np.concatenate([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        yield layer_part(i), f"layers.{i}.o", get(p + "self_attn.o_proj.weight")
+        yield layer_part(i), f"layers.{i}.gate_up", np.concatenate([get(p + "mlp.gate_proj.weight"),
+                                                                    get(p + "mlp.up_proj.weight")])
+        yield layer_part(i), f"layers.{i}.down", get(p + "mlp.down_proj.weight")
+    if not config.tie_word_embeddings:
+        yield LM_HEAD_PART, "lm_head", get("lm_head.weight")
+
+
 @dataclass
 class LlamaWeights:
     embed: Array        # [V, E], also the lm_head (tied)
     layers: list[LayerWeights]
     norm: Array         # [E]
     lm_head: Array      # [V, E]
+    arrival: WeightArrival = field(default_factory=Resident)
 
     @classmethod
     def from_hf(cls, tensors: Mapping[str, np.ndarray], config: LlamaConfig, kernels: Kernels) -> "LlamaWeights":
         """Build from HF-named float32 tensors, stacking projections that share an input."""
-        def get(name: str) -> np.ndarray:
-            return np.asarray(tensors[name], dtype=np.float32)
+        return cls.from_arrays({name: kernels.asarray(a) for _, name, a in final_layout(tensors, config)}, config)
 
-        def up(a: np.ndarray) -> Array:
-            return kernels.asarray(np.ascontiguousarray(a))
-
-        layers = []
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            layers.append(LayerWeights(
-                input_norm=up(get(p + "input_layernorm.weight")),
-                qkv=up(np.concatenate([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])),
-                o=up(get(p + "self_attn.o_proj.weight")),
-                post_norm=up(get(p + "post_attention_layernorm.weight")),
-                gate_up=up(np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
-                down=up(get(p + "mlp.down_proj.weight")),
-            ))
-        embed = up(get("model.embed_tokens.weight"))
-        lm_head = embed if config.tie_word_embeddings else up(get("lm_head.weight"))
-        return cls(embed=embed, layers=layers, norm=up(get("model.norm.weight")), lm_head=lm_head)
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Array], config: LlamaConfig,
+                    arrival: WeightArrival | None = None) -> "LlamaWeights":
+        """Assemble backend arrays named as `final_layout` names them (no copies). `arrival`: the
+        arrays are views whose bytes are still being loaded."""
+        layers = [LayerWeights(**{f: arrays[f"layers.{i}.{f}"] for f in LAYER_FIELDS})
+                  for i in range(config.num_hidden_layers)]
+        embed = arrays["embed"]
+        return cls(embed=embed, layers=layers, norm=arrays["norm"], lm_head=arrays.get("lm_head", embed),
+                   arrival=arrival or Resident())
 
     def nbytes(self) -> int:
-        arrays = [self.embed, self.norm] + [w for layer in self.layers for w in vars(layer).values()]
+        arrays = [self.embed, self.norm] + [getattr(layer, f) for layer in self.layers for f in LAYER_FIELDS]
         if self.lm_head is not self.embed:
             arrays.append(self.lm_head)
         return sum(int(a.nbytes) for a in arrays)
@@ -105,10 +151,13 @@ class LlamaModel:
         q_width = cfg.num_attention_heads * cfg.head_dim
         kv_width = cfg.num_key_value_heads * cfg.head_dim
 
+        arrival = w.arrival   # a cold model may still be loading: each stage waits only for its own weights
+        arrival.wait(HEAD_PART)
         # token embeddings start the residual stream
         residual = kern.embedding(w.embed, step.token_ids)                              # [T, E]
         hidden = kern.rms_norm(residual, w.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(w.layers):
+            arrival.wait(layer_part(i))
             # attention: q, k, v for these tokens; rotate q and k by position; cache k and v
             qkv = kern.linear(hidden, layer.qkv)                                         # [T, (H+2Hkv) D]
             q = qkv[:, :q_width].reshape(num_tokens, cfg.num_attention_heads, cfg.head_dim)
@@ -133,5 +182,6 @@ class LlamaModel:
                 observe(f"layer{i}", residual)
         if observe:
             observe("final_norm", hidden)
-        # final norm (already applied by the last add_rms_norm) and the tied lm_head, last tokens only
+        # final norm (already applied by the last add_rms_norm) and the lm_head, last tokens only
+        arrival.wait(LM_HEAD_PART)
         return kern.linear(hidden[step.last_token_rows], w.lm_head)                     # [B, V]

@@ -3,10 +3,11 @@
 Events in, actions out: `Scheduler(models, nodes, cost, config).handle(event, now)`. No clock,
 threads, arrays or I/O, so the simulator and the live runtime drive the same code. Module map:
 
-- `specs`       ModelSpec, NodeSpec: what the scheduler is told at construction
-- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed, Tick
+- `specs`       ModelSpec, NodeSpec, LoadBandwidths: what the scheduler is told at construction
+- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed,
+                ModelTierChanged, Tick
 - `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
-                Drop, ColdStartGrace
+                Migrate, HandOver, Drop, ColdStartGrace
 - `codec`       JSON lines for events and actions (logging, replay)
 - `costmodel`   profiled latency tables, interpolation, the profile JSON format (§4.2.2)
 - `config`      SchedulerConfig and the presets: slinfer, sllm, sllm+c, sllm+c+s, ablations
@@ -18,18 +19,23 @@ threads, arrays or I/O, so the simulator and the live runtime drive the same cod
 - `memory`      optimistic budget, pessimistic usage, reservation station (§4.3.3)
 - `partition`   instance caps, fixed KV and static time shares (baselines)
 - `consolidation` bin-packing orders and preemption victims (§4.4)
-- `placement`   existing instance → preemption → new instance (§4.1)
+- `migration`   live migration of a victim's requests when cheaper than drop-and-re-prefill
+- `startup`     a cold instance's start-up estimate: queue + bytes ÷ tier bandwidth (ServerlessLLM)
+- `placement`   existing instance → preemption → new instance, earliest start-up first (§4.1)
 - `lifecycle`   create, attach, keep-alive reclaim, eviction, cold-start grace (§4.5)
 - `core`        the Scheduler that wires them together
 
 Executor loop (the simulator in `refengine/sim/simulator.py` is a complete example)::
 
     sched = Scheduler(models, nodes, CostModel.from_dirs(profile_dir), preset("slinfer"))
-    for each event at time now (arrival, step done, memory action done, cancel, failure, timer):
+    for each event at time now (arrival, step done, memory action done, cancel, failure, timer,
+                                a model entering or leaving a host's memory cache):
         for action in sched.handle(event, now):
             CreateInstance  -> make an empty instance (no weights, 0 KV) on the node
             Load / Unload / KvResize / Evict -> do it now; then MemoryDone(action_id, seconds)
             Assign          -> queue the request on the instance (re-prefill resume_tokens too)
+            Migrate         -> rebuild the request's KV on the destination (at its next prefill)
+            HandOver        -> move the request's stream from source to destination
             Grant           -> run up to `iterations` steps of `kind`; StepFinished after each
             Drop            -> fail the request (it counts as an SLO miss)
             ColdStartGrace  -> note it for SLO accounting
@@ -37,18 +43,19 @@ Executor loop (the simulator in `refengine/sim/simulator.py` is a complete examp
         arm a timer for sched.next_wakeup() and send Tick() when it fires
 """
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant,
-                               KvResize, Load, ReleaseInstance, Unload)
+                               HandOver, KvResize, Load, Migrate, ReleaseInstance, Unload)
 from scheduler.config import PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
-from scheduler.events import (Event, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
-                              StepFinished, Tick)
+from scheduler.events import (Event, InstanceFailed, MemoryDone, ModelTierChanged, RequestArrived,
+                              RequestCancelled, StepFinished, Tick)
 from scheduler.slo import SloPolicy
-from scheduler.specs import ModelSpec, NodeSpec
+from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 __all__ = [
     "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
-    "Grant", "InstanceFailed", "KvResize", "LatencyTable", "Load", "MemoryDone", "ModelSpec",
-    "NodeSpec", "PRESETS", "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler",
-    "SchedulerConfig", "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
+    "Grant", "HandOver", "InstanceFailed", "KvResize", "LatencyTable", "Load", "LoadBandwidths",
+    "MemoryDone", "Migrate", "ModelSpec", "ModelTierChanged", "NodeSpec", "PRESETS",
+    "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig",
+    "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
 ]

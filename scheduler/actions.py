@@ -21,8 +21,16 @@ Frozen dataclasses of ids and numbers (JSON via `codec.py`). Semantics the execu
   Between the two it occupies the node ("nodes used", §6.1).
 - `Drop`: the request will not be served (its first-token deadline passed while queued, or it was
   unplaceable); the executor reports it to the client. It counts as an SLO failure.
-- `ColdStartGrace`: informational; the request waited for a cold start of `seconds`, which extends
-  its TTFT SLO (§4.5 "cold-start fairness").
+- `Migrate`: live migration, token-based (ServerlessLLM §4; `migration.py`). The destination
+  rebuilds the request's KV from its tokens (prompt + generated so far) as prefill work at its next
+  prefill grant, yielding no token; the source keeps decoding the request meanwhile. An `Evict` of
+  the request on the destination cancels the rebuild (it ended or left its source first).
+- `HandOver`: after the rebuild, with the source between grants: the request leaves the source
+  (its KV freed there) and continues on the destination, which first takes in the tokens the
+  source produced since the rebuild. Carried out at once, like `Assign`; nothing answers it.
+- `ColdStartGrace`: informational, sent when the request's instance first becomes ready; the
+  request waited for a cold start and its TTFT SLO is extended by `seconds` (§4.5 "cold-start
+  fairness"): the estimated start-up, bounded by the actual wait (`lifecycle.py`).
 """
 from __future__ import annotations
 
@@ -89,6 +97,20 @@ class Evict:
 
 
 @dataclass(frozen=True)
+class Migrate:
+    request_id: str
+    source: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class HandOver:
+    request_id: str
+    source: str
+    destination: str
+
+
+@dataclass(frozen=True)
 class Drop:
     request_id: str
     reason: str
@@ -101,5 +123,5 @@ class ColdStartGrace:
 
 
 Action = Union[Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
-               Drop, ColdStartGrace]
+               Migrate, HandOver, Drop, ColdStartGrace]
 MemoryAction = Union[Load, Unload, KvResize, Evict]

@@ -10,6 +10,11 @@ R is virtually attached to I and three things are checked (the artifact's `can_a
     after R; misses queued before R are pre-existing and ignored. With `config.shadow == "full"`
     (c) is instead an event simulation of the node's future that also interleaves decode
     iterations (`shadowsim.py`, §9 row 3).
+    A cold target with a startup estimate (`startup.py`) cannot prefill before its weights are
+    estimated to be loaded: its prefill is *released* then, the node's other prefills run in the
+    gap, and R's deadline carries the grace it would be promised (the estimated wait). Other
+    instances still loading are ignored, as in the artifact; without an estimate a cold target's
+    load is not modelled and the grace measured later covers it (SLINFER).
 
 Baselines admit by a per-instance concurrency limit instead, plus the same memory check.
 Invariant: validation only reads state; a provisional (not yet created) instance may be passed.
@@ -24,6 +29,7 @@ from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator, required_blocks
 from scheduler.memory import optimistic_budget
 from scheduler.shadowsim import simulate_node
+from scheduler.startup import cold_grace
 from scheduler.state import Instance, Node, Request
 
 IGNORE_MEMORY = "memory"
@@ -56,7 +62,7 @@ class ShadowValidator:
 
     def required_with(self, target: Instance, request: Request | None) -> int:
         """M_require of `target` in blocks with `request` attached (§4.3.1)."""
-        requests = list(target.requests.values())
+        requests = target.demand
         if request is not None:
             requests.append(request)
         return required_blocks(target.model, requests, self.config, self.outputs)
@@ -94,25 +100,40 @@ class ShadowValidator:
 
     def prefill_ok(self, target: Instance, request: Request, now: float) -> bool:
         node = target.node
+        start = self._start(node, now)
+        grace = cold_grace(target, now)
+        release = start if grace is None else max(start, now + grace)
+        deadline = request.deadline if grace is None else request.deadline_after(grace)
         if self.config.shadow == "full":
-            return simulate_node(node, target, request, self._start(node, now), self.est,
+            return simulate_node(node, target, request, deadline, start, release, self.est,
                                  self.config.slo.tpot_slo, self.config.shadow_horizon)
-        pairs = []
+        prefills = []
         for inst in node_instances(node, target):
             is_target = inst is target
             pending = inst.pending_prefill + ([request] if is_target else [])
             if not pending or not (is_target or inst.loaded):
                 continue
-            deadline = inst.min_deadline()
-            if is_target:
-                deadline = min(deadline, request.deadline)
-            pairs.append((deadline, not is_target, self.est.prefill(inst, pending)))
-        pairs.sort()
-        t = self._start(node, now)
-        reached_target = False
-        for deadline, not_target, duration in pairs:
-            t += duration
-            reached_target = reached_target or not not_target
-            if reached_target and t > deadline:
-                return False
-        return True
+            due = min(inst.min_deadline(), deadline) if is_target else inst.min_deadline()
+            prefills.append((due, not is_target, self.est.prefill(inst, pending),
+                             release if is_target else start))
+        return edf_walk(prefills, start)
+
+
+def edf_walk(prefills: list[tuple[float, bool, float, float]], start: float) -> bool:
+    """Run (deadline, not_target, duration, release) prefills earliest deadline first among the
+    released ones, without preemption, from `start`; False if the target or anything run after it
+    finishes past its deadline. With every release at `start` this is the artifact's sorted walk."""
+    waiting = sorted(prefills)
+    t = start
+    reached_target = False
+    while waiting:
+        ready = next((i for i, p in enumerate(waiting) if p[3] <= t), None)
+        if ready is None:
+            t = min(p[3] for p in waiting)
+            continue
+        deadline, not_target, duration, _ = waiting.pop(ready)
+        t += duration
+        reached_target = reached_target or not not_target
+        if reached_target and t > deadline:
+            return False
+    return True

@@ -44,6 +44,12 @@ class SchedulerConfig:
     - `estimate_margin`: multiplies every latency estimate (artifact: 1.05 GPU, 1.1 CPU, §4.2.2).
     - `kv_estimate`: "pad" (current length + `kv_pad_tokens`, artifact) or "eq2" (§4.3.1).
     - `grant_target`: a GPU decode grant holds ≈ grant_target / iteration time steps (§9 row 5).
+    - `startup_aware`: a new instance goes to the passing node of the pool with the earliest
+      estimated start-up (ServerlessLLM §5.1); start-ups within `startup_tolerance` s of the
+      earliest count as equal, and the bin-packing order decides among them (`placement.py`).
+    - `migration`: a GPU preemption victim's requests move live to warm instances where that
+      costs less lateness than drop-and-re-prefill (`migration.py`); needs an executor that
+      carries out `Migrate` and `HandOver`.
     """
 
     name: str = "slinfer"
@@ -66,6 +72,9 @@ class SchedulerConfig:
     keep_alive: float = 1.0
     retry_interval: float = 0.25
     grant_target: float = 0.05
+    startup_aware: bool = True
+    startup_tolerance: float = 0.1
+    migration: bool = False
 
     def concurrency_limit(self, profile: str, kind: str) -> int:
         try:

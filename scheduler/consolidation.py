@@ -47,7 +47,8 @@ def order_nodes(nodes: Sequence[Node], order: Order, validator: ShadowValidator)
 
 def _smaller_neighbours(target: Instance) -> list[Instance]:
     others = [i for i in target.node.instances.values()
-              if i is not target and not i.retired and i.batch < target.batch]
+              if i is not target and not i.retired and not i.draining and not i.copies
+              and i.batch < target.batch]
     return sorted(others, key=lambda i: i.batch)
 
 

@@ -21,13 +21,14 @@ from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
 from scheduler.estimate import Estimator
-from scheduler.events import (Event, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
-                              StepFinished, Tick)
+from scheduler.events import (Event, InstanceFailed, MemoryDone, ModelTierChanged, RequestArrived,
+                              RequestCancelled, StepFinished, Tick)
 from scheduler.kv import OutputEstimator
 from scheduler.lifecycle import Lifecycle, Timers
 from scheduler.memory import MemoryOrchestrator
 from scheduler.placement import Placement
 from scheduler.specs import ModelSpec, NodeSpec
+from scheduler.startup import StartupEstimator
 from scheduler.state import MemoryOp, Node, Request
 from scheduler.tokensched import TokenScheduler
 
@@ -47,9 +48,11 @@ class Scheduler:
         self.estimator = Estimator(self.config)
         outputs = OutputEstimator(self.config.output_prior)
         self.validator = ShadowValidator(self.config, self.estimator, outputs)
-        self.life = Lifecycle(self.config, self.memory, outputs, self._out.append, self.timers)
+        self.startup = StartupEstimator()
+        self.life = Lifecycle(self.config, self.memory, outputs, self._out.append, self.timers,
+                              self.startup)
         self.placement = Placement(self.config, self.validator, self.life,
-                                   list(self.nodes.values()), cost)
+                                   list(self.nodes.values()), cost, self.startup)
         self.tokens = TokenScheduler(self.estimator)
         self._touched: set[str] = set()
         self._share_timers: dict[str, float] = {}
@@ -60,6 +63,7 @@ class Scheduler:
         """Apply one event at time `now`; return the actions to carry out, in order."""
         self._out.clear()
         self._touched.clear()
+        self.life.touched.clear()
         if isinstance(event, StepFinished):
             self._step_finished(event, now)
         elif isinstance(event, MemoryDone):
@@ -72,8 +76,13 @@ class Scheduler:
             self._instance_failed(event, now)
         elif isinstance(event, Tick):
             self._tick(now)
+        elif isinstance(event, ModelTierChanged):
+            self.startup.tier_changed(event.host, event.model, event.tier)
         else:
             raise TypeError(f"unknown event {event!r}")
+        if self.life.migrating:
+            self.life.hand_over_ready(now)
+        self._touched |= self.life.touched
         for node_id in sorted(self._touched) if len(self._touched) > 1 else self._touched:
             self._pump(self.nodes[node_id], now)
         return list(self._out)
@@ -134,6 +143,8 @@ class Scheduler:
             if req is None:
                 continue
             req.generated += 1
+            if req.copy_at is not None:
+                req.copy_at.deadlines_changed()
             if req.instance is inst:
                 inst.context_tokens += 1
                 if not req.prefilled:
@@ -144,6 +155,8 @@ class Scheduler:
             req = requests.get(rid)
             if req is not None:
                 self.life.finish(req, now)
+        if ev.kind == "prefill":
+            self.life.rebuilt(inst)
         if ev.grant_done and inst.node.grant_instance is inst:
             self.tokens.release(inst.node)
         self.life.guard_kv(inst, now)
@@ -156,11 +169,11 @@ class Scheduler:
             raise ValueError(f"MemoryDone for action {ev.action_id}, which {ev.instance} "
                              "is not running")
         self.memory.complete(op)
-        self.life.note_memory_done(inst, ev.duration)
+        self.life.note_memory_done(inst, op, ev.duration, now)
         if op.resource is None:
             inst.kv_used = sum(inst.model.blocks_for(r.context) for r in inst.requests.values()
                                if r.prefilled)
-            for req in self.life.evicted(op.requests):
+            for req in self.life.evicted(inst, op.requests):
                 self._try_place(req, now)
         self.memory.wake_station(inst.node)
         self._touched.add(inst.node.id)

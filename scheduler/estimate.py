@@ -29,12 +29,24 @@ class Estimator:
         margin = self._margin[instance.node.kind]
         return instance.table.decode(batch, context_tokens / batch) * margin
 
+    def prefill_tokens(self, instance: Instance, tokens: int) -> float:
+        """One prefill of `tokens` tokens (a migration's catch-up of the tokens it missed)."""
+        return instance.table.prefill(tokens) * self._margin[instance.node.kind]
+
     def time_slice(self, instance: Instance, extra: Request | None = None) -> float:
-        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b)."""
+        """Share of TPOT_SLO one decode iteration of the instance takes (§4.2.4 check b). The
+        tightest TPOT among its requests counts: a request with its own, stricter TPOT needs the
+        instance stepped that much more often. Requests migrating in count as handed over."""
         batch, tokens = instance.batch, instance.context_tokens
+        tpots = [r.tpot_slo for r in instance.requests.values()]
+        if instance.copies:
+            batch += len(instance.copies)
+            tokens += sum(r.context for r in instance.copies.values())
+            tpots += [r.tpot_slo for r in instance.copies.values()]
         if extra is not None:
             batch, tokens = batch + 1, tokens + extra.context
-        return self.decode(instance, batch, tokens) / self._tpot
+            tpots.append(extra.tpot_slo)
+        return self.decode(instance, batch, tokens) / min(tpots, default=self._tpot)
 
     def decode_iterations(self, instance: Instance, step: float) -> int:
         """k iterations per GPU decode grant ≈ grant_target / iteration time `step` (§9 row 5)."""

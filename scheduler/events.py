@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from scheduler.specs import Tier
+
 StepKind = Literal["prefill", "decode"]
 
 
@@ -91,8 +93,22 @@ class InstanceFailed:
 
 
 @dataclass(frozen=True)
+class ModelTierChanged:
+    """The fastest tier of `host` holding `model` is now `tier` (the model store's report).
+
+    "host": in the host-memory cache; "disk": only on disk (the default until reported). Feeds
+    the startup estimate (`startup.py`, ServerlessLLM §5.1); the scheduler answers no action.
+    """
+
+    host: str
+    model: str
+    tier: Tier
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed; sent at (or after) `Scheduler.next_wakeup()` for timers."""
 
 
-Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed, Tick]
+Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed,
+              ModelTierChanged, Tick]

@@ -3,9 +3,20 @@
 In order, the first that passes shadow validation wins:
 1. an existing instance of the model (bin-packing order: largest batch first, §4.4.2);
 2. proactive preemption: an existing instance that would pass but for a smaller neighbour, which is
-   evicted (§4.4.1);
-3. a new instance, pool by pool (CPU first, §3.1), nodes most loaded first with empty nodes last,
-   one candidate per node (the artifact's "first free slot").
+   evicted (§4.4.1) — or, request by request, migrated live where that is cheaper
+   (`migration.py`, with `config.migration`);
+3. a new instance, pool by pool (CPU first, §3.1), one candidate per node (the artifact's "first
+   free slot"). Within a pool, ServerlessLLM's startup-time-aware choice (§5.1) composes with
+   SLINFER's bin-packing order (most loaded first, empty nodes last, §4.4.2) as follows: among the
+   pool's nodes that pass shadow validation, take the earliest estimated start-up (`startup.py`:
+   queue + bytes ÷ bandwidth of the tier holding the model); nodes within
+   `config.startup_tolerance` of it are equal, and the first of them in bin-packing order wins.
+   So a node with the model in its host cache beats one that must read it from disk even when
+   the latter comes first in packing order, while equal start-ups still pack. Only start-up
+   counts, not the prefills queued on a node: every passing node meets the deadline, and ranking
+   by queueing would undo packing. Without estimates (no measured bandwidths, or
+   `startup_aware` off) this is SLINFER's first fit in packing order. Nodes are validated in
+   start-up order and only as far as needed.
 Otherwise the caller queues the request and retries every 0.25 s until its first-token deadline
 passes (§4.5).
 
@@ -21,18 +32,22 @@ from scheduler.config import SchedulerConfig
 from scheduler.consolidation import find_victim, order_instances, order_nodes
 from scheduler.costmodel import CostModel
 from scheduler.lifecycle import Lifecycle
+from scheduler.migration import Migrator
 from scheduler.specs import ModelSpec
+from scheduler.startup import StartupEstimator
 from scheduler.state import Instance, Node, Request
 
 
 class Placement:
     def __init__(self, config: SchedulerConfig, validator: ShadowValidator, lifecycle: Lifecycle,
-                 nodes: Sequence[Node], cost: CostModel):
+                 nodes: Sequence[Node], cost: CostModel, startup: StartupEstimator):
         self.config = config
         self.validator = validator
         self.life = lifecycle
         self.nodes = list(nodes)
         self.cost = cost
+        self.startup = startup
+        self.migrator = Migrator(config, validator)
         self._turns: dict[str, int] = {}
 
     def place(self, req: Request, model: ModelSpec, now: float) -> Instance | None:
@@ -49,19 +64,47 @@ class Placement:
             for inst in existing:
                 victim = find_victim(inst, req, now, self.validator)
                 if victim is not None:
-                    self.life.preempt(victim, now)
+                    serving = self.life.by_model.get(victim.model.name, [])
+                    self.life.preempt(victim, now,
+                                      self.migrator.chooser(victim, inst, req, serving, now))
                     self.life.attach(inst, req, now)
                     return inst
         for kind in self.config.pools:
             candidates = [n for n in self.nodes if n.kind == kind and self._has_room(n, model)]
-            for node in order_nodes(candidates, self.config.node_order, self.validator):
-                inst = self.life.provisional(
-                    model, node, self.cost.table(model.profile, node.spec.hardware), now)
-                if self.validator.admit(inst, req, now):
-                    self.life.create(inst)
-                    self.life.attach(inst, req, now)
-                    return inst
+            packed = order_nodes(candidates, self.config.node_order, self.validator)
+            inst = self._new_instance(packed, model, req, now)
+            if inst is not None:
+                self.life.create(inst)
+                self.life.attach(inst, req, now)
+                return inst
         return None
+
+    def _new_instance(self, packed: list[Node], model: ModelSpec, req: Request,
+                      now: float) -> Instance | None:
+        """The provisional instance chosen among `packed` (bin-packing order), or None."""
+        serving = self.life.by_model.get(model.name, [])
+        estimates = {n.id: self.startup.estimate(n, model, now, serving) for n in packed}
+        passed: dict[str, Instance | None] = {}
+
+        def startup_s(node: Node) -> float:
+            estimate = estimates[node.id]
+            return estimate.seconds if estimate is not None and self.config.startup_aware \
+                else 0.0
+
+        def passing(node: Node) -> Instance | None:
+            if node.id not in passed:
+                estimate = estimates[node.id]
+                inst = self.life.provisional(
+                    model, node, self.cost.table(model.profile, node.spec.hardware), now,
+                    None if estimate is None else now + estimate.seconds)
+                passed[node.id] = inst if self.validator.admit(inst, req, now) else None
+            return passed[node.id]
+
+        earliest = next((n for n in sorted(packed, key=startup_s) if passing(n)), None)
+        if earliest is None:
+            return None
+        limit = startup_s(earliest) + self.config.startup_tolerance
+        return next(inst for n in packed if startup_s(n) <= limit and (inst := passing(n)))
 
     def _has_room(self, node: Node, model: ModelSpec) -> bool:
         return ((model.profile, node.spec.hardware) in self.cost

@@ -8,7 +8,8 @@ has already been missed.
 Invariants:
 - the scheduler plans against the *internal* SLOs, shrunk by `margin` (artifact: 5 %, §4.2.1);
   metrics judge against the paper's SLOs (`margin=0`);
-- `grace` is the measured cold-start time of the request's instance (§4.5), 0 otherwise;
+- `grace` is the cold-start time of the request's instance (§4.5; measured, or estimated and
+  bounded by the actual wait, `lifecycle.py`), 0 otherwise;
 - the deadline itself lives on `state.Request.deadline`, which the token scheduler reads often.
 """
 from __future__ import annotations

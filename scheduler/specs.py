@@ -7,7 +7,9 @@ the latency table (`costmodel.py`) profiled for that pair. Nothing here changes 
 Invariants:
 - sizes are bytes, lengths are tokens, times are seconds;
 - a model's latency table is found by `(ModelSpec.profile, NodeSpec.hardware)`, so 32 replicas of
-  one base model (the paper's experiments, §6.1) share one table.
+  one base model (the paper's experiments, §6.1) share one table;
+- bandwidths are bytes per second *measured* by the executor at start-up (ServerlessLLM §5.1), never
+  assumed by the scheduler; a node without them gets no startup estimate.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 DeviceKind = Literal["cpu", "gpu"]
+Tier = Literal["disk", "host"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,21 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class LoadBandwidths:
+    """How fast weights reach a device from each place that may hold them (ServerlessLLM §2, §5.1).
+
+    `disk_to_host`: sequential read of the checkpoint into host memory. `host_to_device`: host
+    memory to the device (pinned H2D on a GPU; `inf` where a CPU device uses the host copy in
+    place). `peer_to_device`: from another device of the same kind already holding the model
+    (λScale's GPU-to-GPU multicast); None where the executor cannot load that way.
+    """
+
+    disk_to_host: float
+    host_to_device: float
+    peer_to_device: float | None = None
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """One device the scheduler may place instances on (§3.1 "unified hardware abstraction").
 
@@ -53,6 +71,8 @@ class NodeSpec:
     `elastic_kv` says whether instances resize their KV here (GPUs in the paper, §4.3.2) or keep
     `ModelSpec.fixed_kv_bytes` (the artifact's CPUs). `instance_overhead_bytes` is charged with the
     weights of every instance (the artifact's 1.5 GB CUDA context per slot, §9 row 11).
+    `host` names the machine whose disk and host-memory cache feed the node (devices of one server
+    share them; None: the node is its own machine); `bandwidths` are that path's measured speeds.
     """
 
     node_id: str
@@ -62,3 +82,9 @@ class NodeSpec:
     elastic_kv: bool = True
     instance_overhead_bytes: int = 0
     max_instances: int = 8
+    host: str | None = None
+    bandwidths: LoadBandwidths | None = None
+
+    @property
+    def host_id(self) -> str:
+        return self.host if self.host is not None else self.node_id

@@ -8,12 +8,20 @@ Invariants:
 - per instance and memory resource (weights, KV) there are three figures (§4.3.3): `target`
   (optimistic, what admission plans with), `actual` (pessimistic, what execution reserves) and
   `physical` (what the executor holds after the last completed action); physical ≤ actual;
-- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute.
+- an instance with a memory action in flight or committed (in its `outbox`) is not granted compute;
+- `Instance.ready_at` is the estimated end of a cold instance's weight load (`startup.py`), None
+  when no estimate exists; it is set at creation and corrected when the load completes;
+- a request being live-migrated (`migration.py`) stays attached to its source, which keeps
+  decoding it, and sits in its destination's `copies` until the hand-over (`Request.copy_at`
+  names the destination): first as prefill work that yields no token, then, once a prefill step
+  ran it (`Instance.rebuilding` names those a prefill grant covers), `copy_ready`; a `draining`
+  instance is migrating its requests out, takes no new one and is retired once empty.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Literal
 
 from scheduler.costmodel import LatencyTable
@@ -36,6 +44,8 @@ class Request:
     instance: "Instance | None" = None
     prefilled: bool = False
     retry_at: float = 0.0
+    copy_at: "Instance | None" = None
+    copy_ready: bool = False
 
     @property
     def context(self) -> int:
@@ -45,7 +55,11 @@ class Request:
     @property
     def deadline(self) -> float:
         """When the next token is due (Eq. 1, cumulative)."""
-        return self.arrival + self.grace + self.ttft_slo + self.tpot_slo * self.generated
+        return self.deadline_after(self.grace)
+
+    def deadline_after(self, grace: float) -> float:
+        """The next-token deadline were the request granted `grace` s of cold start instead."""
+        return self.arrival + grace + self.ttft_slo + self.tpot_slo * self.generated
 
 
 @dataclass
@@ -82,6 +96,9 @@ class Instance:
     created: float
     requests: dict[str, Request] = field(default_factory=dict)
     pending: dict[str, Request] = field(default_factory=dict)
+    copies: dict[str, Request] = field(default_factory=dict)
+    rebuilding: tuple[str, ...] = ()
+    draining: bool = False
     context_tokens: int = 0
     kv_used: int = 0
     time_share: float = 1.0
@@ -95,6 +112,7 @@ class Instance:
     idle_since: float | None = None
     cold_start: float = 0.0
     ready_once: bool = False
+    ready_at: float | None = None
     _urgency: float | None = None
 
     @property
@@ -103,7 +121,17 @@ class Instance:
 
     @property
     def pending_prefill(self) -> list[Request]:
-        return list(self.pending.values())
+        """Prefill work: waiting prompts and the KV rebuilds of requests migrating in."""
+        return list(self.pending.values()) + self.pending_rebuilds
+
+    @property
+    def pending_rebuilds(self) -> list[Request]:
+        return [r for r in self.copies.values() if not r.copy_ready]
+
+    @property
+    def demand(self) -> list[Request]:
+        """Requests whose KV the instance holds or will hold (attached and migrating in)."""
+        return list(self.requests.values()) + list(self.copies.values())
 
     @property
     def running(self) -> int:
@@ -120,12 +148,13 @@ class Instance:
         return self.in_flight is not None or bool(self.outbox)
 
     def min_deadline(self) -> float:
-        """The instance's urgency: the earliest next-token deadline of its requests (§4.2.1).
+        """The instance's urgency: the earliest next-token deadline of its requests (§4.2.1),
+        migrating-in ones included, so that a rebuild is not starved behind busier neighbours.
 
         Cached: whoever changes a request's `generated` or `grace` calls `deadlines_changed`.
         """
         if self._urgency is None:
-            deadlines = (r.deadline for r in self.requests.values())
+            deadlines = (r.deadline for r in chain(self.requests.values(), self.copies.values()))
             self._urgency = min(deadlines, default=float("inf"))
         return self._urgency
 

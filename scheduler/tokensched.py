@@ -7,10 +7,10 @@ grant on fast steps. Prefill iterations run apart from decode iterations: an ins
 prompts gets a one-iteration prefill grant first. When the grant ends the permit is free again and
 the next pick happens at once, so a node never idles while an instance could run.
 
-Eligible (§4.2.3, §8 item 4): has requests; weights loaded and not being unloaded; no memory action
-in flight or committed; KV in place for the next iteration; within its static time share (only
-sllm+c+s has one: an instance may not compute more than `time_share` of the wall time since it was
-created, the artifact's sleep rule, §6.2).
+Eligible (§4.2.3, §8 item 4): has requests (or KV to rebuild for a migration); weights loaded and
+not being unloaded; no memory action in flight or committed; KV in place for the next iteration;
+within its static time share (only sllm+c+s has one: an instance may not compute more than
+`time_share` of the wall time since it was created, the artifact's sleep rule, §6.2).
 
 Invariant: at most one instance per node holds a grant (`Node.grant_instance`).
 """
@@ -23,11 +23,11 @@ from scheduler.state import Instance, Node
 
 def kv_blocks_needed(inst: Instance) -> int:
     """KV blocks the engine may need for the next iteration (each sequence may open a block)."""
-    if not inst.pending:
+    if not inst.pending and not inst.pending_rebuilds:
         return inst.kv_used + len(inst.requests)
     blocks_for = inst.model.blocks_for
     return (inst.kv_used + inst.running
-            + sum(blocks_for(r.context + 1) for r in inst.pending.values()))
+            + sum(blocks_for(r.context + 1) for r in inst.pending_prefill))
 
 
 def share_ready_at(inst: Instance) -> float:
@@ -44,8 +44,8 @@ class TokenScheduler:
 
     @staticmethod
     def eligible(inst: Instance, now: float) -> bool:
-        return (bool(inst.requests) and not inst.computing and inst.loaded
-                and not inst.memory_busy and inst.kv.physical > 0
+        return ((bool(inst.requests) or bool(inst.pending_rebuilds)) and not inst.computing
+                and inst.loaded and not inst.memory_busy and inst.kv.physical > 0
                 and inst.kv.physical >= kv_blocks_needed(inst)
                 and share_ready_at(inst) <= now + 1e-12)
 
@@ -65,9 +65,11 @@ class TokenScheduler:
         inst = self.pick(node, now)
         if inst is None:
             return None
-        if inst.pending:
+        rebuilds = inst.pending_rebuilds
+        if inst.pending or rebuilds:
             kind, iterations = "prefill", 1
-            duration = self.est.prefill(inst, inst.pending.values())
+            duration = self.est.prefill(inst, inst.pending_prefill)
+            inst.rebuilding = tuple(r.id for r in rebuilds)
         else:
             step = self.est.decode(inst, inst.batch, inst.context_tokens)
             kind, iterations = "decode", self.est.decode_iterations(inst, step)

@@ -26,7 +26,19 @@ def machine_description() -> str:
         mem = f", {kib / (1 << 20):.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}"
+    return f"{cpu}, {os.cpu_count()} cores{mem}{_gpu_description()}"
+
+
+def _gpu_description() -> str:
+    """", GPU: <name>" when CuPy sees a GPU (imported only if already loaded: a CPU run stays CPU-only)."""
+    import sys
+    if "cupy" not in sys.modules:
+        return ""
+    try:
+        cupy = sys.modules["cupy"]
+        return f", GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
+    except Exception:  # no usable device: describe the host only
+        return ""
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -5,14 +5,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
-
 from kernels.interface import Kernels
-from models.config import LlamaConfig
-from models.llama import LlamaModel, LlamaWeights
+from models.llama import LlamaModel
 from refengine.engine.tokenizer import Tokenizer
-from refengine.store.cache import PREPARE_HINT, ModelCacheError, ModelFiles, is_prepared, model_files, verify
+from refengine.store.cache import ModelFiles, is_prepared, model_files
+from refengine.store.model_store import ModelStore
 from refengine.store.prepare import prepare
 
 
@@ -21,7 +18,7 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     files: ModelFiles
-    load_s: float   # reading + converting + moving the weights to the backend
+    load_s: float   # reading the checkpoint and moving it to the backend
 
 
 def ensure_prepared(weights: str, home: Path | None = None, progress: bool = True) -> ModelFiles:
@@ -31,15 +28,16 @@ def ensure_prepared(weights: str, home: Path | None = None, progress: bool = Tru
     return model_files(weights, home)
 
 
-def load_llama(files: ModelFiles, kernels: Kernels) -> LlamaModel:
-    """The model's weights from the cache onto `kernels`' device (the cheap cache check first)."""
-    verify(files)
+def load_llama(files: ModelFiles, kernels: Kernels, execute_while_load: bool = False) -> LlamaModel:
+    """The model's weights from the cache onto `kernels`' device, with no host cache: the loading-
+    optimized checkpoint read in parallel chunks into one buffer whose views are the weights.
+    execute_while_load: return before the bytes are in; each layer of a forward pass waits for its own."""
+    store = ModelStore()
     try:
-        tensors = load_file(str(files.weights))
-    except (SafetensorError, OSError) as e:
-        raise ModelCacheError(f"cannot read {files.weights}: {e}; {PREPARE_HINT}") from None
-    config = LlamaConfig.from_json(files.config)
-    return with_decode_graphs(LlamaModel(config, LlamaWeights.from_hf(tensors, config, kernels), kernels))
+        load = store.load(files, kernels).load
+    finally:
+        store.close()
+    return with_decode_graphs(load.model if execute_while_load else load.wait().model)
 
 
 def with_decode_graphs(model: LlamaModel) -> LlamaModel:

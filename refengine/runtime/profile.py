@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kernels import backend_for_device, get_kernels
 from models.llama import LlamaModel
 from refengine.engine.instance import Instance
+from refengine.engine.loader import ensure_prepared, load_llama
 from refengine.engine.sequence import SamplingParams, SequenceStatus
 from refengine.engine.step_result import StepKind
+from refengine.runtime.devices import DeviceSpec
 from scheduler.costmodel import FORMAT, LatencyTable, load_table, profile_filename
 
 # Powers of two up to what a 135M model on a 2-core CPU serves within SLO; the cost model extrapolates
@@ -92,3 +95,20 @@ def cached_table(model: LlamaModel, profile: str, hardware: str, directory: Path
     tmp.write_text(json.dumps(table.to_dict(), indent=1))
     tmp.replace(path)
     return table
+
+
+def device_profile(weights: str, device: str, backend: str | None, home: Path, grid: dict = FULL_GRID,
+                   force: bool = False) -> tuple[Path, LatencyTable]:
+    """The cached table of `weights` on `device` (kernels: `backend`, default the device's own), measured
+    now if missing or `force`d. The model is loaded only to measure, so a cache hit costs a file read;
+    a benchmark calls this once before it starts servers, which then all find the table."""
+    name = backend_for_device(device, backend)
+    hardware = f"{DeviceSpec(device, 0).kind}-{name}"
+    directory = home / "profiles"
+    path = directory / profile_filename(weights, hardware)
+    if force:
+        path.unlink(missing_ok=True)
+    if path.exists():
+        return path, load_table(path)
+    model = load_llama(ensure_prepared(weights, home), get_kernels(name, device))
+    return path, cached_table(model, weights, hardware, directory, grid)

@@ -87,11 +87,15 @@ class Generation:
             return None
         return (self._last_token_at[index] - self._first_token_at[index]) / (finished.completion_tokens - 1)
 
-    def usage(self) -> dict[str, int]:
-        """OpenAI's usage: a prompt counts once however many choices continue it."""
+    def usage(self) -> dict[str, int | float]:
+        """OpenAI's usage: a prompt counts once however many choices continue it. One extension,
+        `cold_start_grace_s`: how long the request waited for its model to load (SLINFER §4.5: its
+        TTFT SLO is extended by that much), 0 when the model was warm, so a client can judge SLOs."""
         prompt = sum(self.finished[c.index].prompt_tokens for c in self.choices if c.sample == 0)
         completion = sum(f.completion_tokens for f in self.finished.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        grace = max((f.cold_start_grace_s for f in self.finished.values()), default=0.0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "cold_start_grace_s": round(grace, 4)}
 
     async def aclose(self) -> None:
         """Cancel the choices still generating and wait until every runtime iterator is closed. A finished

@@ -4,6 +4,9 @@
     python cli.py simulate --models 32 --size 3b --systems slinfer,sllm
     python cli.py simulate --workload pareto --rps 4 --models 64
     python cli.py simulate --reproduce              # the Fig. 22 grid → docs/PAPER_REPRODUCTION.md
+    python cli.py simulate --systems slinfer --host-cache 32 --loading local,multicast
+                                                    # ServerlessLLM vs λScale loading, same trace
+    python cli.py simulate --compare-loading        # that comparison → docs/PAPER_REPRODUCTION.md
 
 Writes `metrics.json` (every metric of every run) and PNG plots to `--out`.
 """
@@ -22,6 +25,7 @@ from refengine.sim.report import summary_table
 from scheduler import PRESETS
 
 DEFAULT_SYSTEMS = "slinfer,sllm,sllm+c,sllm+c+s"
+LOADINGS = ("local", "multicast")
 
 
 def _systems(value: str) -> list[str]:
@@ -29,6 +33,15 @@ def _systems(value: str) -> list[str]:
     unknown = [s for s in names if s not in PRESETS]
     if unknown or not names:
         raise click.BadParameter(f"unknown system(s) {unknown}; choose from {sorted(PRESETS)}")
+    return names
+
+
+def _loadings(value: str | None) -> list[str | None]:
+    if value is None:
+        return [None]
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names or any(n not in LOADINGS for n in names):
+        raise click.BadParameter(f"unknown loading {value!r}; choose from {', '.join(LOADINGS)}")
     return names
 
 
@@ -64,6 +77,14 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
 @click.option("--watermark", type=float, help="Override the KV watermark w (§4.3.2).")
 @click.option("--keep-alive", type=float, help="Override the keep-alive (s).")
 @click.option("--shadow", type=click.Choice(["edf", "full"]), help="Shadow-validation fidelity.")
+@click.option("--migration", is_flag=True, default=None,
+              help="Preemption migrates requests live where cheaper (ServerlessLLM).")
+@click.option("--loading", help="Simulated tiers and loading: local (ServerlessLLM: each node "
+              "from its fastest tier) or multicast (λScale: GPU-to-GPU multicast, execute while "
+              "loading); comma-separated to compare. Default: the legacy fixed load cost.")
+@click.option("--host-cache", "host_cache", type=click.FloatRange(0), metavar="GIB",
+              help="Host-memory cache per node, LRU (implies tiers; default with tiers: every "
+              "model cached, SLINFER's assumption).")
 @click.option("--jobs", type=click.IntRange(1), default=2, show_default=True,
               help="Runs in parallel processes.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sim-out"),
@@ -73,24 +94,35 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="JSON lines of every event and action (single system only).")
 @click.option("--reproduce", is_flag=True,
               help="Run the paper's grid and write docs/PAPER_REPRODUCTION.md.")
+@click.option("--compare-loading", is_flag=True,
+              help="Compare local (ServerlessLLM) and multicast (λScale) loading on the same "
+              "traces; writes a section of docs/PAPER_REPRODUCTION.md.")
 def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
-             keep_alive, shadow, jobs, out, make_plots, log_path, reproduce) -> None:
+             keep_alive, shadow, migration, loading, host_cache, jobs, out, make_plots, log_path,
+             reproduce, compare_loading) -> None:
     """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
     if reproduce:
         from refengine.sim.reproduce import reproduce as run_reproduction
         run_reproduction(out=out, jobs=jobs, trace=str(trace) if trace else None)
+        return
+    if compare_loading:
+        from refengine.sim.loading_report import compare_loading as run_comparison
+        click.echo(run_comparison(out=out, jobs=jobs, trace=str(trace) if trace else None))
         return
     if trace is not None and not trace.is_file():
         raise click.ClickException(f"trace file {trace} does not exist")
     if workload == "slinfer" and (models % 16 or not 16 <= models <= 128):
         raise click.ClickException("the SLINFER trace has 16..128 models in steps of 16")
     names = _systems(systems)
-    if log_path is not None and len(names) != 1:
-        raise click.ClickException("--log needs exactly one system")
+    loadings = _loadings(loading)
+    if log_path is not None and len(names) * len(loadings) != 1:
+        raise click.ClickException("--log needs exactly one system and loading")
     overrides = tuple((k, v) for k, v in (("watermark", watermark), ("keep_alive", keep_alive),
-                                          ("shadow", shadow)) if v is not None)
+                                          ("shadow", shadow), ("migration", migration))
+                      if v is not None)
     specs = [RunSpec(s, size, models, cpus, gpus, workload, str(trace) if trace else None, rps,
-                     seed, duration, overrides) for s in names]
+                     seed, duration, overrides, ld, host_cache)
+             for s in names for ld in loadings]
     try:
         if jobs == 1 or len(specs) == 1:
             results = [_run_with_bar(s, log_path) for s in specs]

@@ -1,8 +1,9 @@
 """One simulated experiment, described by a picklable spec, and a pool to run many of them.
 
-A `RunSpec` names the system (a scheduler preset), the model size and count, the cluster and the
-workload; `run` returns every metric as plain JSON-ready data. `run_many` spreads specs over
-processes (the simulator is single-threaded Python; the machine has 2 cores).
+A `RunSpec` names the system (a scheduler preset), the model size and count, the cluster, the
+workload and, optionally, the storage tiers and loading style (`loading.py`); `run` returns
+every metric as plain JSON-ready data. `run_many` spreads specs over processes (the simulator is
+single-threaded Python; the machine has 2 cores).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Iterable
 
+from refengine.sim.loading import GiB, Storage
 from refengine.sim.simulator import Simulation
 from refengine.sim.workload import Workload, azure_llm, pareto, slinfer_trace
 from scheduler import preset
@@ -30,12 +32,24 @@ class RunSpec:
     seed: int = 0
     duration: float | None = None      # keep only arrivals before this time (s)
     overrides: tuple[tuple[str, float | str], ...] = field(default_factory=tuple)
+    loading: str | None = None         # local | multicast: simulated tiers (None: legacy loads)
+    host_cache_gib: float | None = None  # per node; None: every model cached (with tiers)
 
     @property
     def label(self) -> str:
         extra = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
                         for k, v in self.overrides)
+        if self.storage() is not None:
+            cache = "all" if self.host_cache_gib is None else f"{self.host_cache_gib:g}GiB"
+            extra += f" loading={self.loading or 'local'} host-cache={cache}"
         return f"{self.system} {self.models}x{self.size} {self.cpus}C+{self.gpus}G{extra}"
+
+    def storage(self) -> Storage | None:
+        """The tier model, if this run uses one (either option given)."""
+        if self.loading is None and self.host_cache_gib is None:
+            return None
+        cache = None if self.host_cache_gib is None else int(self.host_cache_gib * GiB)
+        return Storage(loading=self.loading or "local", host_cache_bytes=cache)
 
     def build_workload(self) -> Workload:
         if self.workload == "slinfer":
@@ -69,7 +83,8 @@ def run(spec: RunSpec, on_progress: Callable[[float], None] | None = None,
     workload = spec.build_workload()
     config = preset(spec.system, **dict(spec.overrides))
     start = time.perf_counter()
-    sim = Simulation(workload, config, size=spec.size, cpus=spec.cpus, gpus=spec.gpus, log=log)
+    sim = Simulation(workload, config, size=spec.size, cpus=spec.cpus, gpus=spec.gpus,
+                     storage=spec.storage(), log=log)
     rec = sim.run(on_progress)
     wall = time.perf_counter() - start
     return _finite({

@@ -5,9 +5,11 @@ COLUMNS = [
     # header, summary key, format
     ("SLO-met", "slo_met", "{:d}"),
     ("rate", "slo_met_rate", "{:.1%}"),
+    ("no grace", "slo_met_no_grace", "{:d}"),
     ("dropped", "dropped", "{:d}"),
     ("TTFT p50 s", "ttft_p50_s", "{:.2f}"),
     ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
+    ("startup s", "startup_mean_s", "{:.2f}"),
     ("CPU used", "cpu_nodes_used", "{:.2f}"),
     ("GPU used", "gpu_nodes_used", "{:.2f}"),
     ("CPU tok/node·s", "cpu_decode_tok_per_node_s", "{:.0f}"),

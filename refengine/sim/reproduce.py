@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from refengine.sim import plots
 from refengine.sim.experiment import RunSpec, run_many
 from refengine.sim.report import markdown_table
 from refengine.sim.workload import REPO_ROOT
+
+MARKED = re.compile(r"<!-- begin:(\w+) -->.*?<!-- end:\1 -->", re.S)
 
 SIZES = ("3b", "7b", "13b")
 LOADS = (32, 64, 128)
@@ -178,6 +181,12 @@ def render(results: list[dict], wall: float, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def marked_sections(text: str) -> str:
+    """The sections other commands own (`simulate --compare-loading`), to keep when the grid's
+    document is rewritten."""
+    return "".join(f"\n{m.group(0)}\n" for m in MARKED.finditer(text))
+
+
 def reproduce(out: Path, jobs: int = 2, trace: str | None = None,
               doc: Path = REPO_ROOT / "docs" / "PAPER_REPRODUCTION.md") -> None:
     specs = grid_specs(trace)
@@ -192,5 +201,6 @@ def reproduce(out: Path, jobs: int = 2, trace: str | None = None,
                          and r["spec"]["models"] == 128 and not r["spec"]["overrides"]
                          and r["spec"]["system"] in SYSTEMS], out / f"128x{size}")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(results, wall, jobs), encoding="utf-8")
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    doc.write_text(render(results, wall, jobs) + marked_sections(old), encoding="utf-8")
     print(f"wrote {doc} and {out}/")

@@ -2,9 +2,10 @@
 
 A virtual clock and a heap of events, ordered by (time, kind, sequence number); no polling. The
 simulator replays arrivals, carries out the scheduler's actions — steps take their profiled
-latency, memory actions their modelled duration (`cluster.MemoryCosts`) — and reports back the
-events the live runtime would: `StepFinished`, `MemoryDone`, `Tick` at `next_wakeup()`. It holds
-no policy; every decision is `Scheduler.handle`.
+latency, memory actions their modelled duration (`cluster.MemoryCosts`; with a `Storage`, loads
+come from simulated tiers, `loading.py`) — and reports back the events the live runtime would:
+`StepFinished`, `MemoryDone`, `ModelTierChanged`, `Tick` at `next_wakeup()`. It holds no policy;
+every decision is `Scheduler.handle`.
 
 Invariant: the scheduler is timed with a real clock around `handle` only.
 """
@@ -12,20 +13,24 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections import defaultdict
+from dataclasses import replace
 from time import perf_counter
 from typing import IO, Callable
 
 from refengine.sim.cluster import MemoryCosts, model_spec, nodes as make_nodes
 from refengine.sim.engine import Sequence, SimInstance, StepOutcome
+from refengine.sim.loading import Loader, LoadTiming, Receiver, Storage
 from refengine.sim.metrics import Recorder, RequestRecord
 from refengine.sim.workload import Workload
 from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
-                       KvResize, Load, MemoryDone, NodeSpec, ReleaseInstance, RequestArrived,
-                       Scheduler, SchedulerConfig, StepFinished, Tick, Unload)
+                       HandOver, KvResize, Load, MemoryDone, Migrate, ModelTierChanged, NodeSpec,
+                       ReleaseInstance, RequestArrived, Scheduler, SchedulerConfig, StepFinished,
+                       Tick, Unload)
 from scheduler.codec import encode
 
-# Event kinds, in tie-break order at equal times.
-MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(5)
+# Event kinds, in tie-break order at equal times (a tier report informs the next decision).
+TIER, MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(6)
 
 
 class Simulation:
@@ -33,13 +38,20 @@ class Simulation:
                  cpus: int = 4, gpus: int = 4, cost: CostModel | None = None,
                  memory_costs: MemoryCosts = MemoryCosts(),
                  node_specs: list[NodeSpec] | None = None,
+                 storage: Storage | None = None,
                  log: IO[str] | None = None,
                  observer: Callable[[object, list], None] | None = None):
-        """`log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
+        """`storage` switches LOADs to the tier model (and tells the scheduler the bandwidths);
+        `log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
         self.workload = workload
         self.cost = cost or CostModel.shipped()
         self.models = {name: model_spec(name, size) for name in workload.models}
-        self.node_specs = {n.node_id: n for n in (node_specs or make_nodes(cpus, gpus))}
+        specs = node_specs or make_nodes(cpus, gpus)
+        if storage is not None:
+            specs = [replace(n, bandwidths=storage.bandwidths(n.kind)) for n in specs]
+        self.node_specs = {n.node_id: n for n in specs}
+        self.storage = storage
+        self.loader = Loader(storage, list(self.node_specs)) if storage is not None else None
         self.scheduler = Scheduler(self.models.values(), self.node_specs.values(), self.cost,
                                    config)
         self.memory_costs = memory_costs
@@ -53,6 +65,9 @@ class Simulation:
         self._instances: dict[str, SimInstance] = {}
         self._grants: dict[str, list] = {}
         self._born: dict[str, float] = {}
+        self._started: set[str] = set()
+        self._loads: list[tuple[SimInstance, Load]] = []
+        self._timings: dict[str, LoadTiming] = {}
         self._outputs = {r.request_id: r.output_tokens for r in workload.requests}
         self._unresolved = len(workload.requests)
 
@@ -69,8 +84,12 @@ class Simulation:
                                                             r.output_tokens)
             self._push(r.arrival, ARRIVAL, r)
         self._push(0.0, SAMPLE, None)
-        handlers = {MEMORY: self._on_memory, STEP: self._on_step, ARRIVAL: self._on_arrival,
-                    TICK: self._on_tick, SAMPLE: self._on_sample}
+        if self.storage is not None and self.storage.host_cache_bytes is None:
+            for node in self.node_specs:
+                for model in self.models:
+                    self._push(0.0, TIER, (node, model, "host"))
+        handlers = {TIER: self._on_tier, MEMORY: self._on_memory, STEP: self._on_step,
+                    ARRIVAL: self._on_arrival, TICK: self._on_tick, SAMPLE: self._on_sample}
         while self._heap:
             when, kind, _, payload = heapq.heappop(self._heap)
             self.now = when
@@ -94,6 +113,8 @@ class Simulation:
             self.observer(event, actions)
         for action in actions:
             self._apply(action)
+        if self._loads:
+            self._start_loads()
         wake = self.scheduler.next_wakeup()
         if wake is not None and (self._tick_at is None or wake < self._tick_at):
             self._tick_at = max(wake, self.now)
@@ -108,6 +129,9 @@ class Simulation:
     def _on_arrival(self, r) -> None:
         self._handle(RequestArrived(r.request_id, r.model, r.input_tokens, r.output_tokens,
                                     r.arrival))
+
+    def _on_tier(self, change) -> None:
+        self._handle(ModelTierChanged(*change))
 
     def _on_tick(self, when: float) -> None:
         if when != self._tick_at:
@@ -162,6 +186,9 @@ class Simulation:
             inst.weights = True
         elif isinstance(action, Unload):
             inst.weights = False
+            if self.loader is not None:
+                self.loader.release(inst.instance_id)
+                self._timings.pop(inst.instance_id, None)
         elif isinstance(action, KvResize):
             inst.kv_blocks = action.blocks
             if self.node_specs[inst.node].kind == "gpu":
@@ -172,6 +199,10 @@ class Simulation:
 
     def _start_step(self, inst: SimInstance, grant: Grant) -> None:
         outcome: StepOutcome = inst.step(grant.kind)
+        timing = self._timings.get(inst.instance_id)
+        if timing is not None and self.now < timing.full:     # executing while loading
+            outcome.elapsed = timing.step_seconds(self.now, outcome.elapsed,
+                                                  self.storage.hop_seconds)
         self._push(self.now + outcome.elapsed, STEP, (inst, grant, outcome))
 
     def _apply(self, action) -> None:
@@ -180,11 +211,24 @@ class Simulation:
             if not inst.has_work(action.kind):
                 raise RuntimeError(f"grant {action} for an instance with no {action.kind} work")
             self._grants[action.instance] = [action, action.iterations]
+            if action.instance not in self._started:
+                self._started.add(action.instance)
+                self.rec.startups.append(self.now - self._born[action.instance])
             self._start_step(inst, action)
         elif isinstance(action, Assign):
             out = self._outputs[action.request_id]
             self._instances[action.instance].add(
                 Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
+        elif isinstance(action, Migrate):
+            seq = self._instances[action.source].running[action.request_id]
+            self._instances[action.destination].add(Sequence(
+                seq.request_id, seq.input_tokens, seq.generated, seq.output_tokens, rebuild=True))
+        elif isinstance(action, HandOver):
+            if action.source in self._grants:
+                raise RuntimeError(f"{action} while the source is computing")
+            seq = self._instances[action.source].remove(action.request_id)
+            self._instances[action.destination].take_over(seq)
+            self.rec.migrations += 1
         elif isinstance(action, CreateInstance):
             model = self.models[action.model]
             hw = self.node_specs[action.node].hardware
@@ -207,6 +251,9 @@ class Simulation:
         inst = self._instances[action.instance]
         kind = self.node_specs[inst.node].kind
         costs = self.memory_costs
+        if isinstance(action, Load) and self.loader is not None:
+            self._loads.append((inst, action))
+            return
         if isinstance(action, Load):
             duration = costs.load(kind, inst.model.weight_bytes)
         elif isinstance(action, Unload):
@@ -217,10 +264,40 @@ class Simulation:
                                     inst.kv_used * bb)
         else:
             for rid in action.requests:
-                inst.remove(rid)
-                self.rec.requests[rid].evictions += 1
+                seq = inst.remove(rid)
+                if seq is None or not seq.rebuild:      # a dropped rebuild is no eviction
+                    self.rec.requests[rid].evictions += 1
             duration = 0.0
         self._push(self.now + duration, MEMORY, (inst, action, duration))
+
+    def _start_loads(self) -> None:
+        """Plan the LOADs of one decision together (a λScale multicast per model)."""
+        by_model: dict[str, list] = defaultdict(list)
+        for inst, action in self._loads:
+            by_model[inst.model.name].append((inst, action))
+        self._loads = []
+        for model, loads in by_model.items():
+            receivers = [Receiver(i.instance_id, i.node, self.node_specs[i.node].kind,
+                                  i.table.prefill(sum(q.context for q in i.waiting.values())))
+                         for i, _ in loads]
+            targets = {r.node for r in receivers}
+            peers = sorted({i.node for i in self._instances.values()
+                            if i.model.name == model and i.node not in targets
+                            and self.node_specs[i.node].kind == "gpu" and self._whole(i)})
+            timings, tiers = self.loader.plan(model, loads[0][0].model.weight_bytes, receivers,
+                                              peers, self.now)
+            for inst, action in loads:
+                timing = timings[inst.instance_id]
+                self._timings[inst.instance_id] = timing
+                self.rec.load_sources[timing.source] += 1
+                self._push(timing.serve, MEMORY, (inst, action, timing.serve - self.now))
+            for change in tiers:
+                self._push(self.now, TIER, change)
+
+    def _whole(self, inst: SimInstance) -> bool:
+        """The instance holds its complete weights (a multicast source)."""
+        timing = self._timings.get(inst.instance_id)
+        return inst.weights and (timing is None or self.now >= timing.full)
 
     def _retire_instance(self, iid: str) -> None:
         born = self._born.pop(iid, None)

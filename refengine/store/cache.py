@@ -1,9 +1,11 @@
 """The model cache: where a prepared model lives and how to tell it is whole.
 
 A prepared model is one directory, `<home>/models/<weights-name>/`, holding exactly the files of
-`ModelFiles`. `manifest.json` is written last and lists every other file with its size and sha256,
-so a directory without a manifest, or whose files disagree with it, is never loaded. The loader runs
-the cheap check (presence and sizes) every time; the sha256 check is `verify(files, deep=True)`.
+`ModelFiles`: what the GGUF converts to (HF safetensors, config, tokenizer) and the same weights as a
+loading-optimized checkpoint (`packed.py`). `manifest.json` is written last and lists every other
+file with its size and sha256, so a directory without a manifest, or whose files disagree with it, is
+never loaded. The loader runs the cheap check (presence and sizes) every time; the sha256 check is
+`verify(files, deep=True)`.
 """
 from __future__ import annotations
 
@@ -45,13 +47,33 @@ class ModelFiles:
         return self.dir / "tokenizer_config.json"
 
     @property
+    def packed(self) -> Path:
+        """The weights in the engine's final layout, one aligned data file (`packed.py`)."""
+        return self.dir / "tensors.bin"
+
+    @property
+    def packed_index(self) -> Path:
+        """Name -> offset, size, shape, dtype of every tensor in `packed`, and its chunk checksums."""
+        return self.dir / "tensor_index.json"
+
+    @property
+    def packed_verified(self) -> Path:
+        """Marker: `packed` passed its chunk checksums as it is now (not in the manifest: a cache hint)."""
+        return self.dir / "tensors.verified"
+
+    @property
     def manifest(self) -> Path:
         return self.dir / "manifest.json"
 
     @property
+    def converted(self) -> tuple[Path, ...]:
+        """What converting the GGUF writes; everything else is derived from these files."""
+        return (self.weights, self.config, self.tokenizer, self.tokenizer_config)
+
+    @property
     def payload(self) -> tuple[Path, ...]:
         """Every file the manifest vouches for (all but the manifest itself)."""
-        return (self.weights, self.config, self.tokenizer, self.tokenizer_config)
+        return (*self.converted, self.packed, self.packed_index)
 
 
 def model_home() -> Path:
@@ -75,9 +97,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(files: ModelFiles, source: dict) -> None:
-    """Record size and sha256 of every payload file; call it after all of them are written."""
-    entries = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files.payload}
+def write_manifest(files: ModelFiles, source: dict, known: dict | None = None) -> None:
+    """Record size and sha256 of every payload file there; call it after all of them are written.
+    (An entry written without the checkpoint verifies as unprepared, and `prepare` completes it.)
+    known: entries already checked against their files (name -> size, sha256), not hashed again."""
+    known = known or {}
+    entries = {p.name: known.get(p.name) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in files.payload if p.exists()}
     manifest = {"format_version": FORMAT_VERSION, "source": source, "files": entries}
     files.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -94,10 +120,11 @@ def read_manifest(files: ModelFiles) -> dict:
     return manifest
 
 
-def verify(files: ModelFiles, deep: bool = False) -> None:
-    """Raise `ModelCacheError` unless every payload file is present with its manifest size (and sha256 if deep)."""
+def verify(files: ModelFiles, deep: bool = False, paths: tuple[Path, ...] | None = None) -> None:
+    """Raise `ModelCacheError` unless every payload file (or each of `paths`) is present with its
+    manifest size (and sha256 if deep)."""
     listed = read_manifest(files).get("files", {})
-    for path in files.payload:
+    for path in files.payload if paths is None else paths:
         entry = listed.get(path.name)
         if entry is None:
             raise ModelCacheError(f"{files.manifest} does not list {path.name}; {PREPARE_HINT}")

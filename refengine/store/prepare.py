@@ -4,6 +4,11 @@ Atomic and idempotent, because `serve` calls it on first use and may be interrup
 the files are written into a hidden temporary sibling directory, which is renamed into place only
 once its manifest is written; a run that verifies returns at once; concurrent runs queue on a lock
 file, and the one that waited finds the work done. Leftovers of interrupted runs are removed.
+
+The loading-optimized checkpoint (`packed.py`) is derived from the safetensors. A cache entry whose
+converted files are sound but whose checkpoint is missing (prepared by an older version) or fails
+its checksums gets a new checkpoint the same atomic way, its converted files hard-linked into the
+staging directory instead of converting the GGUF again.
 """
 from __future__ import annotations
 
@@ -19,18 +24,22 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from gguf import GGUFReader
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from models.config import LlamaConfig
+from models.llama import final_layout
 from refengine.store.cache import (
     ModelCacheError,
     ModelFiles,
-    is_prepared,
     model_files,
+    read_manifest,
     sha256_file,
+    verify,
     write_manifest,
 )
 from refengine.store.convert import hf_config, hf_tensors
+from refengine.store.packed import verify_packed, write_packed
 from refengine.store.tokenizer_build import write_tokenizer_files
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -75,28 +84,67 @@ def source_for(name: str) -> GgufSource:
 
 def prepare(name: str = DEFAULT_MODEL, home: Path | None = None, force: bool = False,
             progress: bool = True) -> ModelFiles:
-    """Make `<home>/models/<name>/` a verified prepared model and return its files."""
-    source = source_for(name)
+    """Make `<home>/models/<name>/` a verified prepared model and return its files. Only converting
+    needs the model's GGUF source: an entry whose converted files are sound is completed without it."""
     files = model_files(name, home)
-    if not force and is_prepared(name, home):
+    if not force and _is_whole(files):
         return files
     try:
         files.dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelCacheError(f"cannot create {files.dir.parent} ({e.strerror}); set $REFENGINE_HOME to a writable "
                               "directory") from None
-    with _locked(files), source.path() as gguf_path:
-        if not force and is_prepared(name, home):  # another process prepared it while we waited
+    with _locked(files):
+        if not force and _is_whole(files):  # another process prepared it while we waited
             return files
         _remove_leftovers(files)
+        reuse = not force and _converted_intact(files)     # only the checkpoint is missing or damaged
+        source = None if reuse else source_for(name)
         staged = ModelFiles(Path(tempfile.mkdtemp(dir=files.dir.parent, prefix=f".{name}.tmp-")))
         try:
-            _write_model(GGUFReader(gguf_path), staged, progress, desc=name)
-            write_manifest(staged, source.describe(gguf_path))
+            if source is None:
+                origin, known = _link_converted(files, staged)
+            else:
+                with source.path() as gguf_path:
+                    _write_model(GGUFReader(gguf_path), staged, progress, desc=name)
+                    origin, known = source.describe(gguf_path), {}
+            _write_packed(staged)
+            write_manifest(staged, origin, known)
             _swap_in(staged.dir, files.dir)
         finally:
             shutil.rmtree(staged.dir, ignore_errors=True)  # gone already unless we failed
     return files
+
+
+def _is_whole(files: ModelFiles) -> bool:
+    """Every file present with its manifest size, and the checkpoint's chunks pass their checksums."""
+    try:
+        verify(files)
+        verify_packed(files)
+    except ModelCacheError:
+        return False
+    return True
+
+
+def _converted_intact(files: ModelFiles) -> bool:
+    """The GGUF's conversion is there and matches its manifest sha256s: only the checkpoint needs work."""
+    try:
+        verify(files, deep=True, paths=files.converted)
+    except ModelCacheError:
+        return False
+    return True
+
+
+def _link_converted(files: ModelFiles, staged: ModelFiles) -> tuple[dict, dict]:
+    """Hard-link (copy where links fail) the verified converted files into `staged`; return the
+    manifest's source and its entries for them."""
+    for path in files.converted:
+        try:
+            os.link(path, staged.dir / path.name)
+        except OSError:
+            shutil.copy2(path, staged.dir / path.name)
+    manifest = read_manifest(files)
+    return manifest["source"], {path.name: manifest["files"][path.name] for path in files.converted}
 
 
 @contextmanager
@@ -119,6 +167,11 @@ def _write_model(reader: GGUFReader, files: ModelFiles, progress: bool, desc: st
     save_file(tensors, files.weights, metadata={"format": "pt"})
     files.config.write_text(json.dumps(hf_config(reader), indent=1) + "\n")
     write_tokenizer_files(reader, files.tokenizer, files.tokenizer_config)
+
+
+def _write_packed(files: ModelFiles) -> None:
+    """The loading-optimized checkpoint, from the safetensors in the engine's final layout."""
+    write_packed(files, final_layout(load_file(files.weights), LlamaConfig.from_json(files.config)))
 
 
 def _swap_in(staged: Path, target: Path) -> None:

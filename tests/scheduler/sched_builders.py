@@ -1,7 +1,8 @@
 """Small, exact builders for scheduler tests: a latency table of round numbers, tiny models."""
 from __future__ import annotations
 
-from scheduler import CostModel, LatencyTable, ModelSpec, NodeSpec, Scheduler, SchedulerConfig
+from scheduler import (CostModel, LatencyTable, LoadBandwidths, ModelSpec, NodeSpec, Scheduler,
+                       SchedulerConfig)
 from scheduler.costmodel import DecodeRow
 from scheduler.slo import SloPolicy
 from scheduler.state import Instance, Node, Request
@@ -22,8 +23,10 @@ def model(name: str = "m", weight: int = 10, kv_per_token: int = 1, fixed_kv: in
 
 
 def node_spec(node_id: str = "g0", kind: str = "gpu", memory: int = 10_000,
-              elastic: bool = True) -> NodeSpec:
-    return NodeSpec(node_id, kind, "dev", memory, elastic_kv=elastic, max_instances=8)
+              elastic: bool = True, host: str | None = None,
+              bandwidths: LoadBandwidths | None = None) -> NodeSpec:
+    return NodeSpec(node_id, kind, "dev", memory, elastic_kv=elastic, max_instances=8, host=host,
+                    bandwidths=bandwidths)
 
 
 def ready_instance(node: Node, name: str, spec: ModelSpec | None = None, kv_blocks: int = 100,

@@ -77,3 +77,14 @@ def test_full_simulation_also_protects_decoding_requests():
     full = validator(replace(EXACT, shadow="full"))               # d's token lands at 0.52 s
     assert not full.admit(target, r, now=0.0)
     assert full.admit(target, new_request("r", 300), now=0.0)     # due later: d runs first
+
+
+def test_a_request_with_a_stricter_tpot_takes_a_larger_time_slice():
+    """Check (b) divides by the tightest TPOT on the instance: a per-request override halving it
+    doubles the share of time one decode iteration needs."""
+    inst = ready_instance(Node(node_spec()), "i")
+    request_due("a", deadline=5.0, inst=inst)
+    est = Estimator(EXACT)
+    relaxed = request_due("b", deadline=5.0, tpot=EXACT.slo.tpot_slo)
+    strict = request_due("c", deadline=5.0, tpot=EXACT.slo.tpot_slo / 2)
+    assert est.time_slice(inst, strict) == 2 * est.time_slice(inst, relaxed)

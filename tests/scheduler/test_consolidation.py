@@ -15,15 +15,15 @@ def validator(config=EXACT):
     return ShadowValidator(config, Estimator(config), OutputEstimator(220))
 
 
-def with_batch(node, name, batch, kv_blocks=100, spec=None):
+def with_batch(node, name, batch, kv_blocks=100, spec=None, tpot=0.25):
     inst = ready_instance(node, name, spec, kv_blocks=kv_blocks)
     for k in range(batch):
-        request_due(f"{name}-{k}", 50.0, inst, input_tokens=16)
+        request_due(f"{name}-{k}", 50.0, inst, input_tokens=16, tpot=tpot)
     return inst
 
 
-def new_request(rid="r"):
-    return Request(rid, "m", 16, 10, 0.0, EXACT.slo.ttft(16), EXACT.slo.tpot_slo)
+def new_request(rid="r", tpot=EXACT.slo.tpot_slo):
+    return Request(rid, "m", 16, 10, 0.0, EXACT.slo.ttft(16), tpot)
 
 
 def test_instances_largest_batch_first_cpu_first_on_ties():
@@ -46,11 +46,11 @@ def test_nodes_most_loaded_first_empty_last():
 def test_gpu_memory_victim_smaller_batch_smallest_first_big_enough():
     # 16-byte blocks, 10-byte weights; the node is full
     node = Node(NodeSpec("g0", "gpu", "dev", 10 * 4 + 16 * (40 + 4 + 100 + 8)))
-    target = with_batch(node, "target", 3, kv_blocks=40)
-    with_batch(node, "tiny", 1, kv_blocks=4)               # footprint 74 B: too small for the gap
-    mid = with_batch(node, "mid", 2, kv_blocks=100)        # 1,610 B: the smallest that covers it
-    with_batch(node, "big", 5, kv_blocks=8)                # larger batch: never a victim
-    r = new_request()
+    target = with_batch(node, "target", 3, kv_blocks=40, tpot=1.0)
+    with_batch(node, "tiny", 1, kv_blocks=4, tpot=1.0)             # footprint 74 B: too small for the gap
+    mid = with_batch(node, "mid", 2, kv_blocks=100, tpot=1.0)      # 1,610 B: the smallest that covers it
+    with_batch(node, "big", 5, kv_blocks=8, tpot=1.0)              # larger batch: never a victim
+    r = new_request(tpot=1.0)
     v = validator(replace(EXACT, slo=SloPolicy(tpot=1.0)))  # compute is no constraint here
     # with r the target needs 4 · ⌈(16 + 512) / 16⌉ = 132 blocks: 92 · 16 = 1,472 B too many
     assert v.memory_overflow(target, r) == 1472

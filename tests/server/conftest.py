@@ -76,9 +76,9 @@ class LiveServer:
         self.sock.close()
 
 
-def write_tiny_model(home: Path, tokenizer_from: ModelFiles) -> None:
-    """A prepared-model cache entry with random TINY weights and the given model's tokenizer."""
-    files = model_files(WEIGHTS, home)
+def write_tiny_model(home: Path, tokenizer_from: ModelFiles, name: str = WEIGHTS) -> None:
+    """A prepared-model cache entry `name` with random TINY weights and the given model's tokenizer."""
+    files = model_files(name, home)
     files.dir.mkdir(parents=True)
     tokenizer = Tokenizer(tokenizer_from)
     config = dataclasses.replace(TINY, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)

@@ -1,6 +1,8 @@
-"""The real SmolLM2-135M-Instruct behind the server: streamed greedy text equals the engine's own.
+"""The real SmolLM2-135M-Instruct behind the server, on the fast CPU backend: chat and completion,
+streamed and not, through the official client, each equal to the engine's own greedy output.
 
-Slow (the numpy reference backend profiles and prefills for seconds on a busy machine): `pytest -m slow`.
+The first request is a cold start (the model loads on demand): its usage reports the cold-start
+grace; later ones are warm (grace 0).
 """
 from __future__ import annotations
 
@@ -18,21 +20,60 @@ from tests.server.conftest import RELAXED, LiveServer
 from tests.server.probe_runtime import ProbeRuntime
 
 QUESTION = "What is the capital of France?"
+PROMPT = "The three primary colours are"
+MAX_TOKENS = 8
 
 
-@pytest.mark.slow
-def test_streamed_chat_equals_engine_greedy(smollm2, model_home):
-    expected = generate(smollm2, [PromptSpec(QUESTION, chat=True)], SamplingParams(max_tokens=8))[0]
+@pytest.fixture(scope="module")
+def served(model_home):
+    """keep-alive long enough that only the first request is a cold start."""
     runtime = ProbeRuntime(LiveRuntime(RuntimeOptions(
-        catalogue=Catalogue.default(), devices=[DeviceSpec("cpu:0", 4 << 30)], backend="reference",
-        home=model_home, profile_grid=QUICK_GRID, slo=RELAXED)))
+        catalogue=Catalogue.default(), devices=[DeviceSpec("cpu:0", 4 << 30)], backend="cpu",
+        home=model_home, profile_grid=QUICK_GRID, slo=RELAXED, keep_alive_s=600.0)))
     with LiveServer(create_app(runtime, lifespan=runtime_lifespan(runtime))) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        chunks = list(client.chat.completions.create(
-            model=DEFAULT_MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0,
-            stream=True, stream_options={"include_usage": True}))
-        assert runtime.idle()
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == expected.text and "Paris" in text
-    assert chunks[-1].usage.prompt_tokens == expected.prompt_tokens
-    assert chunks[-1].usage.completion_tokens == expected.output_tokens
+        first = client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
+        yield client, runtime, first
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2):
+    specs = [PromptSpec(QUESTION, chat=True), PromptSpec(PROMPT)]
+    chat, completion = generate(smollm2, specs, SamplingParams(max_tokens=MAX_TOKENS))
+    return {"chat": chat, "completion": completion}
+
+
+def test_the_cold_request_reports_its_grace_and_warm_ones_none(served):
+    client, _, first = served
+    assert first.usage.model_extra["cold_start_grace_s"] > 0
+    warm = client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert warm.usage.model_extra["cold_start_grace_s"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_engine_greedy(served, expected, stream):
+    client, runtime, _ = served
+    kwargs = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": QUESTION}],
+                  max_tokens=MAX_TOKENS, temperature=0)
+    if stream:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    else:
+        response = client.chat.completions.create(**kwargs)
+        text, usage = response.choices[0].message.content, response.usage
+    assert text == expected["chat"].text and "Paris" in text
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected["chat"].prompt_tokens,
+                                                              expected["chat"].output_tokens)
+    assert runtime.idle()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_equals_engine_greedy(served, expected, stream):
+    client, _, _ = served
+    kwargs = dict(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    if stream:
+        text = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    else:
+        text = client.completions.create(**kwargs).choices[0].text
+    assert text == expected["completion"].text

@@ -5,9 +5,10 @@ from collections import Counter
 
 import pytest
 
+from refengine.sim.loading import Storage
 from refengine.sim.simulator import Simulation
 from refengine.sim.workload import DEFAULT_TRACE, TraceRequest, Workload
-from scheduler import Assign, Drop, Evict, Grant, StepFinished, preset
+from scheduler import Assign, Drop, Evict, Grant, HandOver, StepFinished, preset
 from scheduler.memory import pessimistic_usage
 
 
@@ -22,6 +23,7 @@ class InvariantChecker:
         self.live_grant: dict[str, int] = {}
         self.evicted_at: dict[str, int] = {}
         self.evictions = 0
+        self.migrations = 0
 
     def __call__(self, event, actions) -> None:
         sim = self.sim
@@ -41,11 +43,17 @@ class InvariantChecker:
             elif isinstance(a, Drop):
                 self.ended[a.request_id] += 1
             elif isinstance(a, Evict):
-                self.evictions += len(a.requests)
                 inst = sim._instances[a.instance]
                 for rid in a.requests:
                     seq = inst.running.get(rid) or inst.waiting.get(rid)
-                    self.evicted_at[rid] = seq.generated
+                    if seq is not None and not seq.rebuild:     # not a dropped migration copy
+                        self.evictions += 1
+                        self.evicted_at[rid] = seq.generated
+            elif isinstance(a, HandOver):                       # no token lost or repeated
+                seq = sim._instances[a.source].running[a.request_id]
+                assert seq.generated == sim.scheduler.requests[a.request_id].generated
+                assert a.request_id in sim._instances[a.destination].rebuilt
+                self.migrations += 1
             elif isinstance(a, Assign) and a.resume_tokens:
                 assert a.resume_tokens == self.evicted_at[a.request_id]   # no token lost
 
@@ -59,10 +67,10 @@ class InvariantChecker:
 
 
 def simulate_checked(workload: Workload, system: str, size: str, cpus: int, gpus: int,
-                     **overrides) -> InvariantChecker:
+                     storage: Storage | None = None, **overrides) -> InvariantChecker:
     checker = InvariantChecker()
     sim = Simulation(workload, preset(system, **overrides), size=size, cpus=cpus, gpus=gpus,
-                     observer=checker)
+                     storage=storage, observer=checker)
     checker.sim = sim
     sim.run()
     checker.check_end(workload)

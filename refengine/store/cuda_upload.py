@@ -1,0 +1,72 @@
+"""The GPU end of a load: one device buffer, filled chunk by chunk from pinned host memory.
+
+ServerlessLLM §3: pinned host buffers let the copy engine DMA straight from the chunk a reader
+thread just filled, and pipelining means the host→device copy of chunk i runs while the readers
+fetch chunk i+1. Here one uploader thread per load takes chunks in the order they were read, queues
+their copies on a private stream, and reports a chunk resident once its event has completed, so the
+forward pass (execute-while-load) never reads a byte before its copy is done, whatever stream it
+computes on. CuPy is imported when the first GPU load starts; CPU-only machines never import it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from kernels.interface import Array
+from refengine.store.arrival import PartArrival
+from refengine.store.packed import PackedIndex
+
+_HOST_TO_DEVICE = 1    # cudaMemcpyHostToDevice
+
+
+def pinned_empty(nbytes: int) -> np.ndarray:
+    """A flat uint8 host buffer in page-locked memory (page-aligned, so O_DIRECT reads fill it too)."""
+    import cupy
+    memory = cupy.cuda.alloc_pinned_memory(nbytes)
+    return np.frombuffer(memory, dtype=np.uint8, count=nbytes)
+
+
+class CudaUpload:
+    """A `DeviceTarget` for one GPU (a `cupy.cuda.Device`)."""
+
+    def __init__(self, device):
+        import cupy
+        self._cupy = cupy
+        self.device = device
+        self._queue: queue.Queue[tuple[int, int, int, PartArrival] | None] = queue.Queue()
+        self._host: np.ndarray | None = None
+        self._buffer = None
+        self._thread: threading.Thread | None = None
+
+    def arrays(self, index: PackedIndex, host: np.ndarray) -> dict[str, Array]:
+        """Views of one device buffer the size of the file; the uploader starts here."""
+        with self.device:
+            self._buffer = self._cupy.empty(index.size, dtype=self._cupy.uint8)
+        self._host = host
+        self._thread = threading.Thread(target=self._upload, name="cuda-upload", daemon=True)
+        self._thread.start()
+        return index.views(self._buffer)
+
+    def land(self, chunk: int, offset: int, nbytes: int, arrival: PartArrival) -> None:
+        self._queue.put((chunk, offset, nbytes, arrival))
+
+    def close(self) -> None:
+        """Stop the uploader once the queued copies are done (a failed load stops it early too)."""
+        self._queue.put(None)
+
+    def _upload(self) -> None:
+        runtime = self._cupy.cuda.runtime
+        with self.device:
+            stream = self._cupy.cuda.Stream(non_blocking=True)
+            while (item := self._queue.get()) is not None:
+                chunk, offset, nbytes, arrival = item
+                try:
+                    runtime.memcpyAsync(self._buffer.data.ptr + offset, self._host.ctypes.data + offset, nbytes,
+                                        _HOST_TO_DEVICE, stream.ptr)
+                    stream.record().synchronize()
+                except Exception as e:   # a CUDA error ends the load; the waiters see it
+                    arrival.fail(e)
+                    return
+                arrival.landed(chunk)

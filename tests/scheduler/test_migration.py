@@ -1,0 +1,174 @@
+"""Live migration of a preemption victim's requests (ServerlessLLM) instead of drop-and-re-prefill.
+
+Round numbers (`sched_builders.TABLE`): a prefill costs 1 ms per token, a decode step 50 ms +
+20 ms per sequence; TPOT 0.25 s. Node g0 holds the victim V (model "a", one decoding request r)
+and the target T (model "b", two requests) that a 2,048-token request q can join only once V's
+memory is free; g1 holds a warm instance D of model "a".
+"""
+from dataclasses import replace
+
+import pytest
+
+from scheduler import (Evict, Grant, HandOver, InstanceFailed, Migrate, RequestArrived,
+                       StepFinished, Unload)
+from scheduler.admission import ShadowValidator
+from scheduler.estimate import Estimator
+from scheduler.kv import OutputEstimator
+from scheduler.migration import Migrator, move_cost
+from scheduler.state import Instance, Node, Request
+from sched_builders import EXACT, TABLE, make_scheduler, model, node_spec
+
+CONFIG = replace(EXACT, migration=True)
+MEMORY = 6_000
+A, B = model("a", weight=1_000), model("b", weight=1_000)
+
+
+def warm(node: Node, iid: str, spec, kv_blocks: int = 100) -> Instance:
+    inst = Instance(iid, spec, node, TABLE, created=0.0, ready_once=True)
+    inst.weights.target = inst.weights.actual = inst.weights.physical = spec.weight_bytes
+    inst.kv.target = inst.kv.actual = inst.kv.physical = kv_blocks
+    node.instances[iid] = inst
+    return inst
+
+
+def decoding(inst: Instance, rid: str, deadline: float, context: int) -> Request:
+    """A prefilled request of `context` tokens whose next token is due at `deadline`."""
+    req = Request(rid, inst.model.name, context, 500, deadline - 0.5, 0.5, 0.25)
+    inst.attach(req)
+    inst.mark_prefilled(req)
+    inst.kv_used += inst.model.blocks_for(context)
+    return req
+
+
+def arriving(rid="q", tokens=2048, now=0.0) -> Request:
+    return Request(rid, "b", tokens, 50, now, EXACT.slo.ttft(tokens), EXACT.slo.tpot_slo)
+
+
+def cluster(r_deadline=0.05, d_memory=MEMORY, d_kv=100):
+    g0, g1 = Node(node_spec("g0", memory=MEMORY)), Node(node_spec("g1", memory=d_memory))
+    victim, target = warm(g0, "V", A), warm(g0, "T", B, kv_blocks=80)
+    dest = warm(g1, "D", A, kv_blocks=d_kv)
+    r = decoding(victim, "r", r_deadline, 1000)
+    for k in range(2):
+        decoding(target, f"t{k}", 5.0, 100)
+    return victim, target, dest, r
+
+
+def chooser(victim, target, q, dest, config=CONFIG):
+    validator = ShadowValidator(config, Estimator(config), OutputEstimator(220))
+    return Migrator(config, validator).chooser(victim, target, q, [victim, dest], now=0.0)
+
+
+# -- the cost model -------------------------------------------------------------------------------
+
+def test_the_cost_of_a_move():
+    victim, _, dest, r = cluster()
+    cost = move_cost(r, victim, dest, Estimator(EXACT))
+    assert cost.rebuild == pytest.approx(1.0)          # 1,000 tokens re-prefilled on D
+    assert cost.gap == 15                              # ⌈1.0 / 0.07⌉ tokens decoded meanwhile
+    assert cost.catch_up == pytest.approx(0.015)       # the only pause the client sees
+    assert cost.drop(r, 0.0) == pytest.approx((0.95, 1.0))        # late, stopped for 1 s
+    assert cost.migrate(r, 0.0, 0.25) == pytest.approx((0.0, 0.015))
+
+
+# -- the decision ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r_deadline, why", [
+    (0.05, "a re-prefill would make r 0.95 s late; q can wait 1 s within its 4 s"),
+    (5.0, "on time either way, but r's stream stops for 15 ms instead of 1 s"),
+])
+def test_migrates_when_that_is_cheaper(r_deadline, why):
+    victim, target, dest, r = cluster(r_deadline)
+    assert chooser(victim, target, arriving(tokens=2048), dest)(r) is dest, why
+
+
+@pytest.mark.parametrize("r_deadline, q_tokens, why", [
+    (0.5, 100, "q would be 0.6 s late waiting, more than r's 0.5 s under drop"),
+    (5.0, 100, "q would be late waiting while r is on time under drop"),
+])
+def test_drops_and_re_prefills_when_that_costs_no_more(r_deadline, q_tokens, why):
+    victim, target, dest, r = cluster(r_deadline)
+    assert chooser(victim, target, arriving(tokens=q_tokens), dest)(r) is None, why
+
+
+def test_needs_a_warm_destination_that_admits_the_rebuild():
+    victim, target, dest, r = cluster(d_memory=1_160, d_kv=10)   # no room for r's 95 blocks
+    assert chooser(victim, target, arriving(), dest)(r) is None
+
+
+def test_only_prefilled_requests_of_gpu_victims_and_only_when_enabled():
+    victim, target, dest, r = cluster()
+    assert chooser(victim, target, arriving(), dest, EXACT) is None          # option off
+    r.prefilled = False
+    assert chooser(victim, target, arriving(), dest)(r) is None              # nothing to move
+    cpu = Node(node_spec("c0", kind="cpu", memory=MEMORY))
+    assert chooser(warm(cpu, "Vc", A), target, arriving(), dest) is None     # compute victim
+
+
+# -- the lifecycle, through the scheduler ---------------------------------------------------------
+
+def only(actions, cls):
+    (found,) = [a for a in actions if isinstance(a, cls)]
+    return found
+
+
+def scheduler_with_cluster():
+    sched = make_scheduler(CONFIG, models=[A, B], nodes=[node_spec("g0", memory=MEMORY),
+                                                         node_spec("g1", memory=MEMORY)])
+    victim, target, dest, r = cluster()
+    for inst in (victim, target, dest):
+        node = sched.nodes[inst.node.id]
+        inst.node = node
+        node.instances[inst.id] = inst
+        sched.life.instances[inst.id] = inst
+        sched.life.by_model.setdefault(inst.model.name, []).append(inst)
+        sched.life.requests.update(inst.requests)
+    return sched, victim, target, dest, r
+
+
+def preempt_by_migration(sched, victim, dest):
+    acts = sched.handle(RequestArrived("q", "b", 2048, 50, 0.0), 0.0)
+    assert only(acts, Migrate) == Migrate("r", "V", "D")
+    assert not [a for a in acts if isinstance(a, Evict)]          # r is not dropped
+    rebuild = next(a for a in acts if isinstance(a, Grant) and a.instance == "D")
+    source = next(a for a in acts if isinstance(a, Grant) and a.instance == "V")
+    assert (rebuild.kind, source.kind) == ("prefill", "decode")   # V keeps decoding r
+    assert victim.draining and victim not in sched.life.by_model["a"]
+    return rebuild, source
+
+
+def test_a_migration_rebuilds_hands_over_between_grants_then_unloads_the_victim():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    acts = sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 1.0, True), 1.0)
+    assert not [a for a in acts if isinstance(a, HandOver)]       # V is still computing
+    generated = r.generated
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True),
+                        1.07)
+    assert only(acts, HandOver) == HandOver("r", "V", "D")
+    assert r.instance is dest and r.prefilled and r.generated == generated + 1
+    assert victim.retired and only(acts, Unload).instance == "V"  # its memory goes to q next
+    assert next(a for a in acts if isinstance(a, Grant)).instance == "D"   # r decodes on D
+
+
+def test_a_request_ending_before_its_hand_over_drops_the_rebuild():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), ("r",), 0, 0.07,
+                                     True), 0.07)
+    assert "r" not in dest.copies and victim.retired and only(acts, Unload).instance == "V"
+    assert not [a for a in acts if isinstance(a, Evict)]          # D is busy rebuilding
+    acts = sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 1.0, True), 1.0)
+    assert only(acts, Evict).requests == ("r",) and only(acts, Evict).instance == "D"
+    assert not [a for a in acts if isinstance(a, HandOver)]
+
+
+def test_a_failed_destination_leaves_the_request_at_its_source():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    sched.handle(InstanceFailed("D", ()), 0.5)
+    assert r.copy_at is None and r.instance is victim and "r" not in sched.life.migrating
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True),
+                        0.57)
+    assert not [a for a in acts if isinstance(a, HandOver)]
+    assert next(a for a in acts if isinstance(a, Grant)).instance == "V"    # r carries on
