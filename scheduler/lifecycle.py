@@ -8,10 +8,11 @@
   keep-alive (1 s), after which it is reclaimed (scale to zero) unless a request came back.
 - Preempt: a victim leaves its model's instance list, its requests are evicted (KV dropped, to be
   re-placed and re-prefilled), and it is unloaded. With live migration (`migration.py`) the
-  requests worth moving are rebuilt on warm instances instead while the victim, *draining*, keeps
-  decoding them; each is handed over once rebuilt and the source is between grants, and the
-  victim is unloaded when the last one has gone. A request that ends or is evicted before its
-  hand-over has its rebuild dropped (an `Evict` on the destination).
+  requests worth moving are rebuilt on other instances (one created for the move if need be)
+  instead while the victim, *draining*, keeps decoding them; each is handed over once rebuilt and
+  the source is between grants, and the victim is unloaded when the last one has gone. A request
+  that ends or is evicted before its hand-over has its rebuild dropped (an `Evict` on the
+  destination).
 - Underestimation: an instance that outgrows its KV grows again if the node's budget allows, else
   evicts its longest-headroom request.
 - Cold start: a request that waits for its instance's start-up gets a TTFT grace (§4.5
@@ -196,6 +197,8 @@ class Lifecycle:
     # -- live migration ---------------------------------------------------------------------------
 
     def _migrate(self, req: Request, dest: Instance) -> None:
+        if dest.id not in self.instances:       # a new destination: it loads while r streams on
+            self.create(dest)
         dest.copies[req.id] = req
         req.copy_at = dest
         self.migrating[req.id] = req
