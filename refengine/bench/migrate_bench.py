@@ -1,15 +1,15 @@
 """`bench migrate`: the pause a client sees when its running request is moved to another device, by
-live migration (ServerlessLLM §4: the destination rebuilds the KV from the tokens in rounds while
-the source keeps streaming, then a hand-over) or by drop-and-re-prefill (SLINFER §4.4.1: evicted,
+live migration (ServerlessLLM §4: the destination rebuilds the KV from the tokens while the source
+keeps streaming, then takes over) or by drop-and-re-prefill (SLINFER §4.4.1: evicted,
 placed again, prefilled from scratch), on the live runtime with the real SmolLM2 weights.
 
 The scene (the live-runtime tests preempt in it too): two logical CPU devices and a cost model
 pinned so the scheduler's choices follow from batch sizes alone (a decode iteration 0.1 s per
-sequence, a prefill 20 ms, TPOT 0.4 s: a device's instances hold three sequences). A request of
-`context` prompt tokens streams on cpu:0, beside a warm idle instance of another model; after a
-few tokens a burst of three requests for that model lands on cpu:0 and overloads its decode time,
-so the streaming request's instance (the smaller batch) is preempted and the request moves to a new
-instance on cpu:1. Only the choice is pinned: every step, load and copy runs for real. The
+sequence, a prefill 1 ms per token, TPOT 0.4 s: a device's instances hold three sequences). A
+request of `context` prompt tokens streams on cpu:0, beside a warm idle instance of another model;
+after a few tokens a burst of three requests for that model lands on cpu:0 and overloads its decode
+time, so the streaming request's instance (the smaller batch) is preempted and the request moves to
+a new instance on cpu:1. Only the choice is pinned: every step, load and copy runs for real. The
 destination is cold in both modes: a re-prefill waits for its start-up, a migration streams through
 it (the two logical devices share the machine's cores, so its load still slows the source).
 """
@@ -35,7 +35,7 @@ from scheduler.slo import SloPolicy
 
 PINNED_TABLE = {"format": FORMAT, "unit": "s",
                 "source": "pinned so that placement follows from batch sizes alone",
-                "prefill": {"tokens": [1, 100_000], "latency": [0.02, 0.02]},
+                "prefill": {"tokens": [1, 100_000], "latency": [0.001, 100.0]},
                 "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
 PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
 MOVED, BURST = f"{DEFAULT_MODEL}-r1", DEFAULT_MODEL
@@ -78,8 +78,9 @@ async def _one(options: RuntimeOptions, context: int, max_tokens: int, burst_aft
         await _drain(rt, BURST, "Hello")        # warm beside it: no cold start blocks cpu:0 later
         ids = rt.tokenizer(MOVED).encode(TEXT)
         prompt = (ids * (context // len(ids) + 1))[:context]
-        # per token: when it arrived, and whether the hand-over had happened (it is counted before
-        # the destination's first token is made, after the source's last one reached the client)
+        # per token: when it arrived, and whether the migration was done (it is counted once the
+        # destination holds the request: after the source's last token reached the client, before
+        # the destination makes its first)
         times, handed, tokens, burst, finished = [], [], [], None, None
         async for event in rt.generate(MOVED, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)):
             if isinstance(event, TokenChunk):

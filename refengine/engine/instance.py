@@ -11,9 +11,11 @@ its last token pick the next one. A sequence preempted for KV space loses its ca
 becomes waiting again: its next prefill recomputes prompt and output alike.
 
 Live migration moves a sequence between instances by its tokens (ServerlessLLM §4): `export` stops
-it here and returns its `SequenceState`; on the destination, `prefetch` rounds rebuild its KV in
+it here and returns its `SequenceState`; on the destination, `prefetch` has its KV rebuilt by
 prefill iterations while it still runs elsewhere (a *catching-up* sequence, never sampled), and
-`adopt` turns it into the real sequence, whose next prefill feeds the tokens it lacks and samples.
+`take_over` makes it the real sequence, decoding from the next step. `adopt` continues an exported
+sequence from scratch instead: its next prefill recomputes everything (re-placement after an
+eviction), as a preempted sequence's does.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from kernels.interface import Array
 from kernels.reference import sample
 from models.llama import LlamaModel, StepInputs
 from refengine.engine.kv_cache import PagedKVCache, ResizeReport
@@ -123,26 +126,46 @@ class Instance:
                              seq.rng.bit_generator.state, self._streams.pop(seq.seq_id))
 
     def prefetch(self, seq_id: int, token_ids: list[int]) -> None:
-        """A migration round: append `token_ids` to the catching-up sequence `seq_id` (created by
-        the first round); prefill iterations rebuild its KV, all but the newest token, and sample
-        nothing. The tokens are those of a sequence this model runs elsewhere."""
+        """Have the KV of `token_ids` rebuilt as the catching-up sequence `seq_id` (more tokens
+        extend it): prefill iterations compute all but the newest token and sample nothing. The
+        tokens are those of a sequence this model runs elsewhere."""
         seq = self.incoming.get(seq_id)
         if seq is None:
             seq = self.incoming[seq_id] = Sequence(seq_id, [], SamplingParams(), catching_up=True)
         seq.prompt_ids.extend(token_ids)
 
+    def take_over(self, seq_id: int, state: SequenceState) -> Sequence:
+        """A migration's hand-over: the exported sequence continues here as the catching-up `seq_id`
+        (or from scratch if there is none), decoding from the next step. The tokens the source made
+        since the rebuild are prefilled now — the one pause the client sees — all but the newest,
+        which the next decode feeds to sample with the state's generator."""
+        seq = self._continue(seq_id, state)
+        while seq.num_uncached_tokens > 1:
+            n = min(seq.num_uncached_tokens - 1, self.max_prefill_tokens)
+            if not self.kv.reserve(seq, seq.num_cached_tokens + n):
+                raise RuntimeError(f"no KV blocks left to take over sequence {seq_id}")
+            self._forward([(seq, n)], StepKind.PREFILL)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return seq
+
     def adopt(self, seq_id: int, state: SequenceState) -> Sequence:
-        """Continue an exported sequence here as `seq_id`: with the KV a catching-up `seq_id` rebuilt,
-        else from scratch (a re-prefill). Its next prefill feeds the tokens still uncached — at least
-        the newest — and samples its next token with the state's generator."""
+        """Continue an exported sequence here as `seq_id`, re-prefilled: its next prefill feeds every
+        token (those a catching-up `seq_id` rebuilt excepted) and samples its next one with the
+        state's generator."""
+        seq = self._continue(seq_id, state)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq
+
+    def _continue(self, seq_id: int, state: SequenceState) -> Sequence:
         seq = self.incoming.pop(seq_id, None) or Sequence(seq_id, [], state.params)
         if seq.token_ids != state.token_ids[:seq.num_tokens]:
-            raise ValueError(f"sequence {seq_id} rebuilt tokens that are not a prefix of the ones it adopts")
+            raise ValueError(f"sequence {seq_id} rebuilt tokens that are not a prefix of the ones it continues")
         seq.prompt_ids, seq.output_ids = list(state.prompt_ids), list(state.output_ids)
-        seq.params, seq.catching_up, seq.status = state.params, False, SequenceStatus.WAITING
+        seq.params, seq.catching_up = state.params, False
         seq.rng.bit_generator.state = state.rng_state
         self._streams[seq_id] = state.text
-        self.waiting.appendleft(seq)
         return seq
 
     def resize_kv(self, num_blocks: int) -> ResizeReport:
@@ -156,13 +179,9 @@ class Instance:
         kind, scheduled, preempted = self._schedule(kind)
         if not scheduled:
             return None
-        inputs = self._step_inputs(scheduled, kind)
-        logits = self.model.forward(inputs, self.kv.k, self.kv.v)
-        for seq, n in scheduled:
-            seq.num_cached_tokens += n
-        done = [i for i, (seq, _) in enumerate(scheduled) if seq.num_uncached_tokens == 0]
-        completed = [i for i in done if not scheduled[i][0].catching_up]
-        caught_up = tuple(scheduled[i][0].seq_id for i in done if scheduled[i][0].catching_up)
+        inputs, logits = self._forward(scheduled, kind)
+        completed = [i for i, (seq, _) in enumerate(scheduled)
+                     if seq.num_uncached_tokens == 0 and not seq.catching_up]
         new_ids = self._sample([scheduled[i][0] for i in completed], logits, completed)
         tokens, finished = [], []
         for i, token_id in zip(completed, new_ids):
@@ -180,7 +199,7 @@ class Instance:
             num_tokens=int(len(inputs.token_ids)), context_tokens=int(inputs.context_lens.sum()),
             tokens=tuple(tokens), finished=tuple(finished), preempted=tuple(s.seq_id for s in preempted),
             blocks_used=self.kv.num_used_blocks, blocks_total=self.kv.num_blocks,
-            elapsed_s=time.perf_counter() - started, caught_up=caught_up)
+            elapsed_s=time.perf_counter() - started)
 
     # ---------------------------------------------------------------- steps of a step
     def _schedule(self, only: StepKind | None) -> tuple[StepKind, Scheduled, list[Sequence]]:
@@ -215,6 +234,14 @@ class Instance:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _forward(self, scheduled: Scheduled, kind: StepKind) -> tuple[StepInputs, Array]:
+        """Run the model over the scheduled tokens, which are then cached; return inputs and logits."""
+        inputs = self._step_inputs(scheduled, kind)
+        logits = self.model.forward(inputs, self.kv.k, self.kv.v)
+        for seq, n in scheduled:
+            seq.num_cached_tokens += n
+        return inputs, logits
 
     def _step_inputs(self, scheduled: Scheduled, kind: StepKind) -> StepInputs:
         starts = [seq.num_cached_tokens for seq, _ in scheduled]

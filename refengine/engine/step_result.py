@@ -40,7 +40,6 @@ class StepResult:
     blocks_used: int
     blocks_total: int
     elapsed_s: float
-    caught_up: tuple[int, ...] = ()        # catching-up (migrating-in) sequences now cached but their newest token
 
     @property
     def batch_size(self) -> int:
@@ -50,7 +49,5 @@ class StepResult:
         """One human-readable line per step for `generate --trace`."""
         finished = f" finished={[f.seq_id for f in self.finished]}" if self.finished else ""
         preempted = f" preempted={list(self.preempted)}" if self.preempted else ""
-        caught_up = f" caught_up={list(self.caught_up)}" if self.caught_up else ""
         return (f"step {step_index:4d} {self.kind.value:7s} batch={self.batch_size:3d} tokens={self.num_tokens:5d} "
-                f"kv={self.blocks_used}/{self.blocks_total} blocks {self.elapsed_s * 1e3:8.1f} ms"
-                f"{finished}{preempted}{caught_up}")
+                f"kv={self.blocks_used}/{self.blocks_total} blocks {self.elapsed_s * 1e3:8.1f} ms{finished}{preempted}")

@@ -3,7 +3,7 @@ which request each of its sequences serves.
 
 Every method but the read-only ones runs on the device's worker thread. The scheduler names
 requests by string id; the engine numbers sequences; this is the only place that maps the two. A
-request migrating in is mapped to its catching-up sequence, so its rounds report under its id.
+request migrating in is mapped to the sequence rebuilding its KV, so dropping it is an eviction.
 """
 from __future__ import annotations
 
@@ -73,12 +73,16 @@ class LiveInstance:
         self._apply(seq_id, request_id, lambda engine: engine.add_request(prompt_ids, params, seq_id=seq_id))
 
     def adopt(self, seq_id: int, request_id: str, state: SequenceState) -> None:
-        """Continue a request stopped elsewhere (evicted or handed over) as sequence `seq_id`."""
+        """Continue a request evicted elsewhere as sequence `seq_id`, re-prefilled."""
         self._apply(seq_id, request_id, lambda engine: engine.adopt(seq_id, state))
 
     def prefetch(self, seq_id: int, request_id: str, token_ids: list[int]) -> None:
-        """A live-migration round: more of a request's tokens to rebuild its KV from."""
+        """A live migration's rebuild: a request's tokens to recompute its KV from, as `seq_id`."""
         self._apply(seq_id, request_id, lambda engine: engine.prefetch(seq_id, token_ids))
+
+    def take_over(self, seq_id: int, request_id: str, state: SequenceState) -> None:
+        """A live migration's hand-over: the request continues here from its rebuilt `seq_id`."""
+        self._apply(seq_id, request_id, lambda engine: engine.take_over(seq_id, state))
 
     def _apply(self, seq_id: int, request_id: str, apply: Callable[[Instance], object]) -> None:
         if self.engine is None:

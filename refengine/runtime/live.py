@@ -12,9 +12,10 @@ A job that raises fails its instance, not the device or the server: the instance
 each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
 
 A request leaves an instance with its state (`SequenceState`: tokens, sampler, text stream), never
-with its tokens alone: evicted, it waits in the runtime to be adopted wherever it is placed again;
-live-migrated (`Migrate` rounds, then `HandOver`), the destination adopts it directly. Either way
-the client's stream goes on with the tokens it would have had: none lost, none repeated.
+with its tokens alone: evicted, it waits in the runtime to be re-prefilled wherever it is placed
+again; live-migrated (`Migrate`: the destination rebuilds its KV while the source decodes on, then
+`HandOver`), the destination takes it over. Either way the client's stream goes on with the tokens
+it would have had: none lost, none repeated.
 
 Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
 timer that sends `Tick` (keep-alive expiry, placement retries).
@@ -26,6 +27,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -64,16 +66,18 @@ class RuntimeOptions:
     home: Path | None = None              # model cache (default $REFENGINE_HOME)
     profile_grid: dict = field(default_factory=lambda: FULL_GRID)
     slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
-    migration: bool = True                # preemption live-migrates running requests where cheaper
+    migration: bool = True                # preemption live-migrates running requests where cheaper,
+                                          # from any device, to a new instance if need be
 
 
 @dataclass
 class _Moving:
-    """A live migration in progress: the destination's catching-up sequence, the tokens sent it."""
+    """A live migration in progress: the destination and the sequence rebuilding the KV there; from
+    the hand-over until the destination has taken the request over, the source it leaves."""
 
     destination: str
     seq_id: int
-    sent: int = 0
+    source: str | None = None
 
 
 @dataclass
@@ -104,7 +108,8 @@ def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: Slo
                      migration: bool = True) -> SchedulerConfig:
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
     concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
-    overrides = {"keep_alive": keep_alive_s, "migration": migration, **({"slo": slo} if slo else {})}
+    moves = dict.fromkeys(("migration", "migration_compute_victims", "migration_cold_destinations"), migration)
+    overrides = {"keep_alive": keep_alive_s, **moves, **({"slo": slo} if slo else {})}
     if name == "slinfer":
         return preset("slinfer", **overrides)
     if name == "exclusive":
@@ -248,7 +253,9 @@ class LiveRuntime:
             self._assign(action)
         elif isinstance(action, act.Migrate):
             self._migrate(action)
-        elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict, act.HandOver)):
+        elif isinstance(action, act.HandOver):
+            self._hand_over(action)
+        elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict)):
             self._memory_action(action)
         elif isinstance(action, act.Drop):
             self._drop(action)
@@ -299,12 +306,9 @@ class LiveRuntime:
                 finished.append(req.id)
                 req.done = True
                 req.events.put_nowait(req.finished(done.reason.value, now))
-                self._call_off_migration(req)
             self.counters["preemptions"] += len(result.preempted)
-        caught_up = tuple(inst.request_of(s) for s in result.caught_up) if result is not None else ()
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
-                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done,
-                                  tuple(r for r in caught_up if r is not None)))
+                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
 
     def _assign(self, assign: act.Assign) -> None:
         req = self._requests.get(assign.request_id)
@@ -320,30 +324,61 @@ class LiveRuntime:
             self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids, req.params))
 
     def _migrate(self, migrate: act.Migrate) -> None:
-        """A live-migration round: send the destination the request's tokens it has not had yet, up
-        to the first `migrate.tokens` (what the scheduler had counted when it decided)."""
+        """Live migration (ServerlessLLM §4): the destination rebuilds the request's KV from the
+        tokens it has now, as prefill work that yields nothing, while the source decodes on."""
         req = self._requests.get(migrate.request_id)
         if req is None:
             return
         dest = self._instances[migrate.destination]
-        moving = req.migration = req.migration or _Moving(dest.name, next(self._ids))
-        tokens = (req.prompt_ids + req.output_ids)[moving.sent:migrate.tokens]
-        moving.sent = migrate.tokens
+        moving = req.migration = _Moving(dest.name, next(self._ids))
+        tokens = req.prompt_ids + req.output_ids
         self._submit(dest, lambda: dest.prefetch(moving.seq_id, req.id, tokens))
 
-    def _call_off_migration(self, req: _Request) -> None:
-        """The request ended or left its source: the destination drops what it rebuilt."""
-        moving, req.migration = req.migration, None
-        if moving is not None and (dest := self._instances.get(moving.destination)) is not None:
-            self._submit(dest, lambda: dest.abort_request(req.id))
+    def _hand_over(self, handover: act.HandOver) -> None:
+        """The source lets the request go between its steps and the destination takes it over,
+        prefilling the tokens made since the rebuild. Two jobs: the export on the source's thread,
+        and the take-over on the destination's, which waits for it and is queued there before any
+        step the scheduler grants the destination next. An export never waits, and a take-over only
+        for an export submitted before it, so no two devices ever wait for each other."""
+        req = self._requests.get(handover.request_id)
+        moving = req.migration if req is not None else None
+        if moving is None or moving.destination != handover.destination:
+            return                                  # cancelled meanwhile (`_cancel` dropped the rebuild)
+        source, dest = self._instances[handover.source], self._instances[handover.destination]
+        moving.source, req.instance, req.seq_id = source.name, dest.name, moving.seq_id
+        exported: Future[SequenceState | None] = Future()
+
+        def export() -> None:
+            state = None
+            try:
+                if not source.failed:
+                    state = source.evict((req.id,)).get(req.id)
+            finally:
+                exported.set_result(state)
+
+        def take_over() -> None:
+            if (state := exported.result()) is None:
+                dest.abort_request(req.id)          # the source failed first: the request ended there
+            else:
+                dest.take_over(moving.seq_id, req.id, state)
+            self._post(self._taken_over, req, moving, state is not None)
+
+        self._workers[source.node].submit(export, partial(self._job_failed, source))
+        self._submit(dest, take_over)
+
+    def _taken_over(self, req: _Request, moving: _Moving, moved: bool) -> None:
+        """Counted once the destination holds the request: before its first token there."""
+        if req.migration is moving:
+            req.migration = None
+        self.counters["migrations"] += moved
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
-        if isinstance(action, act.Evict):
-            evicted = [self._requests[r] for r in action.requests if r in self._requests]
+        if isinstance(action, act.Evict):           # (on a migration's destination: drops its rebuild)
+            evicted = [req for r in action.requests
+                       if (req := self._requests.get(r)) is not None and req.instance == inst.name]
             for req in evicted:
                 req.instance = None
-                self._call_off_migration(req)
             self.counters["preemptions"] += len(evicted)
 
         def job() -> None:
@@ -356,8 +391,6 @@ class LiveRuntime:
                 inst.unload()
             elif isinstance(action, act.KvResize):
                 inst.resize(action.blocks)
-            elif isinstance(action, act.HandOver):
-                states = inst.evict((action.request_id,))
             else:
                 states = inst.evict(action.requests)
             self._post(self._memory_done, inst, action, states, time.perf_counter() - started)
@@ -365,21 +398,11 @@ class LiveRuntime:
         self._submit(inst, job)
 
     def _memory_done(self, inst: LiveInstance, action, states: dict[str, SequenceState], seconds: float) -> None:
-        """Place what an eviction or hand-over stopped before the scheduler hears of it: a hand-over's
-        destination adopts the request at once (ahead of the grant that will prefill its last gap);
-        an evicted request keeps its state until it is placed again."""
+        """An evicted request keeps its state until it is placed again (before the scheduler, which
+        may place it at once, hears of it)."""
         for request_id, state in states.items():
-            req = self._requests.get(request_id)
-            if req is None:
-                continue
-            moving, req.migration = req.migration, None
-            dest = self._instances.get(action.destination) if isinstance(action, act.HandOver) else None
-            if dest is not None and not dest.failed and moving is not None:
-                req.instance, req.seq_id = dest.name, moving.seq_id
-                self._submit(dest, partial(dest.adopt, moving.seq_id, request_id, state))
-                self.counters["migrations"] += 1
-            else:                                   # evicted, or its destination is gone
-                req.instance, req.state = None, state
+            if (req := self._requests.get(request_id)) is not None:
+                req.state = state
         self._handle(MemoryDone(inst.name, action.action_id, seconds))
 
     def _drop(self, drop: act.Drop) -> None:
@@ -398,7 +421,10 @@ class LiveRuntime:
         """The client went away: stop the sequence on its device, then tell the scheduler."""
         req.done = True
         self._requests.pop(req.id, None)
-        self._call_off_migration(req)
+        moving = req.migration
+        if moving is not None and moving.source is None and moving.destination in self._instances:
+            dest = self._instances[moving.destination]          # its rebuild, before any hand-over
+            self._submit(dest, lambda: dest.abort_request(req.id))
         if req.instance is None or req.instance not in self._instances:
             self._handle(RequestCancelled(req.id))
             return
@@ -420,14 +446,11 @@ class LiveRuntime:
         log.error("a job on %s (%s on %s) failed; its requests end with an error", inst.name, inst.model,
                   inst.node, exc_info=error)
         self.counters["failures"] += 1
-        ended = [req for req in self._requests.values() if req.instance == inst.name]
-        for req in self._requests.values():          # migrating in: they go on at their sources
-            if req.migration is not None and req.migration.destination == inst.name:
-                req.migration = None
+        ended = [req for req in self._requests.values()   # held, or being handed over from it
+                 if req.instance == inst.name or (req.migration and req.migration.source == inst.name)]
         for req in ended:
             del self._requests[req.id]
             req.done = True
-            self._call_off_migration(req)
             req.events.put_nowait(DeviceFailure(
                 f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
         self._handle(InstanceFailed(inst.name, tuple(req.id for req in ended)))

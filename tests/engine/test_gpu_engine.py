@@ -123,9 +123,10 @@ def test_a_sequence_migrated_between_gpu_instances_keeps_its_tokens(gpu_model, p
     for _ in range(4):
         source.step()
     dest.prefetch(9, seq.token_ids)
-    assert dest.step().caught_up == (9,)
+    assert dest.step().tokens == ()
     source.step()
-    moved = dest.adopt(9, source.export(seq.seq_id))
+    source.step()
+    moved = dest.take_over(9, source.export(seq.seq_id))
     while dest.has_work:
         dest.step()
     assert moved.output_ids == unmoved.output_ids and source.kv.num_used_blocks == 0

@@ -1,6 +1,7 @@
-"""Live migration at the engine: a sequence exported mid-decode and adopted by another instance goes
-on with exactly the tokens and text it would have produced where it was (greedy, seeded sampling,
-a stop string across the hand-over), whether its KV was rebuilt in rounds or is re-prefilled."""
+"""Live migration at the engine: a sequence exported mid-decode and continued by another instance
+goes on with exactly the tokens and text it would have produced where it was (greedy, seeded
+sampling, a stop string across the hand-over), whether its KV was rebuilt while it kept decoding
+and it was taken over, or it is re-prefilled."""
 from __future__ import annotations
 
 import pytest
@@ -54,26 +55,27 @@ def unmigrated(model, params) -> Client:
     return client
 
 
-def migrated(model, params, after: int, rounds: bool) -> tuple[Client, Instance]:
-    """Decode `after` tokens on a source, then move the sequence: with `rounds`, the destination
-    catches up in two rounds while the source decodes three more tokens; else it re-prefills."""
+def migrated(model, params, after: int, live: bool) -> tuple[Client, Instance]:
+    """Decode `after` tokens on a source, then move the sequence: `live`, the destination rebuilds
+    the KV while the source decodes three more tokens, then takes over (a decode step next); else it
+    re-prefills everything."""
     client, source, dest = Client(), instance(model), instance(model)
     seq = source.add_request(PROMPT, params)
     while len(client.tokens) < after:
         client.take(source.step())
-    if rounds:
-        dest.prefetch(7, seq.token_ids)                    # round 1: everything so far
-        first = dest.step()
-        assert first.caught_up == (7,) and first.tokens == () and first.kind is StepKind.PREFILL
-        sent = seq.num_tokens
-        client.take(source.step(StepKind.DECODE))
-        client.take(source.step(StepKind.DECODE))
-        dest.prefetch(7, seq.token_ids[sent:])             # round 2: the two made meanwhile
-        assert dest.step().caught_up == (7,)
-        client.take(source.step(StepKind.DECODE))          # a gap of one at the hand-over
+    if live:
+        dest.prefetch(7, seq.token_ids)                    # the rebuild: everything so far
+        rebuild = dest.step()
+        assert rebuild.kind is StepKind.PREFILL and rebuild.tokens == () and not dest.has_work
+        for _ in range(3):
+            client.take(source.step(StepKind.DECODE))
     state = source.export(seq.seq_id)
     assert source.kv.num_used_blocks == 0 and not source.has_work
-    dest.adopt(7, state)
+    if live:
+        moved = dest.take_over(7, state)                   # the three made meanwhile, prefilled now
+        assert moved.num_uncached_tokens == 1 and dest.running == [moved]
+    else:
+        dest.adopt(7, state)
     client.run(dest)
     return client, dest
 
@@ -84,12 +86,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("rounds", [True, False], ids=["rounds", "re-prefill"])
+@pytest.mark.parametrize("live", [True, False], ids=["live", "re-prefill"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_migrated_sequence_continues_with_identical_tokens(tiny_model, name, rounds):
+def test_a_migrated_sequence_continues_with_identical_tokens(tiny_model, name, live):
     params = CASES[name]
     expected = unmigrated(tiny_model, params)
-    got, dest = migrated(tiny_model, params, after=5, rounds=rounds)
+    got, dest = migrated(tiny_model, params, after=5, live=live)
     assert got.tokens == expected.tokens and len(got.tokens) == 16
     assert got.text == expected.text and got.finished == expected.finished == "length"
     assert dest.kv.num_used_blocks == 0
@@ -102,7 +104,7 @@ def test_a_stop_string_across_the_hand_over_still_stops_the_text(tiny_model):
     stop = f"{tokens[8]} {tokens[9]}"
     params = SamplingParams(max_tokens=16, ignore_eos=True, stop=(stop,))
     expected = unmigrated(tiny_model, params)
-    got, _ = migrated(tiny_model, params, after=6, rounds=True)    # 6 + 3 on the source
+    got, _ = migrated(tiny_model, params, after=6, live=True)      # 6 + 3 on the source
     assert expected.finished == got.finished == "stop"
     assert got.text == expected.text and stop not in got.text
     assert got.tokens == expected.tokens

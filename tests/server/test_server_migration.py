@@ -4,7 +4,7 @@ Two logical CPU devices with a pinned cost model (`bench migrate`'s scene) make 
 scheduler's choice certain: a long stream of tiny-b decodes on cpu:0; a burst of three tiny-a
 requests lands there too and would overload cpu:0's decode time, so tiny-b's instance, the smaller
 batch, is preempted and its request live-migrated to a new instance on cpu:1 — rebuilt from its
-tokens while cpu:0 keeps streaming, then handed over. The client reads one uninterrupted stream,
+tokens while cpu:0 keeps streaming, then taken over. The client reads one uninterrupted stream,
 greedy or seeded: the sampler's state moves with the request.
 """
 from __future__ import annotations
