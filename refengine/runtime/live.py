@@ -27,7 +27,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -40,7 +39,7 @@ from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
-from refengine.runtime.devices import DeviceSpec, DeviceWorker
+from refengine.runtime.devices import DeviceSpec, DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
 from refengine.runtime.profile import FULL_GRID, cached_table
 from scheduler import actions as act
@@ -336,35 +335,28 @@ class LiveRuntime:
 
     def _hand_over(self, handover: act.HandOver) -> None:
         """The source lets the request go between its steps and the destination takes it over,
-        prefilling the tokens made since the rebuild. Two jobs: the export on the source's thread,
-        and the take-over on the destination's, which waits for it and is queued there before any
-        step the scheduler grants the destination next. An export never waits, and a take-over only
-        for an export submitted before it, so no two devices ever wait for each other."""
+        prefilling the tokens made since the rebuild, before any step it is granted next (`relay`)."""
         req = self._requests.get(handover.request_id)
         moving = req.migration if req is not None else None
         if moving is None or moving.destination != handover.destination:
             return                                  # cancelled meanwhile (`_cancel` dropped the rebuild)
         source, dest = self._instances[handover.source], self._instances[handover.destination]
         moving.source, req.instance, req.seq_id = source.name, dest.name, moving.seq_id
-        exported: Future[SequenceState | None] = Future()
 
-        def export() -> None:
-            state = None
-            try:
-                if not source.failed:
-                    state = source.evict((req.id,)).get(req.id)
-            finally:
-                exported.set_result(state)
+        def export() -> SequenceState | None:
+            return None if source.failed else source.evict((req.id,)).get(req.id)
 
-        def take_over() -> None:
-            if (state := exported.result()) is None:
+        def take_over(state: SequenceState | None) -> None:
+            if dest.failed:
+                return
+            if state is None:
                 dest.abort_request(req.id)          # the source failed first: the request ended there
             else:
                 dest.take_over(moving.seq_id, req.id, state)
             self._post(self._taken_over, req, moving, state is not None)
 
-        self._workers[source.node].submit(export, partial(self._job_failed, source))
-        self._submit(dest, take_over)
+        relay(self._workers[source.node], self._workers[dest.node], export, take_over,
+              partial(self._job_failed, source), partial(self._job_failed, dest))
 
     def _taken_over(self, req: _Request, moving: _Moving, moved: bool) -> None:
         """Counted once the destination holds the request: before its first token there."""

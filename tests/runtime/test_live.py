@@ -199,6 +199,33 @@ def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, mo
     assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
 
 
+BURST, NEIGHBOUR = "smollm2-135m-instruct", "smollm2-135m-instruct-r1"
+BURST_PROMPTS = [PROMPT, "Once upon a time", "The sky is"]
+LONG = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when the move completes
+
+
+def preempted_neighbour(model_home, tmp_path, migration: bool):
+    """The two-device scene: the neighbour streams on cpu:0 until a burst of three on another model
+    overloads it. Returns the neighbour's events, the burst's, the scheduler's actions, the status."""
+    async def scenario():
+        rt = LiveRuntime(RuntimeOptions(
+            Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
+            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path, "cpu-reference"),
+            slo=PINNED_SLO, migration=migration))
+        await rt.start()
+        actions = record_actions(rt)
+        try:
+            stream = rt.generate(NEIGHBOUR, rt.tokenizer(NEIGHBOUR).encode(PROMPT), LONG)
+            events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
+            bursting = asyncio.gather(*(collect(rt, BURST, p, max_tokens=4) for p in BURST_PROMPTS))
+            events += [e async for e in stream]
+            return events, await bursting, actions, rt.status()
+        finally:
+            await rt.stop()
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("migration", [False, True], ids=["re-prefill", "live-migration"])
 def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path,
                                                                             monkeypatch, migration):
@@ -213,31 +240,12 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
 
     On a CPU node SLINFER preempts for decode time, not memory (`consolidation.find_victim`: the
     target must fit in memory; memory gaps are the GPU rule), so compute is what runs short here."""
-    burst, neighbour = "smollm2-135m-instruct", "smollm2-135m-instruct-r1"
-    burst_prompts = [PROMPT, "Once upon a time", "The sky is"]
-    expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in burst_prompts],
+    burst, neighbour = BURST, NEIGHBOUR
+    expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in BURST_PROMPTS],
                                                    SamplingParams(max_tokens=4))]
-    long = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when the move completes
-    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], long)[0].text
+    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
     freed = kv_after_evictions(monkeypatch)
-
-    async def scenario():
-        rt = LiveRuntime(RuntimeOptions(
-            Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
-            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path, "cpu-reference"),
-            slo=PINNED_SLO, migration=migration))
-        await rt.start()
-        actions = record_actions(rt)
-        try:
-            stream = rt.generate(neighbour, rt.tokenizer(neighbour).encode(PROMPT), long)
-            events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
-            bursting = asyncio.gather(*(collect(rt, burst, p, max_tokens=4) for p in burst_prompts))
-            events += [e async for e in stream]
-            return events, await bursting, actions, rt.status()
-        finally:
-            await rt.stop()
-
-    events, bursts, actions, status = asyncio.run(scenario())
+    events, bursts, actions, status = preempted_neighbour(model_home, tmp_path, migration)
     created = [a for a in actions if isinstance(a, act.CreateInstance)]
     assert [(a.model, a.node) for a in created] == [(neighbour, "cpu:0"), (burst, "cpu:0"), (neighbour, "cpu:1")]
     old, packed, new = (a.instance for a in created)
@@ -261,3 +269,17 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
     assert text_of(events) == expected_neighbour
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 24
     assert [text_of(b) for b in bursts] == expected_burst
+
+
+def test_a_destination_failing_during_the_rebuild_leaves_the_stream_at_its_source(model_home, smollm2, tmp_path,
+                                                                                  monkeypatch):
+    """cpu:1's instance fails as it starts rebuilding: the request goes on decoding at its source,
+    uninterrupted and exact; the source, draining, unloads once it has finished."""
+    fail_once(monkeypatch, "prefetch")
+    expected = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
+    events, _, actions, status = preempted_neighbour(model_home, tmp_path, migration=True)
+    (migrate,) = [a for a in actions if isinstance(a, act.Migrate)]
+    assert not any(isinstance(a, (act.HandOver, act.Evict)) for a in actions)
+    assert text_of(events) == expected and events[-1].completion_tokens == 24
+    assert status.failures == 1 and status.migrations == 0
+    assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == migrate.source}
