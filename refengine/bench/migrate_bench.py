@@ -159,5 +159,6 @@ def report(runs: list[MoveRun], backend: str, repeats: int, load_before: tuple[f
             f"client receives them, from the burst on: the hand-over gap is the one before the destination's "
             f"first token; a re-prefill's pause is its largest gap; the typical gap is the median one (both "
             f"modes). A migration's largest gap is not its hand-over: it falls while the burst is prefilled "
-            f"on cpu:0 and the destination loads on the shared cores. Load average (1/5/15 min) {load(load_before)} before, {load(load_after)} after: the "
-            f"machine is shared with other work, so absolute times are noisy.\n\n{table(runs)}")
+            f"on cpu:0 and the destination loads on the shared cores. Load average (1/5/15 min) "
+            f"{load(load_before)} before, {load(load_after)} after: the machine is shared with other work, "
+            f"so absolute times are noisy.\n\n{table(runs)}")

@@ -71,11 +71,13 @@ class RuntimeOptions:
 
 @dataclass
 class _Moving:
-    """A live migration in progress: the destination and the sequence rebuilding the KV there; from
-    the hand-over until the destination has taken the request over, the source it leaves."""
+    """A live migration in progress: the destination, the sequence rebuilding the KV there and the
+    tokens sent it; from the hand-over until the destination has taken the request over, the
+    source it leaves."""
 
     destination: str
     seq_id: int
+    sent: int = 0
     source: str | None = None
 
 
@@ -275,6 +277,8 @@ class LiveRuntime:
     # ---------------------------------------------------------------- actions
     def _run_grant(self, grant: act.Grant) -> None:
         inst = self._instances[grant.instance]
+        if grant.kind == "prefill":
+            self._send_new_tokens(inst)
 
         def job() -> None:
             for i in range(grant.iterations):
@@ -326,12 +330,21 @@ class LiveRuntime:
         """Live migration (ServerlessLLM §4): the destination rebuilds the request's KV from the
         tokens it has now, as prefill work that yields nothing, while the source decodes on."""
         req = self._requests.get(migrate.request_id)
-        if req is None:
-            return
-        dest = self._instances[migrate.destination]
-        moving = req.migration = _Moving(dest.name, next(self._ids))
-        tokens = req.prompt_ids + req.output_ids
-        self._submit(dest, lambda: dest.prefetch(moving.seq_id, req.id, tokens))
+        if req is not None:
+            req.migration = _Moving(migrate.destination, next(self._ids))
+            self._send_new_tokens(self._instances[migrate.destination])
+
+    def _send_new_tokens(self, dest: LiveInstance) -> None:
+        """Send each rebuild on `dest` the tokens its request has made since the last sending: at the
+        `Migrate`, and again before each prefill there, so that a destination that loaded first
+        rebuilds up to the latest token and the hand-over has only the rebuild's own to catch up."""
+        for req in self._requests.values():
+            moving = req.migration
+            if moving is not None and moving.destination == dest.name and moving.source is None:
+                tokens = (req.prompt_ids + req.output_ids)[moving.sent:]
+                if tokens:
+                    moving.sent += len(tokens)
+                    self._submit(dest, partial(dest.prefetch, moving.seq_id, req.id, tokens))
 
     def _hand_over(self, handover: act.HandOver) -> None:
         """The source lets the request go between its steps and the destination takes it over,
