@@ -52,7 +52,10 @@ class SchedulerConfig:
       carries out `Migrate` and `HandOver`. `migration_compute_victims`: CPU victims too (they
       keep their decode time while draining, as GPU ones keep their memory);
       `migration_cold_destinations`: also to an instance still loading, or to a new one started
-      for the move on another node (ServerlessLLM loads the destination first).
+      for the move on another node (ServerlessLLM loads the destination first). A rebuild takes
+      up to `migration_rounds` rounds, the next rebuilding the tokens the source made during the
+      last, until at most `migration_gap` are left for the hand-over to catch up (ServerlessLLM's
+      multi-round migration; its default gap is 20 tokens).
     """
 
     name: str = "slinfer"
@@ -80,6 +83,8 @@ class SchedulerConfig:
     migration: bool = False
     migration_compute_victims: bool = False
     migration_cold_destinations: bool = False
+    migration_rounds: int = 1
+    migration_gap: int = 4
 
     def concurrency_limit(self, profile: str, kind: str) -> int:
         try:

@@ -35,7 +35,7 @@ import heapq
 from typing import Callable
 
 from scheduler import kv as kvsize
-from scheduler import partition
+from scheduler import migration, partition
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, HandOver,
                                Migrate, ReleaseInstance)
 from scheduler.config import SchedulerConfig
@@ -208,10 +208,11 @@ class Lifecycle:
         self.emit(Migrate(req.id, req.instance.id, dest.id))
 
     def rebuilt(self, inst: Instance) -> None:
-        """A prefill step of `inst` ran: the rebuilds its grant covered are done."""
+        """A prefill step of `inst` ran: the rebuilds its grant covered are done, or take another
+        round if their sources have since run too far ahead (`migration.caught_up`)."""
         for rid in inst.rebuilding:
             if (r := inst.copies.get(rid)) is not None:
-                r.copy_ready = True
+                r.copy_ready = migration.caught_up(r, self.config)
         inst.rebuilding = ()
 
     def hand_over_ready(self, now: float) -> None:
@@ -232,7 +233,7 @@ class Lifecycle:
         dest = req.copy_at
         del dest.copies[req.id]
         del self.migrating[req.id]
-        req.copy_at, req.copy_ready = None, False
+        req.copy_at, req.copy_ready, req.copy_rounds, req.copy_sent = None, False, 0, 0
         dest.deadlines_changed()
         return dest
 

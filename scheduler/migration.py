@@ -83,6 +83,14 @@ class MoveCost:
         return late, self.catch_up
 
 
+def caught_up(request: Request, config: SchedulerConfig) -> bool:
+    """After a rebuild round: hand over, or rebuild the tokens the source made meanwhile in another
+    round (ServerlessLLM's multi-round migration) while more than `migration_gap` are missing and
+    fewer than `migration_rounds` rounds ran? The last catch-up is the client's pause."""
+    gap = request.context - request.copy_sent
+    return gap <= config.migration_gap or request.copy_rounds >= config.migration_rounds
+
+
 def move_cost(request: Request, source: Instance, destination: Instance, est: Estimator,
               now: float = 0.0) -> MoveCost:
     rebuild = est.prefill(destination, [request])

@@ -108,9 +108,10 @@ class _Request:
 def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None,
                      migration: bool = True) -> SchedulerConfig:
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
-    concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
+    concurrency limit, CPU first (the sllm+c preset with limits for our models). With `migration`,
+    a preemption moves requests live from any device, to a new instance if need be, in rounds."""
     moves = dict.fromkeys(("migration", "migration_compute_victims", "migration_cold_destinations"), migration)
-    overrides = {"keep_alive": keep_alive_s, **moves, **({"slo": slo} if slo else {})}
+    overrides = {"keep_alive": keep_alive_s, **moves, "migration_rounds": 8, **({"slo": slo} if slo else {})}
     if name == "slinfer":
         return preset("slinfer", **overrides)
     if name == "exclusive":

@@ -209,3 +209,23 @@ def test_without_cold_destinations_no_warm_instance_means_drop():
     sched, victim, target, _, r = scheduler_with_cluster(warm_destination=False)
     acts = sched.handle(RequestArrived("q", "b", 2048, 50, 0.0), 0.0)
     assert only(acts, Evict).requests == ("r",) and not [a for a in acts if isinstance(a, Migrate)]
+
+
+def test_a_rebuild_takes_another_round_while_the_source_runs_ahead():
+    """ServerlessLLM's multi-round migration: r's source made 5 tokens during the rebuild, more than
+    the gap of 4 a hand-over may catch up, so D rebuilds those in a second round first."""
+    sched, victim, target, dest, r = scheduler_with_cluster(replace(CONFIG, migration_rounds=3))
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    t = 0.0
+    for _ in range(5):
+        t += 0.07
+        acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True),
+                            t)
+        source = next(a for a in acts if isinstance(a, Grant) and a.instance == "V")
+    acts = sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 0.4, True), t)
+    second = only(acts, Grant)
+    assert (second.instance, second.kind) == ("D", "prefill") and r.copy_rounds == 2
+    acts = sched.handle(StepFinished("D", second.grant_id, "prefill", (), (), 63, 0.01, True), t)
+    assert r.copy_ready and not [a for a in acts if isinstance(a, HandOver)]   # V is decoding
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True), t)
+    assert only(acts, HandOver) == HandOver("r", "V", "D")
