@@ -1,6 +1,6 @@
 """`bench migrate`: the pause a client sees when its running request is moved to another device, by
-live migration (ServerlessLLM §4: the destination rebuilds the KV from the tokens while the source
-keeps streaming, then takes over) or by drop-and-re-prefill (SLINFER §4.4.1: evicted,
+live migration (ServerlessLLM §4: the destination rebuilds the KV from the tokens, in rounds while
+the source keeps streaming, then takes over) or by drop-and-re-prefill (SLINFER §4.4.1: evicted,
 placed again, prefilled from scratch), on the live runtime with the real SmolLM2 weights.
 
 The scene (the live-runtime tests preempt in it too): two logical CPU devices and a cost model
