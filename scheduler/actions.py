@@ -23,8 +23,11 @@ Frozen dataclasses of ids and numbers (JSON via `codec.py`). Semantics the execu
   unplaceable); the executor reports it to the client. It counts as an SLO failure.
 - `Migrate`: live migration, token-based (ServerlessLLM §4; `migration.py`). The destination
   rebuilds the request's KV from its tokens (prompt + generated so far) as prefill work at its next
-  prefill grant, yielding no token; the source keeps decoding the request meanwhile. An `Evict` of
-  the request on the destination cancels the rebuild (it ended or left its source first).
+  prefill grant, yielding no token; the source keeps decoding the request meanwhile. Before each
+  prefill grant of the destination the executor sends it the tokens generated since, so that each
+  rebuild round (`config.migration_rounds`) reaches the tokens the request had when it was
+  granted. An `Evict` of the request on the destination cancels the rebuild (it ended or left its
+  source first).
 - `HandOver`: after the rebuild, with the source between grants: the request leaves the source
   (its KV freed there) and continues on the destination, which first takes in the tokens the
   source produced since the rebuild. Carried out at once, like `Assign`; nothing answers it.

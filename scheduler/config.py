@@ -47,9 +47,15 @@ class SchedulerConfig:
     - `startup_aware`: a new instance goes to the passing node of the pool with the earliest
       estimated start-up (ServerlessLLM §5.1); start-ups within `startup_tolerance` s of the
       earliest count as equal, and the bin-packing order decides among them (`placement.py`).
-    - `migration`: a GPU preemption victim's requests move live to warm instances where that
-      costs less lateness than drop-and-re-prefill (`migration.py`); needs an executor that
-      carries out `Migrate` and `HandOver`.
+    - `migration`: a GPU preemption victim's requests move live to warm instances of their model
+      where that costs less than drop-and-re-prefill (`migration.py`); needs an executor that
+      carries out `Migrate` and `HandOver`. `migration_compute_victims`: CPU victims too (they
+      keep their decode time while draining, as GPU ones keep their memory);
+      `migration_cold_destinations`: also to an instance still loading, or to a new one started
+      for the move on another node (ServerlessLLM loads the destination first). A rebuild takes
+      up to `migration_rounds` rounds, the next rebuilding the tokens the source made during the
+      last, until at most `migration_gap` are left for the hand-over to catch up (ServerlessLLM's
+      multi-round migration; its default gap is 20 tokens).
     """
 
     name: str = "slinfer"
@@ -75,6 +81,10 @@ class SchedulerConfig:
     startup_aware: bool = True
     startup_tolerance: float = 0.1
     migration: bool = False
+    migration_compute_victims: bool = False
+    migration_cold_destinations: bool = False
+    migration_rounds: int = 1
+    migration_gap: int = 4
 
     def concurrency_limit(self, profile: str, kind: str) -> int:
         try:

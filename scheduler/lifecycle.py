@@ -8,10 +8,11 @@
   keep-alive (1 s), after which it is reclaimed (scale to zero) unless a request came back.
 - Preempt: a victim leaves its model's instance list, its requests are evicted (KV dropped, to be
   re-placed and re-prefilled), and it is unloaded. With live migration (`migration.py`) the
-  requests worth moving are rebuilt on warm instances instead while the victim, *draining*, keeps
-  decoding them; each is handed over once rebuilt and the source is between grants, and the
-  victim is unloaded when the last one has gone. A request that ends or is evicted before its
-  hand-over has its rebuild dropped (an `Evict` on the destination).
+  requests worth moving are rebuilt on other instances (one created for the move if need be)
+  instead while the victim, *draining*, keeps decoding them; each is handed over once rebuilt and
+  the source is between grants, and the victim is unloaded when the last one has gone. A request
+  that ends or is evicted before its hand-over has its rebuild dropped (an `Evict` on the
+  destination).
 - Underestimation: an instance that outgrows its KV grows again if the node's budget allows, else
   evicts its longest-headroom request.
 - Cold start: a request that waits for its instance's start-up gets a TTFT grace (§4.5
@@ -34,7 +35,7 @@ import heapq
 from typing import Callable
 
 from scheduler import kv as kvsize
-from scheduler import partition
+from scheduler import migration, partition
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, HandOver,
                                Migrate, ReleaseInstance)
 from scheduler.config import SchedulerConfig
@@ -196,6 +197,8 @@ class Lifecycle:
     # -- live migration ---------------------------------------------------------------------------
 
     def _migrate(self, req: Request, dest: Instance) -> None:
+        if dest.id not in self.instances:       # a new destination: it loads while r streams on
+            self.create(dest)
         dest.copies[req.id] = req
         req.copy_at = dest
         self.migrating[req.id] = req
@@ -205,10 +208,11 @@ class Lifecycle:
         self.emit(Migrate(req.id, req.instance.id, dest.id))
 
     def rebuilt(self, inst: Instance) -> None:
-        """A prefill step of `inst` ran: the rebuilds its grant covered are done."""
+        """A prefill step of `inst` ran: the rebuilds its grant covered are done, or take another
+        round if their sources have since run too far ahead (`migration.caught_up`)."""
         for rid in inst.rebuilding:
             if (r := inst.copies.get(rid)) is not None:
-                r.copy_ready = True
+                r.copy_ready = migration.caught_up(r, self.config)
         inst.rebuilding = ()
 
     def hand_over_ready(self, now: float) -> None:
@@ -229,7 +233,7 @@ class Lifecycle:
         dest = req.copy_at
         del dest.copies[req.id]
         del self.migrating[req.id]
-        req.copy_at, req.copy_ready = None, False
+        req.copy_at, req.copy_ready, req.copy_rounds, req.copy_sent = None, False, 0, 0
         dest.deadlines_changed()
         return dest
 

@@ -47,7 +47,7 @@ class Placement:
         self.nodes = list(nodes)
         self.cost = cost
         self.startup = startup
-        self.migrator = Migrator(config, validator)
+        self.migrator = Migrator(config, validator, self._elsewhere)
         self._turns: dict[str, int] = {}
 
     def place(self, req: Request, model: ModelSpec, now: float) -> Instance | None:
@@ -69,15 +69,27 @@ class Placement:
                                       self.migrator.chooser(victim, inst, req, serving, now))
                     self.life.attach(inst, req, now)
                     return inst
+        inst = self._new(req, model, now)
+        if inst is not None:
+            self.life.create(inst)
+            self.life.attach(inst, req, now)
+        return inst
+
+    def _new(self, req: Request, model: ModelSpec, now: float,
+             avoid: Node | None = None) -> Instance | None:
+        """Step 3: a provisional new instance, pool by pool (never on `avoid`), or None."""
         for kind in self.config.pools:
-            candidates = [n for n in self.nodes if n.kind == kind and self._has_room(n, model)]
+            candidates = [n for n in self.nodes
+                          if n.kind == kind and n is not avoid and self._has_room(n, model)]
             packed = order_nodes(candidates, self.config.node_order, self.validator)
             inst = self._new_instance(packed, model, req, now)
             if inst is not None:
-                self.life.create(inst)
-                self.life.attach(inst, req, now)
                 return inst
         return None
+
+    def _elsewhere(self, req: Request, victim: Instance, now: float) -> Instance | None:
+        """A live migration's new destination: where step 3 starts one, off the victim's node."""
+        return self._new(req, victim.model, now, avoid=victim.node)
 
     def _new_instance(self, packed: list[Node], model: ModelSpec, req: Request,
                       now: float) -> Instance | None:

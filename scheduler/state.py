@@ -14,8 +14,9 @@ Invariants:
 - a request being live-migrated (`migration.py`) stays attached to its source, which keeps
   decoding it, and sits in its destination's `copies` until the hand-over (`Request.copy_at`
   names the destination): first as prefill work that yields no token, then, once a prefill step
-  ran it (`Instance.rebuilding` names those a prefill grant covers), `copy_ready`; a `draining`
-  instance is migrating its requests out, takes no new one and is retired once empty.
+  ran it (`Instance.rebuilding` names those a prefill grant covers) and left it close enough to
+  the source (`migration.caught_up`; else another round), `copy_ready`; a `draining` instance is
+  migrating its requests out, takes no new one and is retired once empty.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class Request:
     retry_at: float = 0.0
     copy_at: "Instance | None" = None
     copy_ready: bool = False
+    copy_rounds: int = 0            # rebuild rounds granted on `copy_at`
+    copy_sent: int = 0              # the request's context when the latest round was granted
 
     @property
     def context(self) -> int:

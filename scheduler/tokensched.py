@@ -22,12 +22,14 @@ from scheduler.state import Instance, Node
 
 
 def kv_blocks_needed(inst: Instance) -> int:
-    """KV blocks the engine may need for the next iteration (each sequence may open a block)."""
+    """KV blocks the engine may need for the next iteration (each sequence may open a block; a
+    rebuild's earlier rounds hold theirs already, in `kv_used`)."""
     if not inst.pending and not inst.pending_rebuilds:
         return inst.kv_used + len(inst.requests)
     blocks_for = inst.model.blocks_for
+    prefills = inst.pending_prefill
     return (inst.kv_used + inst.running
-            + sum(blocks_for(r.context + 1) for r in inst.pending_prefill))
+            + sum(blocks_for(r.context + 1) - blocks_for(r.copy_sent) for r in prefills))
 
 
 def share_ready_at(inst: Instance) -> float:
@@ -70,6 +72,8 @@ class TokenScheduler:
             kind, iterations = "prefill", 1
             duration = self.est.prefill(inst, inst.pending_prefill)
             inst.rebuilding = tuple(r.id for r in rebuilds)
+            for r in rebuilds:                  # the executor sends each its latest tokens now
+                r.copy_rounds, r.copy_sent = r.copy_rounds + 1, r.context
         else:
             step = self.est.decode(inst, inst.batch, inst.context_tokens)
             kind, iterations = "decode", self.est.decode_iterations(inst, step)

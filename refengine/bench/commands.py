@@ -337,3 +337,25 @@ def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tup
         update_section(f"serve-{slug}", f"Serving a replayed trace ({devices})",
                        serve_report.section(config, summaries, notes))
         click.echo(f"wrote docs/BENCHMARKS.md (serve-{slug}) and docs/{plot_name}")
+
+
+@bench.command()
+@_backend
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=16), default=(128, 512, 1024),
+              show_default=True, help="Prompt tokens of the request that is moved.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@_write
+def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write: bool) -> None:
+    """Pause of a running request moved to another device: live migration vs drop-and-re-prefill."""
+    from refengine.bench import migrate_bench
+    from refengine.store.cache import model_home
+    from refengine.store.prepare import prepare
+    backend = backend_for_device("cpu", backend)
+    prepare(progress=False)
+    load_before = os.getloadavg()
+    runs = migrate_bench.run(model_home(), backend, contexts, repeats, progress=click.echo)
+    load_after = os.getloadavg()
+    body = migrate_bench.report(runs, backend, repeats, load_before, load_after)
+    click.echo(body)
+    if write:
+        update_section("migrate", "Live migration vs drop-and-re-prefill", body)

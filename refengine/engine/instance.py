@@ -9,6 +9,13 @@ A sequence's uncached tokens are what an iteration feeds: its whole prompt (or t
 prefill, its newest token in a decode. When an iteration leaves a sequence fully cached, the logits of
 its last token pick the next one. A sequence preempted for KV space loses its cache and simply
 becomes waiting again: its next prefill recomputes prompt and output alike.
+
+Live migration moves a sequence between instances by its tokens (ServerlessLLM §4): `export` stops
+it here and returns its `SequenceState`; on the destination, `prefetch` has its KV rebuilt by
+prefill iterations while it still runs elsewhere (a *catching-up* sequence, never sampled), and
+`take_over` makes it the real sequence, decoding from the next step. `adopt` continues an exported
+sequence from scratch instead: its next prefill recomputes everything (re-placement after an
+eviction), as a preempted sequence's does.
 """
 from __future__ import annotations
 
@@ -19,10 +26,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from kernels.interface import Array
 from kernels.reference import sample
 from models.llama import LlamaModel, StepInputs
 from refengine.engine.kv_cache import PagedKVCache, ResizeReport
-from refengine.engine.sequence import FinishReason, RequestError, SamplingParams, Sequence, SequenceStatus
+from refengine.engine.sequence import (FinishReason, RequestError, SamplingParams, Sequence, SequenceState,
+                                       SequenceStatus)
 from refengine.engine.step_result import FinishedSequence, StepKind, StepResult, TokenOutput
 from refengine.engine.text_stream import Detokenizer, TextStream
 
@@ -55,6 +64,7 @@ class Instance:
         self.new_detokenizer = new_detokenizer or _NoText
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.incoming: dict[int, Sequence] = {}     # catching up: migrating in, not yet adopted
         self._streams: dict[int, TextStream] = {}
         self._ids = itertools.count()
 
@@ -76,20 +86,87 @@ class Instance:
 
     def abort(self, seq_id: int) -> FinishedSequence | None:
         """Cancel a sequence now (between steps): its blocks go back to the pool at once."""
+        seq = self._take(seq_id)
+        return self._finish(seq, FinishReason.ABORT) if seq is not None else None
+
+    def _take(self, seq_id: int) -> Sequence | None:
+        """Remove a sequence from whichever queue holds it (it keeps its blocks)."""
+        if seq_id in self.incoming:
+            return self.incoming.pop(seq_id)
         for queue in (self.waiting, self.running):
             for seq in queue:
                 if seq.seq_id == seq_id:
                     queue.remove(seq)
-                    return self._finish(seq, FinishReason.ABORT)
+                    return seq
         return None
 
     @property
     def sequences(self) -> list[Sequence]:
-        return list(self.waiting) + self.running
+        """Every sequence holding KV blocks, catching-up ones included."""
+        return list(self.waiting) + self.running + list(self.incoming.values())
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._catching_up())
+
+    def _catching_up(self) -> list[Sequence]:
+        return [seq for seq in self.incoming.values() if seq.num_uncached_tokens > 0]
+
+    # ---------------------------------------------------------------- live migration
+    def export(self, seq_id: int) -> SequenceState | None:
+        """Stop a sequence between steps and return what it needs to continue on another instance of
+        this model; its blocks go back to the pool. None if this instance does not hold it."""
+        seq = self._take(seq_id)
+        if seq is None:
+            return None
+        self.kv.release(seq)
+        if seq.catching_up:                     # it runs elsewhere: nothing here to continue
+            return None
+        return SequenceState(tuple(seq.prompt_ids), tuple(seq.output_ids), seq.params,
+                             seq.rng.bit_generator.state, self._streams.pop(seq.seq_id))
+
+    def prefetch(self, seq_id: int, token_ids: list[int]) -> None:
+        """Have the KV of `token_ids` rebuilt as the catching-up sequence `seq_id` (more tokens
+        extend it): prefill iterations compute all but the newest token and sample nothing. The
+        tokens are those of a sequence this model runs elsewhere."""
+        seq = self.incoming.get(seq_id)
+        if seq is None:
+            seq = self.incoming[seq_id] = Sequence(seq_id, [], SamplingParams(), catching_up=True)
+        seq.prompt_ids.extend(token_ids)
+
+    def take_over(self, seq_id: int, state: SequenceState) -> Sequence:
+        """A migration's hand-over: the exported sequence continues here as the catching-up `seq_id`
+        (or from scratch if there is none), decoding from the next step. The tokens the source made
+        since the rebuild are prefilled now — the one pause the client sees — all but the newest,
+        which the next decode feeds to sample with the state's generator."""
+        seq = self._continue(seq_id, state)
+        while seq.num_uncached_tokens > 1:
+            n = min(seq.num_uncached_tokens - 1, self.max_prefill_tokens)
+            if not self.kv.reserve(seq, seq.num_cached_tokens + n):
+                raise RuntimeError(f"no KV blocks left to take over sequence {seq_id}")
+            self._forward([(seq, n)], StepKind.PREFILL)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return seq
+
+    def adopt(self, seq_id: int, state: SequenceState) -> Sequence:
+        """Continue an exported sequence here as `seq_id`, re-prefilled: its next prefill feeds every
+        token (those a catching-up `seq_id` rebuilt excepted) and samples its next one with the
+        state's generator."""
+        seq = self._continue(seq_id, state)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq
+
+    def _continue(self, seq_id: int, state: SequenceState) -> Sequence:
+        seq = self.incoming.pop(seq_id, None) or Sequence(seq_id, [], state.params)
+        if seq.token_ids != state.token_ids[:seq.num_tokens]:
+            raise ValueError(f"sequence {seq_id} rebuilt tokens that are not a prefix of the ones it continues")
+        seq.prompt_ids, seq.output_ids = list(state.prompt_ids), list(state.output_ids)
+        seq.params, seq.catching_up = state.params, False
+        seq.rng.bit_generator.state = state.rng_state
+        self._streams[seq_id] = state.text
+        return seq
 
     def resize_kv(self, num_blocks: int) -> ResizeReport:
         return self.kv.resize(num_blocks, self.sequences)
@@ -102,11 +179,9 @@ class Instance:
         kind, scheduled, preempted = self._schedule(kind)
         if not scheduled:
             return None
-        inputs = self._step_inputs(scheduled, kind)
-        logits = self.model.forward(inputs, self.kv.k, self.kv.v)
-        for seq, n in scheduled:
-            seq.num_cached_tokens += n
-        completed = [i for i, (seq, _) in enumerate(scheduled) if seq.num_uncached_tokens == 0]
+        inputs, logits = self._forward(scheduled, kind)
+        completed = [i for i, (seq, _) in enumerate(scheduled)
+                     if seq.num_uncached_tokens == 0 and not seq.catching_up]
         new_ids = self._sample([scheduled[i][0] for i in completed], logits, completed)
         tokens, finished = [], []
         for i, token_id in zip(completed, new_ids):
@@ -150,7 +225,7 @@ class Instance:
 
     def _schedule_prefill(self) -> Scheduled:
         budget, scheduled = self.max_prefill_tokens, []
-        for seq in self.waiting:
+        for seq in [*self.waiting, *self._catching_up()]:
             if budget == 0 or len(self.running) + len(scheduled) >= self.max_running:
                 break
             n = min(seq.num_uncached_tokens, budget)
@@ -159,6 +234,14 @@ class Instance:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _forward(self, scheduled: Scheduled, kind: StepKind) -> tuple[StepInputs, Array]:
+        """Run the model over the scheduled tokens, which are then cached; return inputs and logits."""
+        inputs = self._step_inputs(scheduled, kind)
+        logits = self.model.forward(inputs, self.kv.k, self.kv.v)
+        for seq, n in scheduled:
+            seq.num_cached_tokens += n
+        return inputs, logits
 
     def _step_inputs(self, scheduled: Scheduled, kind: StepKind) -> StepInputs:
         starts = [seq.num_cached_tokens for seq, _ in scheduled]
@@ -213,5 +296,5 @@ class Instance:
             self.waiting.remove(seq)
         self.kv.release(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        del self._streams[seq.seq_id]
+        self._streams.pop(seq.seq_id, None)     # a catching-up sequence has none
         return FinishedSequence(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))

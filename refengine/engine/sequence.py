@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from kernels.reference import SamplingSettings
+from refengine.engine.text_stream import TextStream
 
 
 class RequestError(ValueError):
@@ -80,6 +82,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
+    catching_up: bool = False   # migrating in: its KV is rebuilt from its tokens, nothing sampled
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,9 +99,31 @@ class Sequence:
 
     @property
     def num_uncached_tokens(self) -> int:
-        """Tokens the next iteration must feed: the prompt (or its rest) in a prefill, 1 in a decode."""
-        return self.num_tokens - self.num_cached_tokens
+        """Tokens the next iteration must feed: the prompt (or its rest) in a prefill, 1 in a decode.
+        A sequence catching up holds its newest token back, as a running one does, so the instance
+        that adopts it has a token to feed and logits to sample its next one from."""
+        return self.num_tokens - self.num_cached_tokens - (1 if self.catching_up else 0)
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    """What a sequence needs to continue on another instance of the same model: its tokens (the KV
+    is recomputed from them, ServerlessLLM's token-based migration) and how it samples and stops,
+    so that the tokens it goes on to produce are the ones it would have produced where it was.
+
+    `text` is moved, not copied: the instance that exported the sequence has dropped it.
+    """
+
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    params: SamplingParams
+    rng_state: dict[str, Any]          # the sampler's generator (numpy bit_generator.state)
+    text: TextStream                   # detokenizer bytes held back, stop-string window
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.output_ids]

@@ -81,6 +81,7 @@ class RuntimeStatus:
     preemptions: int = 0
     drops: int = 0
     failures: int = 0                # instances lost because a job on their device raised
+    migrations: int = 0              # running requests live-migrated to another instance
 
 
 class Runtime(Protocol):

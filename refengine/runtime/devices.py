@@ -13,8 +13,9 @@ from __future__ import annotations
 import queue
 import re
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6, "MIB": 1 << 20,
@@ -93,3 +94,27 @@ class DeviceWorker:
                 job()
             except Exception as e:
                 on_error(e)
+
+
+T = TypeVar("T")
+
+
+def relay(source: DeviceWorker, dest: DeviceWorker, produce: Callable[[], T],
+          consume: Callable[[T | None], None], on_source_error: OnError, on_dest_error: OnError) -> None:
+    """Run `produce` on `source`'s thread and `consume` on `dest`'s with what it returned (None if it
+    raised; the error goes to `on_source_error`). The consumer is queued on `dest` now, ahead of
+    any job submitted there later, and waits for the producer (a live migration's hand-over: the
+    destination takes over what the source lets go, before its next step). Producers never wait
+    and a consumer waits only for a producer queued before it, so no two devices wait for each other.
+    """
+    produced: Future = Future()
+
+    def producer() -> None:
+        value = None
+        try:
+            value = produce()
+        finally:
+            produced.set_result(value)
+
+    source.submit(producer, on_source_error)
+    dest.submit(lambda: consume(produced.result()), on_dest_error)

@@ -2,16 +2,18 @@
 which request each of its sequences serves.
 
 Every method but the read-only ones runs on the device's worker thread. The scheduler names
-requests by string id; the engine numbers sequences; this is the only place that maps the two.
+requests by string id; the engine numbers sequences; this is the only place that maps the two. A
+request migrating in is mapped to the sequence rebuilding its KV, so dropping it is an eviction.
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 from kernels.interface import Kernels
 from refengine.engine.instance import Instance
 from refengine.engine.loader import load_llama
-from refengine.engine.sequence import SamplingParams
+from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.step_result import StepKind, StepResult
 from refengine.engine.tokenizer import IncrementalDecoder, Tokenizer
 from refengine.runtime.api import InstanceInfo
@@ -25,15 +27,15 @@ class LiveInstance:
         self._kv_blocks = 0                          # the target, kept while no weights are loaded
         self._request_of: dict[int, str] = {}
         self._seq_of: dict[str, int] = {}
-        self._before_load: list[tuple[int, list[int], SamplingParams]] = []  # assigned during a cold start
+        self._before_load: list[tuple[int, Callable[[Instance], object]]] = []  # during a cold start
         self.failed = False                          # a job raised: the instance is gone for good
 
     # ---- memory actions
     def load(self, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
         self.engine = Instance(load_llama(files, kernels), num_blocks=self._kv_blocks, fixed_pool=False,
                                new_detokenizer=partial(IncrementalDecoder, tokenizer))
-        for seq_id, prompt_ids, params in self._before_load:
-            self.engine.add_request(prompt_ids, params, seq_id=seq_id)
+        for _, apply in self._before_load:
+            apply(self.engine)
         self._before_load.clear()
 
     def unload(self) -> None:
@@ -54,27 +56,54 @@ class LiveInstance:
         if self.engine is not None:
             self.engine.resize_kv(blocks)
 
-    def evict(self, request_ids: tuple[str, ...]) -> None:
+    def evict(self, request_ids: tuple[str, ...]) -> dict[str, SequenceState]:
+        """Stop these requests (an eviction, or a migration's hand-over) and return the state of
+        each one that had a sequence here, to continue it elsewhere without losing a token."""
+        states = {}
         for request_id in request_ids:
-            self.abort_request(request_id)
+            seq_id = self._unmap(request_id)
+            if seq_id is not None and self.engine is not None:
+                if (state := self.engine.export(seq_id)) is not None:
+                    states[request_id] = state
+        return states
 
     # ---- requests and steps
     def add(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Attach a request; during a cold start it waits here until the weights are in."""
+        self._apply(seq_id, request_id, lambda engine: engine.add_request(prompt_ids, params, seq_id=seq_id))
+
+    def adopt(self, seq_id: int, request_id: str, state: SequenceState) -> None:
+        """Continue a request evicted elsewhere as sequence `seq_id`, re-prefilled."""
+        self._apply(seq_id, request_id, lambda engine: engine.adopt(seq_id, state))
+
+    def prefetch(self, seq_id: int, request_id: str, token_ids: list[int]) -> None:
+        """A live migration's rebuild: a request's tokens to recompute its KV from, as `seq_id`."""
+        self._apply(seq_id, request_id, lambda engine: engine.prefetch(seq_id, token_ids))
+
+    def take_over(self, seq_id: int, request_id: str, state: SequenceState) -> None:
+        """A live migration's hand-over: the request continues here from its rebuilt `seq_id`."""
+        self._apply(seq_id, request_id, lambda engine: engine.take_over(seq_id, state))
+
+    def _apply(self, seq_id: int, request_id: str, apply: Callable[[Instance], object]) -> None:
         if self.engine is None:
-            self._before_load.append((seq_id, prompt_ids, params))
+            self._before_load.append((seq_id, apply))
         else:
-            self.engine.add_request(prompt_ids, params, seq_id=seq_id)
+            apply(self.engine)
         self._request_of[seq_id] = request_id
         self._seq_of[request_id] = seq_id
 
     def abort_request(self, request_id: str) -> None:
+        seq_id = self._unmap(request_id)
+        if seq_id is not None and self.engine is not None:
+            self.engine.abort(seq_id)
+
+    def _unmap(self, request_id: str) -> int | None:
+        """Forget the request's sequence here (and anything it left for after the load)."""
         seq_id = self._seq_of.pop(request_id, None)
         if seq_id is not None:
             self._request_of.pop(seq_id, None)
             self._before_load = [entry for entry in self._before_load if entry[0] != seq_id]
-            if self.engine is not None:
-                self.engine.abort(seq_id)
+        return seq_id
 
     def step(self, kind: str) -> StepResult | None:
         return self.engine.step(StepKind(kind)) if self.engine is not None else None

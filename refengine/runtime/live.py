@@ -11,6 +11,12 @@ which reports back with a measured duration as the next event.
 A job that raises fails its instance, not the device or the server: the instance's memory is freed,
 each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
 
+A request leaves an instance with its state (`SequenceState`: tokens, sampler, text stream), never
+with its tokens alone: evicted, it waits in the runtime to be re-prefilled wherever it is placed
+again; live-migrated (`Migrate`: the destination rebuilds its KV while the source decodes on, then
+`HandOver`), the destination takes it over. Either way the client's stream goes on with the tokens
+it would have had: none lost, none repeated.
+
 Time is seconds since start (`time.monotonic`); the scheduler's `next_wakeup()` becomes a loop
 timer that sends `Tick` (keep-alive expiry, placement retries).
 """
@@ -29,11 +35,11 @@ from kernels import backend_for_device, get_kernels
 from models.catalogue import Catalogue
 from models.config import LlamaConfig
 from refengine.engine.loader import ensure_prepared, load_llama
-from refengine.engine.sequence import SamplingParams
+from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
-from refengine.runtime.devices import DeviceSpec, DeviceWorker
+from refengine.runtime.devices import DeviceSpec, DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
 from refengine.runtime.profile import FULL_GRID, cached_table
 from scheduler import actions as act
@@ -59,6 +65,20 @@ class RuntimeOptions:
     home: Path | None = None              # model cache (default $REFENGINE_HOME)
     profile_grid: dict = field(default_factory=lambda: FULL_GRID)
     slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
+    migration: bool = True                # preemption live-migrates running requests where cheaper,
+                                          # from any device, to a new instance if need be
+
+
+@dataclass
+class _Moving:
+    """A live migration in progress: the destination, the sequence rebuilding the KV there and the
+    tokens sent it; from the hand-over until the destination has taken the request over, the
+    source it leaves."""
+
+    destination: str
+    seq_id: int
+    sent: int = 0
+    source: str | None = None
 
 
 @dataclass
@@ -76,6 +96,8 @@ class _Request:
     instance: str | None = None
     seq_id: int | None = None
     done: bool = False
+    migration: _Moving | None = None
+    state: SequenceState | None = None      # evicted: what its next instance adopts
 
     def finished(self, reason: str, now: float) -> Finished:
         ttft = (self.first_token_at or now) - self.arrival
@@ -83,10 +105,13 @@ class _Request:
                         self.cold_start_grace_s)
 
 
-def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None) -> SchedulerConfig:
+def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None,
+                     migration: bool = True) -> SchedulerConfig:
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
-    concurrency limit, CPU first (the sllm+c preset with limits for our models)."""
-    overrides = {"keep_alive": keep_alive_s, **({"slo": slo} if slo else {})}
+    concurrency limit, CPU first (the sllm+c preset with limits for our models). With `migration`,
+    a preemption moves requests live from any device, to a new instance if need be, in rounds."""
+    moves = dict.fromkeys(("migration", "migration_compute_victims", "migration_cold_destinations"), migration)
+    overrides = {"keep_alive": keep_alive_s, **moves, "migration_rounds": 8, **({"slo": slo} if slo else {})}
     if name == "slinfer":
         return preset("slinfer", **overrides)
     if name == "exclusive":
@@ -107,7 +132,7 @@ class LiveRuntime:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0}
+        self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0, "migrations": 0}
         self.scheduler: Scheduler | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -141,7 +166,8 @@ class LiveRuntime:
         self._specs = {s.name: s for s in specs}
         unique = {(t.profile, t.hardware): t for t in tables}
         self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
-                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo))
+                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo,
+                                                    opts.migration))
 
     def _home(self) -> Path:
         from refengine.store.cache import model_home
@@ -227,6 +253,10 @@ class LiveRuntime:
             self._run_grant(action)
         elif isinstance(action, act.Assign):
             self._assign(action)
+        elif isinstance(action, act.Migrate):
+            self._migrate(action)
+        elif isinstance(action, act.HandOver):
+            self._hand_over(action)
         elif isinstance(action, (act.Load, act.Unload, act.KvResize, act.Evict)):
             self._memory_action(action)
         elif isinstance(action, act.Drop):
@@ -248,6 +278,8 @@ class LiveRuntime:
     # ---------------------------------------------------------------- actions
     def _run_grant(self, grant: act.Grant) -> None:
         inst = self._instances[grant.instance]
+        if grant.kind == "prefill":
+            self._send_new_tokens(inst)
 
         def job() -> None:
             for i in range(grant.iterations):
@@ -288,23 +320,76 @@ class LiveRuntime:
             return
         inst = self._instances[assign.instance]
         req.instance = assign.instance
-        produced = list(req.output_ids)             # re-prefilled with the prompt after an eviction
-        remaining = req.params.max_tokens - len(produced)
-        params = SamplingParams(**{**vars(req.params), "max_tokens": remaining})
-        seq_id = next(self._ids)
-        req.seq_id = seq_id
-        self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids + produced, params))
+        seq_id = req.seq_id = next(self._ids)
+        state, req.state = req.state, None
+        if state is not None:                       # evicted: re-prefilled with all it had, then goes on
+            self._submit(inst, lambda: inst.adopt(seq_id, req.id, state))
+        else:
+            self._submit(inst, lambda: inst.add(seq_id, req.id, req.prompt_ids, req.params))
+
+    def _migrate(self, migrate: act.Migrate) -> None:
+        """Live migration (ServerlessLLM §4): the destination rebuilds the request's KV from the
+        tokens it has now, as prefill work that yields nothing, while the source decodes on."""
+        req = self._requests.get(migrate.request_id)
+        if req is not None:
+            req.migration = _Moving(migrate.destination, next(self._ids))
+            self._send_new_tokens(self._instances[migrate.destination])
+
+    def _send_new_tokens(self, dest: LiveInstance) -> None:
+        """Send each rebuild on `dest` the tokens its request has made since the last sending: at the
+        `Migrate`, and again before each prefill there, so that a destination that loaded first
+        rebuilds up to the latest token and the hand-over has only the rebuild's own to catch up."""
+        for req in self._requests.values():
+            moving = req.migration
+            if moving is not None and moving.destination == dest.name and moving.source is None:
+                tokens = (req.prompt_ids + req.output_ids)[moving.sent:]
+                if tokens:
+                    moving.sent += len(tokens)
+                    self._submit(dest, partial(dest.prefetch, moving.seq_id, req.id, tokens))
+
+    def _hand_over(self, handover: act.HandOver) -> None:
+        """The source lets the request go between its steps and the destination takes it over,
+        prefilling the tokens made since the rebuild, before any step it is granted next (`relay`)."""
+        req = self._requests.get(handover.request_id)
+        moving = req.migration if req is not None else None
+        if moving is None or moving.destination != handover.destination:
+            return                                  # cancelled meanwhile (`_cancel` dropped the rebuild)
+        source, dest = self._instances[handover.source], self._instances[handover.destination]
+        moving.source, req.instance, req.seq_id = source.name, dest.name, moving.seq_id
+
+        def export() -> SequenceState | None:
+            return None if source.failed else source.evict((req.id,)).get(req.id)
+
+        def take_over(state: SequenceState | None) -> None:
+            if dest.failed:
+                return
+            if state is None:
+                dest.abort_request(req.id)          # the source failed first: the request ended there
+            else:
+                dest.take_over(moving.seq_id, req.id, state)
+            self._post(self._taken_over, req, moving, state is not None)
+
+        relay(self._workers[source.node], self._workers[dest.node], export, take_over,
+              partial(self._job_failed, source), partial(self._job_failed, dest))
+
+    def _taken_over(self, req: _Request, moving: _Moving, moved: bool) -> None:
+        """Counted once the destination holds the request: before its first token there."""
+        if req.migration is moving:
+            req.migration = None
+        self.counters["migrations"] += moved
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
-        if isinstance(action, act.Evict):
-            evicted = [self._requests[r] for r in action.requests if r in self._requests]
+        if isinstance(action, act.Evict):           # (on a migration's destination: drops its rebuild)
+            evicted = [req for r in action.requests
+                       if (req := self._requests.get(r)) is not None and req.instance == inst.name]
             for req in evicted:
                 req.instance = None
             self.counters["preemptions"] += len(evicted)
 
         def job() -> None:
             started = time.perf_counter()
+            states = {}
             if isinstance(action, act.Load):
                 backend = backend_for_device(inst.node, self.options.backend)
                 inst.load(self._files[inst.weights], get_kernels(backend, inst.node), self._tokenizers[inst.weights])
@@ -313,10 +398,18 @@ class LiveRuntime:
             elif isinstance(action, act.KvResize):
                 inst.resize(action.blocks)
             else:
-                inst.evict(action.requests)
-            self._post(self._handle, MemoryDone(inst.name, action.action_id, time.perf_counter() - started))
+                states = inst.evict(action.requests)
+            self._post(self._memory_done, inst, action, states, time.perf_counter() - started)
 
         self._submit(inst, job)
+
+    def _memory_done(self, inst: LiveInstance, action, states: dict[str, SequenceState], seconds: float) -> None:
+        """An evicted request keeps its state until it is placed again (before the scheduler, which
+        may place it at once, hears of it)."""
+        for request_id, state in states.items():
+            if (req := self._requests.get(request_id)) is not None:
+                req.state = state
+        self._handle(MemoryDone(inst.name, action.action_id, seconds))
 
     def _drop(self, drop: act.Drop) -> None:
         req = self._requests.pop(drop.request_id, None)
@@ -334,6 +427,10 @@ class LiveRuntime:
         """The client went away: stop the sequence on its device, then tell the scheduler."""
         req.done = True
         self._requests.pop(req.id, None)
+        moving = req.migration
+        if moving is not None and moving.source is None and moving.destination in self._instances:
+            dest = self._instances[moving.destination]          # its rebuild, before any hand-over
+            self._submit(dest, lambda: dest.abort_request(req.id))
         if req.instance is None or req.instance not in self._instances:
             self._handle(RequestCancelled(req.id))
             return
@@ -355,7 +452,8 @@ class LiveRuntime:
         log.error("a job on %s (%s on %s) failed; its requests end with an error", inst.name, inst.model,
                   inst.node, exc_info=error)
         self.counters["failures"] += 1
-        ended = [req for req in self._requests.values() if req.instance == inst.name]
+        ended = [req for req in self._requests.values()   # held, or being handed over from it
+                 if req.instance == inst.name or (req.migration and req.migration.source == inst.name)]
         for req in ended:
             del self._requests[req.id]
             req.done = True

@@ -92,7 +92,9 @@ class RuntimeCollector:
                                  ("preemptions", "Sequences preempted to free KV blocks", status.preemptions),
                                  ("drops", "Requests dropped because their SLO could not be met", status.drops),
                                  ("instance_failures", "Instances lost because a job on their device raised",
-                                  status.failures)):
+                                  status.failures),
+                                 ("migrations", "Running requests live-migrated to another instance",
+                                  status.migrations)):
             yield CounterMetricFamily(f"refengine_{name}", doc, value=value)
 
 

@@ -107,3 +107,26 @@ def test_graph_decode_logits_equal_eager(gpu_model, prompts):
 
 def test_graphs_follow_a_kv_cache_resize(gpu_model, prompts):
     assert generate(GraphedDecodeModel(gpu_model), prompts, resize_at=4) == generate(gpu_model, prompts)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}], ids=["greedy", "seeded"])
+def test_a_sequence_migrated_between_gpu_instances_keeps_its_tokens(gpu_model, prompts, sampling):
+    """Live migration on the GPU: the destination rebuilds the KV in a round while the source decodes
+    on, then adopts the sequence, which goes on with the tokens it would have made unmoved."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, **sampling)
+    alone = Instance(gpu_model, num_blocks=16)
+    unmoved = alone.add_request(prompts[2], params)
+    while alone.has_work:
+        alone.step()
+    source, dest = Instance(gpu_model, num_blocks=16), Instance(gpu_model, num_blocks=16)
+    seq = source.add_request(prompts[2], params)
+    for _ in range(4):
+        source.step()
+    dest.prefetch(9, seq.token_ids)
+    assert dest.step().tokens == ()
+    source.step()
+    source.step()
+    moved = dest.take_over(9, source.export(seq.seq_id))
+    while dest.has_work:
+        dest.step()
+    assert moved.output_ids == unmoved.output_ids and source.kv.num_used_blocks == 0

@@ -7,7 +7,6 @@ device failures, logical devices with bin-packing and preemption.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -20,8 +19,9 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler import actions as act
-from scheduler.costmodel import FORMAT, profile_filename
 from scheduler.slo import SloPolicy
+from refengine.bench.migrate_bench import PINNED_SLO, pinned_home
+from tests.runtime.two_devices import kv_after_evictions, record_actions
 
 PROMPT = "The capital of France is"
 # The reference backend on a shared 2-core machine is slow and noisy; these tests check the executor,
@@ -199,84 +199,87 @@ def test_a_failed_step_ends_only_its_instance_s_requests(model_home, smollm2, mo
     assert status.device_memory_actual["cpu:0"] == status.instances[0].memory_bytes
 
 
-# A pinned cost model for the two-device test: a decode iteration costs 0.1 s per sequence whatever
-# the context, a prefill 20 ms. With the CPU margin (×1.1) and a 0.4 s TPOT, one instance's decode
-# time-slice is 0.275 per sequence, so a device's instances hold three sequences between them, not
-# four. The scheduler's choices then follow from batch sizes alone, not from how fast a shared
-# machine runs the reference kernels today; the steps themselves run for real.
-PINNED_TABLE = {"format": FORMAT, "profile": "smollm2-135m-instruct", "hardware": "cpu-reference", "unit": "s",
-                "source": "tests/runtime: pinned so that placement is deterministic",
-                "prefill": {"tokens": [1, 100_000], "latency": [0.02, 0.02]},
-                "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
-PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
+BURST, NEIGHBOUR = "smollm2-135m-instruct", "smollm2-135m-instruct-r1"
+BURST_PROMPTS = [PROMPT, "Once upon a time", "The sky is"]
+LONG = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when the move completes
 
 
-def pinned_home(model_home, directory):
-    """A model home sharing the prepared weights, whose profile is PINNED_TABLE."""
-    home = directory / "home"
-    (home / "profiles").mkdir(parents=True)
-    (home / "models").symlink_to(model_home / "models")
-    table = home / "profiles" / profile_filename(PINNED_TABLE["profile"], PINNED_TABLE["hardware"])
-    table.write_text(json.dumps(PINNED_TABLE))
-    return home
-
-
-def record_actions(rt: LiveRuntime) -> list:
-    """Every action the scheduler hands the runtime from now on, in order."""
-    actions, handle = [], rt.scheduler.handle
-
-    def recording(event, now):
-        decided = handle(event, now)
-        actions.extend(decided)
-        return decided
-
-    rt.scheduler.handle = recording
-    return actions
-
-
-def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path):
-    """The neighbour decodes on cpu:0; a burst of three on another model arrives. The burst's first
-    request starts an instance on the busy cpu:0 (most loaded node first), the second joins it
-    (largest instance first), the third would overload cpu:0's decode time, so the neighbour with the
-    smaller batch is preempted (§4.4.1): evicted, unloaded, and its request re-placed on cpu:1, where
-    it is re-prefilled with the tokens it had and finishes exactly as greedy decoding would.
-
-    On a CPU node SLINFER preempts for decode time, not memory (`consolidation.find_victim`: the
-    target must fit in memory; memory gaps are the GPU rule), so compute is what runs short here."""
-    burst, neighbour = "smollm2-135m-instruct", "smollm2-135m-instruct-r1"
-    burst_prompts = [PROMPT, "Once upon a time", "The sky is"]
-    expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in burst_prompts],
-                                                   SamplingParams(max_tokens=4))]
-    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], SamplingParams(max_tokens=12))[0].text
-
+def preempted_neighbour(model_home, tmp_path, migration: bool):
+    """The two-device scene: the neighbour streams on cpu:0 until a burst of three on another model
+    overloads it. Returns the neighbour's events, the burst's, the scheduler's actions, the status."""
     async def scenario():
         rt = LiveRuntime(RuntimeOptions(
             Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
-            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path), slo=PINNED_SLO))
+            keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path, "cpu-reference"),
+            slo=PINNED_SLO, migration=migration))
         await rt.start()
         actions = record_actions(rt)
         try:
-            stream = rt.generate(neighbour, rt.tokenizer(neighbour).encode(PROMPT), SamplingParams(max_tokens=12))
+            stream = rt.generate(NEIGHBOUR, rt.tokenizer(NEIGHBOUR).encode(PROMPT), LONG)
             events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
-            bursting = asyncio.gather(*(collect(rt, burst, p, max_tokens=4) for p in burst_prompts))
+            bursting = asyncio.gather(*(collect(rt, BURST, p, max_tokens=4) for p in BURST_PROMPTS))
             events += [e async for e in stream]
             return events, await bursting, actions, rt.status()
         finally:
             await rt.stop()
 
-    events, bursts, actions, status = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("migration", [False, True], ids=["re-prefill", "live-migration"])
+def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(model_home, smollm2, tmp_path,
+                                                                            monkeypatch, migration):
+    """The neighbour decodes on cpu:0; a burst of three on another model arrives. The burst's first
+    request starts an instance on the busy cpu:0 (most loaded node first), the second joins it
+    (largest instance first), the third would overload cpu:0's decode time, so the neighbour with the
+    smaller batch is preempted (§4.4.1) and its request moves to a new instance on cpu:1. Without
+    migration it is evicted and re-prefilled there with the tokens it had; with live migration
+    (ServerlessLLM) cpu:1 rebuilds its KV from its tokens while cpu:0 keeps streaming, then takes
+    over. Either way it finishes exactly as greedy decoding would, and the old instance's blocks are
+    freed the moment it lets go.
+
+    On a CPU node SLINFER preempts for decode time, not memory (`consolidation.find_victim`: the
+    target must fit in memory; memory gaps are the GPU rule), so compute is what runs short here."""
+    burst, neighbour = BURST, NEIGHBOUR
+    expected_burst = [c.text for c in generate(smollm2, [PromptSpec(p) for p in BURST_PROMPTS],
+                                                   SamplingParams(max_tokens=4))]
+    expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
+    freed = kv_after_evictions(monkeypatch)
+    events, bursts, actions, status = preempted_neighbour(model_home, tmp_path, migration)
     created = [a for a in actions if isinstance(a, act.CreateInstance)]
     assert [(a.model, a.node) for a in created] == [(neighbour, "cpu:0"), (burst, "cpu:0"), (neighbour, "cpu:1")]
     old, packed, new = (a.instance for a in created)
     assigns = [a for a in actions if isinstance(a, act.Assign)]
-    assert [a.instance for a in assigns if a.request_id != assigns[0].request_id] == [packed] * 3
-    (evict,) = [a for a in actions if isinstance(a, act.Evict)]
     moved = assigns[0].request_id
-    assert evict.instance == old and evict.requests == (moved,)
+    assert [a.instance for a in assigns if a.request_id != moved] == [packed] * 3
     assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == old}
-    (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
-    assert resumed.resume_tokens >= 2                                   # re-prefilled with what it had
+    if migration:
+        assert [a for a in actions if isinstance(a, (act.Migrate, act.HandOver))] == [
+            act.Migrate(moved, old, new), act.HandOver(moved, old, new)]
+        assert not any(isinstance(a, act.Evict) for a in actions)
+        assert [a.instance for a in assigns if a.request_id == moved] == [old]     # never re-prefilled
+        assert status.migrations == 1
+    else:
+        (evict,) = [a for a in actions if isinstance(a, act.Evict)]
+        assert evict.instance == old and evict.requests == (moved,)
+        (resumed,) = [a for a in assigns if a.request_id == moved and a.instance == new]
+        assert resumed.resume_tokens >= 2                               # re-prefilled with what it had
+        assert status.migrations == 0 and status.preemptions >= 1
+    assert freed == [0]                                                 # the old instance let go of all
     assert text_of(events) == expected_neighbour
-    assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 12
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 24
     assert [text_of(b) for b in bursts] == expected_burst
-    assert status.preemptions >= 1
+
+
+def test_a_destination_failing_during_the_rebuild_leaves_the_stream_at_its_source(model_home, smollm2, tmp_path,
+                                                                                  monkeypatch):
+    """cpu:1's instance fails as it starts rebuilding: the request goes on decoding at its source,
+    uninterrupted and exact; the source, draining, unloads once it has finished."""
+    fail_once(monkeypatch, "prefetch")
+    expected = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
+    events, _, actions, status = preempted_neighbour(model_home, tmp_path, migration=True)
+    (migrate,) = [a for a in actions if isinstance(a, act.Migrate)]
+    assert not any(isinstance(a, (act.HandOver, act.Evict)) for a in actions)
+    assert text_of(events) == expected and events[-1].completion_tokens == 24
+    assert status.failures == 1 and status.migrations == 0
+    assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == migrate.source}

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler import (Evict, Grant, HandOver, InstanceFailed, Migrate, RequestArrived,
-                       StepFinished, Unload)
+from scheduler import (CreateInstance, Evict, Grant, HandOver, InstanceFailed, Load, Migrate,
+                       RequestArrived, StepFinished, Unload)
 from scheduler.admission import ShadowValidator
 from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator
@@ -96,13 +96,32 @@ def test_needs_a_warm_destination_that_admits_the_rebuild():
     assert chooser(victim, target, arriving(), dest)(r) is None
 
 
-def test_only_prefilled_requests_of_gpu_victims_and_only_when_enabled():
+def test_only_prefilled_requests_and_only_when_enabled():
     victim, target, dest, r = cluster()
     assert chooser(victim, target, arriving(), dest, EXACT) is None          # option off
     r.prefilled = False
     assert chooser(victim, target, arriving(), dest)(r) is None              # nothing to move
+
+
+def test_a_compute_victim_migrates_when_enabled():
+    """A CPU victim keeps its decode time while draining, as a GPU one keeps its memory: the same
+    cost decides, the preempting request waiting for the rebuild either way."""
     cpu = Node(node_spec("c0", kind="cpu", memory=MEMORY))
-    assert chooser(warm(cpu, "Vc", A), target, arriving(), dest) is None     # compute victim
+    _, target, dest, _ = cluster()
+    victim = warm(cpu, "Vc", A)
+    r = decoding(victim, "rc", 0.05, 1000)
+    assert chooser(victim, target, arriving(), dest) is None
+    both = replace(CONFIG, migration_compute_victims=True)
+    assert chooser(victim, target, arriving(), dest, both)(r) is dest
+
+
+def test_a_destination_still_loading_costs_its_start_up():
+    victim, _, dest, r = cluster()
+    dest.weights.physical = 0                          # still loading, ready in 0.5 s
+    dest.ready_at = 0.5
+    cost = move_cost(r, victim, dest, Estimator(EXACT), now=0.0)
+    assert (cost.start_up, cost.ready, cost.gap) == (0.5, pytest.approx(1.5), 22)  # ⌈1.5/0.07⌉
+    assert cost.migrate(r, 0.0, 0.25) == pytest.approx((0.0, 0.022))
 
 
 # -- the lifecycle, through the scheduler ---------------------------------------------------------
@@ -112,11 +131,11 @@ def only(actions, cls):
     return found
 
 
-def scheduler_with_cluster():
-    sched = make_scheduler(CONFIG, models=[A, B], nodes=[node_spec("g0", memory=MEMORY),
+def scheduler_with_cluster(config=CONFIG, warm_destination=True):
+    sched = make_scheduler(config, models=[A, B], nodes=[node_spec("g0", memory=MEMORY),
                                                          node_spec("g1", memory=MEMORY)])
     victim, target, dest, r = cluster()
-    for inst in (victim, target, dest):
+    for inst in (victim, target, dest) if warm_destination else (victim, target):
         node = sched.nodes[inst.node.id]
         inst.node = node
         node.instances[inst.id] = inst
@@ -172,3 +191,41 @@ def test_a_failed_destination_leaves_the_request_at_its_source():
                         0.57)
     assert not [a for a in acts if isinstance(a, HandOver)]
     assert next(a for a in acts if isinstance(a, Grant)).instance == "V"    # r carries on
+
+
+def test_with_cold_destinations_the_move_starts_an_instance_elsewhere():
+    """ServerlessLLM loads the destination first; the source streams through the load."""
+    sched, victim, target, _, r = scheduler_with_cluster(
+        replace(CONFIG, migration_cold_destinations=True), warm_destination=False)
+    acts = sched.handle(RequestArrived("q", "b", 2048, 50, 0.0), 0.0)
+    created = only(acts, CreateInstance)
+    assert (created.node, created.model) == ("g1", "a")
+    assert only(acts, Migrate) == Migrate("r", "V", created.instance)
+    assert only(acts, Load).instance == created.instance
+    assert not [a for a in acts if isinstance(a, Evict)] and victim.draining
+
+
+def test_without_cold_destinations_no_warm_instance_means_drop():
+    sched, victim, target, _, r = scheduler_with_cluster(warm_destination=False)
+    acts = sched.handle(RequestArrived("q", "b", 2048, 50, 0.0), 0.0)
+    assert only(acts, Evict).requests == ("r",) and not [a for a in acts if isinstance(a, Migrate)]
+
+
+def test_a_rebuild_takes_another_round_while_the_source_runs_ahead():
+    """ServerlessLLM's multi-round migration: r's source made 5 tokens during the rebuild, more than
+    the gap of 4 a hand-over may catch up, so D rebuilds those in a second round first."""
+    sched, victim, target, dest, r = scheduler_with_cluster(replace(CONFIG, migration_rounds=3))
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    t = 0.0
+    for _ in range(5):
+        t += 0.07
+        acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True),
+                            t)
+        source = next(a for a in acts if isinstance(a, Grant) and a.instance == "V")
+    acts = sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 0.4, True), t)
+    second = only(acts, Grant)
+    assert (second.instance, second.kind) == ("D", "prefill") and r.copy_rounds == 2
+    acts = sched.handle(StepFinished("D", second.grant_id, "prefill", (), (), 63, 0.01, True), t)
+    assert r.copy_ready and not [a for a in acts if isinstance(a, HandOver)]   # V is decoding
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True), t)
+    assert only(acts, HandOver) == HandOver("r", "V", "D")
