@@ -29,7 +29,8 @@ from refengine.bench.report import markdown_table
 from refengine.engine.sequence import SamplingParams
 from refengine.runtime.api import Finished, TokenChunk
 from refengine.runtime.devices import DeviceSpec
-from refengine.runtime.live import LiveRuntime, RuntimeOptions
+from refengine.runtime.live import LiveRuntime
+from refengine.runtime.options import RuntimeOptions
 from scheduler.costmodel import FORMAT, profile_filename
 from scheduler.slo import SloPolicy
 

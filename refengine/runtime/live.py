@@ -26,98 +26,31 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
-from models.catalogue import Catalogue
 from models.config import LlamaConfig
 from refengine.engine.loader import ensure_prepared, load_llama
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
-from refengine.runtime.devices import DeviceSpec, DeviceWorker, relay
+from refengine.runtime.devices import DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
-from refengine.runtime.profile import FULL_GRID, cached_table
+from refengine.runtime.options import RuntimeOptions, scheduler_config
+from refengine.runtime.profile import cached_table
+from refengine.runtime.requests import LiveRequest, Migration
 from scheduler import actions as act
-from scheduler.config import SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel
 from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
                               Tick)
 from scheduler.memory import optimistic_budget
-from scheduler.slo import SloPolicy
 from scheduler.specs import ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
-
-
-@dataclass
-class RuntimeOptions:
-    catalogue: Catalogue
-    devices: list[DeviceSpec] = field(default_factory=lambda: [DeviceSpec("cpu:0", 8 << 30)])
-    keep_alive_s: float = 1.0
-    scheduler: str = "slinfer"            # or "exclusive": one dedicated instance per model, no sharing
-    backend: str | None = None            # kernel backend override (default: each device's own)
-    home: Path | None = None              # model cache (default $REFENGINE_HOME)
-    profile_grid: dict = field(default_factory=lambda: FULL_GRID)
-    slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
-    migration: bool = True                # preemption live-migrates running requests where cheaper,
-                                          # from any device, to a new instance if need be
-
-
-@dataclass
-class _Moving:
-    """A live migration in progress: the destination, the sequence rebuilding the KV there and the
-    tokens sent it; from the hand-over until the destination has taken the request over, the
-    source it leaves."""
-
-    destination: str
-    seq_id: int
-    sent: int = 0
-    source: str | None = None
-
-
-@dataclass
-class _Request:
-    id: str
-    model: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    arrival: float
-    events: asyncio.Queue
-    output_ids: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    cold_start: bool = False
-    cold_start_grace_s: float = 0.0
-    instance: str | None = None
-    seq_id: int | None = None
-    done: bool = False
-    migration: _Moving | None = None
-    state: SequenceState | None = None      # evicted: what its next instance adopts
-
-    def finished(self, reason: str, now: float) -> Finished:
-        ttft = (self.first_token_at or now) - self.arrival
-        return Finished(reason, len(self.prompt_ids), len(self.output_ids), ttft, self.cold_start,
-                        self.cold_start_grace_s)
-
-
-def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: SloPolicy | None,
-                     migration: bool = True) -> SchedulerConfig:
-    """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
-    concurrency limit, CPU first (the sllm+c preset with limits for our models). With `migration`,
-    a preemption moves requests live from any device, to a new instance if need be, in rounds."""
-    moves = dict.fromkeys(("migration", "migration_compute_victims", "migration_cold_destinations"), migration)
-    overrides = {"keep_alive": keep_alive_s, **moves, "migration_rounds": 8, **({"slo": slo} if slo else {})}
-    if name == "slinfer":
-        return preset("slinfer", **overrides)
-    if name == "exclusive":
-        limits = {w: {"cpu": 8, "gpu": 32} for w in weights}
-        return preset("sllm+c", concurrency_limits=limits, **overrides)
-    raise ValueError(f"unknown scheduler {name!r}; choose slinfer or exclusive")
 
 
 class LiveRuntime:
@@ -125,7 +58,7 @@ class LiveRuntime:
         self.options = options
         self.catalogue = options.catalogue
         self._t0 = time.monotonic()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, LiveRequest] = {}
         self._instances: dict[str, LiveInstance] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._workers: dict[str, DeviceWorker] = {}
@@ -192,7 +125,7 @@ class LiveRuntime:
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                        slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         params.validate(len(prompt_ids), self.context_length(model))
-        req = _Request(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
+        req = LiveRequest(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
         slo = slo or SloOverride()
         self._handle(RequestArrived(req.id, model, len(prompt_ids), params.max_tokens, req.arrival,
@@ -332,7 +265,7 @@ class LiveRuntime:
         tokens it has now, as prefill work that yields nothing, while the source decodes on."""
         req = self._requests.get(migrate.request_id)
         if req is not None:
-            req.migration = _Moving(migrate.destination, next(self._ids))
+            req.migration = Migration(migrate.destination, next(self._ids))
             self._send_new_tokens(self._instances[migrate.destination])
 
     def _send_new_tokens(self, dest: LiveInstance) -> None:
@@ -372,7 +305,7 @@ class LiveRuntime:
         relay(self._workers[source.node], self._workers[dest.node], export, take_over,
               partial(self._job_failed, source), partial(self._job_failed, dest))
 
-    def _taken_over(self, req: _Request, moving: _Moving, moved: bool) -> None:
+    def _taken_over(self, req: LiveRequest, moving: Migration, moved: bool) -> None:
         """Counted once the destination holds the request: before its first token there."""
         if req.migration is moving:
             req.migration = None
@@ -423,7 +356,7 @@ class LiveRuntime:
             req.events.put_nowait(Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
                                              retry_after_s=1.0))
 
-    def _cancel(self, req: _Request) -> None:
+    def _cancel(self, req: LiveRequest) -> None:
         """The client went away: stop the sequence on its device, then tell the scheduler."""
         req.done = True
         self._requests.pop(req.id, None)

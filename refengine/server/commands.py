@@ -69,7 +69,8 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
     import uvicorn
     from fastapi import FastAPI
 
-    from refengine.runtime.live import LiveRuntime, RuntimeOptions
+    from refengine.runtime.live import LiveRuntime
+    from refengine.runtime.options import RuntimeOptions
     from refengine.server.app import create_app, runtime_lifespan
 
     try:
