@@ -3,7 +3,8 @@
 numpy's OpenBLAS has no bf16 GEMM; MKL's `cblas_gemm_bf16bf16f32` runs bf16 x bf16 on the AMX tiles
 with float32 accumulation and output, several times faster than float32 BLAS on the same cores.
 Weights are converted to bf16 once, at their first such GEMM, and kept beside the float32 original
-for as long as it lives (a weak reference drops the copy with the model); activations are converted
+for as long as its memory lives (a weak reference drops the copy with the buffer; instances sharing
+a host-cache entry share the copies); activations are converted
 per call (round to nearest even) by a parallel Numba kernel, which costs a few percent of the GEMM.
 
 Availability is decided at run time: the CPU must report `amx_bf16` and the PyPI `mkl` package must
@@ -76,6 +77,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _owner(view: np.ndarray) -> np.ndarray:
+    """The array at the root of `view`'s base chain: the one whose lifetime is the memory's."""
+    while isinstance(view.base, np.ndarray):
+        view = view.base
+    return view
+
+
 class Bf16Matmul:
     """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output."""
 
@@ -84,7 +92,7 @@ class Bf16Matmul:
         lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
         self.gemm = lib.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt`
         self.gemm.restype, self.gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
-        self._weights: dict[int, np.ndarray] = {}   # id(float32 weight) -> its bf16 copy
+        self._weights: dict[tuple, np.ndarray] = {}   # (address, shape, strides) of a weight -> bf16 copy
 
     @classmethod
     def create(cls, required: bool = False) -> "Bf16Matmul | None":
@@ -97,12 +105,14 @@ class Bf16Matmul:
         return None
 
     def bf16_weight(self, weight: np.ndarray) -> np.ndarray:
-        """The cached bf16 copy of `weight` [O, I], made on first use and dropped with the weight."""
-        key = id(weight)
+        """The cached bf16 copy of `weight` [O, I], made on first use. It is found by the memory the
+        weight views, not by the array object, so instances whose weights are views of one host-
+        cache entry share one copy; it is dropped with the buffer that owns that memory."""
+        key = (weight.ctypes.data, weight.shape, weight.strides)
         cached = self._weights.get(key)
         if cached is None:
             cached = self._weights[key] = to_bf16(weight)
-            weakref.finalize(weight, self._weights.pop, key, None)
+            weakref.finalize(_owner(weight), self._weights.pop, key, None)
         return cached
 
     def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:

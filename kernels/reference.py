@@ -9,6 +9,7 @@ P tokens per block).
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,7 +177,17 @@ class ReferenceKernels:
         return np.asarray(a)
 
     def zeros(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+        """A KV pool: zero pages that cost nothing until written, 4 KiB at a time. numpy backs large
+        arrays with 2 MiB transparent huge pages, and a [L, N, ...] pool is written a few blocks per
+        layer at a time, so a short prompt's first blocks would zero one huge page in each of 2 × L
+        places (120 MiB for SmolLM2's 30 layers, ~0.3 s on the 2-core VM of docs/BENCHMARKS.md)."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes == 0:
+            return np.zeros(shape, dtype=dtype)
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            pages.madvise(mmap.MADV_NOHUGEPAGE)
+        return np.frombuffer(pages, dtype=dtype).reshape(shape)
 
     def move_blocks(self, src_cache: np.ndarray, dst_cache: np.ndarray, src_ids: np.ndarray,
                     dst_ids: np.ndarray) -> None:

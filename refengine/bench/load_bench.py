@@ -76,20 +76,8 @@ def memcpy_case(nbytes: int) -> Case:
 
 def pinned_h2d_case(nbytes: int, device: str) -> Case:
     """One host→device copy of `nbytes` from page-locked memory."""
-    import cupy
-    from refengine.store.cuda_upload import pinned_empty
-    host = pinned_empty(nbytes)
-    host.fill(1)
-    gpu = cupy.cuda.Device(int(device.partition(":")[2] or 0))
-    with gpu:
-        dst = cupy.empty(nbytes, dtype=cupy.uint8)
-
-    def copy() -> None:
-        with gpu:
-            dst.set(host)
-            cupy.cuda.runtime.deviceSynchronize()
-
-    return copy, None
+    from refengine.store.cuda_upload import pinned_copy
+    return pinned_copy(nbytes, device), None
 
 
 # ---------------------------------------------------------------- the store

@@ -12,18 +12,20 @@ from typing import Callable
 
 from kernels.interface import Kernels
 from refengine.engine.instance import Instance
-from refengine.engine.loader import load_llama
+from refengine.engine.loader import with_decode_graphs
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.step_result import StepKind, StepResult
 from refengine.engine.tokenizer import IncrementalDecoder, Tokenizer
 from refengine.runtime.api import InstanceInfo
 from refengine.store.cache import ModelFiles
+from refengine.store.model_store import Lease, ModelStore
 
 
 class LiveInstance:
     def __init__(self, name: str, node: str, model: str, weights: str):
         self.name, self.node, self.model, self.weights = name, node, model, weights
         self.engine: Instance | None = None
+        self._lease: Lease | None = None             # the store's record of the weights held here
         self._kv_blocks = 0                          # the target, kept while no weights are loaded
         self._request_of: dict[int, str] = {}
         self._seq_of: dict[str, int] = {}
@@ -31,16 +33,28 @@ class LiveInstance:
         self.failed = False                          # a job raised: the instance is gone for good
 
     # ---- memory actions
-    def load(self, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
-        self.engine = Instance(load_llama(files, kernels), num_blocks=self._kv_blocks, fixed_pool=False,
-                               new_detokenizer=partial(IncrementalDecoder, tokenizer))
+    def load(self, store: ModelStore, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
+        """Take the weights from the store's nearest tier (on a CPU, views of the host-cache entry)."""
+        lease = store.load(files, kernels, self.node)
+        try:
+            model = with_decode_graphs(lease.load.wait().model)
+            self.engine = Instance(model, num_blocks=self._kv_blocks, fixed_pool=False,
+                                   new_detokenizer=partial(IncrementalDecoder, tokenizer))
+        except BaseException:
+            lease.release()
+            raise
+        self._lease = lease
         for _, apply in self._before_load:
             apply(self.engine)
         self._before_load.clear()
 
     def unload(self) -> None:
-        """Drop weights and KV cache; any sequence still here is gone with them."""
+        """Drop weights and KV cache; any sequence still here is gone with them. The store hears of
+        it last, once nothing here refers to the weights."""
         self.engine = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
         self._request_of.clear()
         self._seq_of.clear()
         self._before_load.clear()

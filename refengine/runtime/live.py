@@ -32,23 +32,28 @@ from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
 from models.config import LlamaConfig
-from refengine.engine.loader import ensure_prepared, load_llama
+from models.llama import LlamaModel
+from refengine.engine.loader import ensure_prepared, with_decode_graphs
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
 from refengine.runtime.devices import DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
+from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
+                                          measure_host_to_device)
 from refengine.runtime.options import RuntimeOptions, scheduler_config
 from refengine.runtime.profile import cached_table
 from refengine.runtime.requests import LiveRequest, Migration
+from refengine.store.cache import ModelFiles
+from refengine.store.model_store import ModelStore
 from scheduler import actions as act
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel
 from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
                               Tick)
 from scheduler.memory import optimistic_budget
-from scheduler.specs import ModelSpec, NodeSpec
+from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
 
@@ -76,19 +81,27 @@ class LiveRuntime:
             worker.start()
 
     def _build(self) -> None:
-        """Prepare weights, load tokenizers, profile each (weights, hardware), build the scheduler."""
+        """Prepare weights and load tokenizers; measure the tiers' bandwidths (filling the host cache);
+        profile each (weights, hardware); build the scheduler and tell it where each model is."""
         opts = self.options
         files = {w: ensure_prepared(w, opts.home) for w in self.catalogue.weights}
         self._tokenizers = {w: Tokenizer(f) for w, f in files.items()}
+        self.store = ModelStore(opts.home, opts.host_cache_bytes, allocate=host_allocator(opts.devices))
+        disk_to_host = measure_disk_to_host(self.store, files.values())
         tables, nodes = [], []
         for device in opts.devices:
             backend = backend_for_device(device.name, opts.backend)
             hardware = f"{device.kind}-{backend}"
             for weights, f in files.items():
-                model = load_llama(f, get_kernels(backend, device.name))
-                tables.append(cached_table(model, weights, hardware, self._home() / "profiles", opts.profile_grid))
-            nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes))
+                tables.append(cached_table(partial(self._profiled_model, f, device.name), weights, hardware,
+                                           self._home() / "profiles", opts.profile_grid))
+            kernels = get_kernels(backend, device.name)
+            bandwidths = LoadBandwidths(disk_to_host,
+                                        measure_host_to_device(self.store, files.values(), device, kernels))
+            nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
+                                  bandwidths=bandwidths))
             self._workers[device.name] = DeviceWorker(device)
+            log.info("%s: weights load at %s", device.name, describe(bandwidths))
         specs = []
         for name in self.catalogue.names:
             weights = self.catalogue[name].weights
@@ -101,6 +114,16 @@ class LiveRuntime:
         self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
                                    scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo,
                                                     opts.migration))
+        self._tiers = TierReports(self.store, self.catalogue)
+        for change in self._tiers.changes():
+            self.scheduler.handle(change, self._now())
+
+    def _profiled_model(self, files: ModelFiles, device: str) -> LlamaModel:
+        """The model to measure a latency table on. Its lease ends at once: the arrays keep their memory
+        for as long as the profile runs, and no other load competes for the host cache meanwhile."""
+        with self.store.load(files, get_kernels(backend_for_device(device, self.options.backend), device),
+                             device) as lease:
+            return with_decode_graphs(lease.load.wait().model)
 
     def _home(self) -> Path:
         from refengine.store.cache import model_home
@@ -111,6 +134,7 @@ class LiveRuntime:
             self._timer.cancel()
         for worker in self._workers.values():
             await asyncio.to_thread(worker.stop)
+        self.store.close()
 
     # ---------------------------------------------------------------- the Runtime interface
     def tokenizer(self, model: str) -> Tokenizer:
@@ -325,7 +349,8 @@ class LiveRuntime:
             states = {}
             if isinstance(action, act.Load):
                 backend = backend_for_device(inst.node, self.options.backend)
-                inst.load(self._files[inst.weights], get_kernels(backend, inst.node), self._tokenizers[inst.weights])
+                inst.load(self.store, self._files[inst.weights], get_kernels(backend, inst.node),
+                          self._tokenizers[inst.weights])
             elif isinstance(action, act.Unload):
                 inst.unload()
             elif isinstance(action, act.KvResize):
@@ -342,6 +367,8 @@ class LiveRuntime:
         for request_id, state in states.items():
             if (req := self._requests.get(request_id)) is not None:
                 req.state = state
+        for change in self._tiers.changes():         # a load may have filled or evicted host entries
+            self._handle(change)
         self._handle(MemoryDone(inst.name, action.action_id, seconds))
 
     def _drop(self, drop: act.Drop) -> None:

@@ -19,6 +19,7 @@ class RuntimeOptions:
     scheduler: str = "slinfer"            # or "exclusive": one dedicated instance per model, no sharing
     backend: str | None = None            # kernel backend override (default: each device's own)
     home: Path | None = None              # model cache (default $REFENGINE_HOME)
+    host_cache_bytes: int = 4 << 30       # the model store's host-memory tier (0: none)
     profile_grid: dict = field(default_factory=lambda: FULL_GRID)
     slo: SloPolicy | None = None           # None = SLINFER's defaults (§6.1) with the artifact's 5% margin
     migration: bool = True                # preemption live-migrates running requests where cheaper,

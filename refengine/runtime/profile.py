@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 import numpy as np
 from tqdm import tqdm
@@ -83,13 +84,13 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
         "prefill": {"tokens": list(grid["prefill"]), "latency": prefill}, "decode": rows})
 
 
-def cached_table(model: LlamaModel, profile: str, hardware: str, directory: Path, grid: dict = FULL_GRID,
-                 progress: bool = True) -> LatencyTable:
-    """The table from `directory` if measured before, else measure it now and save it."""
+def cached_table(load_model: Callable[[], LlamaModel], profile: str, hardware: str, directory: Path,
+                 grid: dict = FULL_GRID, progress: bool = True) -> LatencyTable:
+    """The table from `directory` if measured before, else measure it now on `load_model()` and save it."""
     path = directory / profile_filename(profile, hardware)
     if path.exists():
         return load_table(path)
-    table = measure_table(model, profile, hardware, grid, progress=progress)
+    table = measure_table(load_model(), profile, hardware, grid, progress=progress)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table.to_dict(), indent=1))
@@ -108,7 +109,5 @@ def device_profile(weights: str, device: str, backend: str | None, home: Path, g
     path = directory / profile_filename(weights, hardware)
     if force:
         path.unlink(missing_ok=True)
-    if path.exists():
-        return path, load_table(path)
-    model = load_llama(ensure_prepared(weights, home), get_kernels(name, device))
-    return path, cached_table(model, weights, hardware, directory, grid)
+    return path, cached_table(lambda: load_llama(ensure_prepared(weights, home), get_kernels(name, device)),
+                              weights, hardware, directory, grid)

@@ -54,6 +54,8 @@ def _parsed(parse: Callable) -> Callable:
               help="Memory the scheduler may use per CPU device.")
 @click.option("--gpu-memory", default="16GiB", show_default=True, callback=_parsed(parse_size),
               help="Memory the scheduler may use per GPU.")
+@click.option("--host-cache", default="4GiB", show_default=True, callback=_parsed(parse_size),
+              help="Host memory that keeps recently used models for fast cold starts (0: read from disk each time).")
 @click.option("--keep-alive", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds an idle instance stays loaded.")
 @click.option("--scheduler", default="slinfer", show_default=True, type=click.Choice(["slinfer", "exclusive"]))
@@ -64,7 +66,7 @@ def _parsed(parse: Callable) -> Callable:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int, gpu_memory: int,
-          keep_alive: float, scheduler: str, backend: str | None, host: str, port: int, log_level: str) -> None:
+          host_cache: int, keep_alive: float, scheduler: str, backend: str | None, host: str, port: int, log_level: str) -> None:
     """Serve every catalogue model over an OpenAI-compatible HTTP API (loaded on first use)."""
     import uvicorn
     from fastapi import FastAPI
@@ -79,7 +81,8 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
         raise click.BadParameter(str(e), param_hint="--models") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=device_specs(devices, cpu_memory, gpu_memory),
-                                         keep_alive_s=keep_alive, scheduler=scheduler, backend=backend))
+                                         host_cache_bytes=host_cache, keep_alive_s=keep_alive, scheduler=scheduler,
+                                         backend=backend))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,6 +27,24 @@ def pinned_empty(nbytes: int) -> np.ndarray:
     import cupy
     memory = cupy.cuda.alloc_pinned_memory(nbytes)
     return np.frombuffer(memory, dtype=np.uint8, count=nbytes)
+
+
+def pinned_copy(nbytes: int, device: str) -> Callable[[], None]:
+    """A function that copies `nbytes` from page-locked host memory to `device` ("cuda:N") and waits:
+    the host→device limit, as benchmarks and the runtime's start-up measure it."""
+    import cupy
+    host = pinned_empty(nbytes)
+    host.fill(1)
+    gpu = cupy.cuda.Device(int(device.partition(":")[2] or 0))
+    with gpu:
+        dst = cupy.empty(nbytes, dtype=cupy.uint8)
+
+    def copy() -> None:
+        with gpu:
+            dst.set(host)
+            cupy.cuda.runtime.deviceSynchronize()
+
+    return copy
 
 
 class CudaUpload:

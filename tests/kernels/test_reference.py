@@ -108,6 +108,20 @@ def test_move_blocks_copies_whole_blocks():
     assert not dst[:, 1].any()
 
 
+@pytest.mark.parametrize("shape", [(30, 40, 16, 3, 64), (2, 0, 16, 3, 64), (1, 1, 1, 1, 1)])
+def test_kv_pool_zeros_are_zero_writable_and_freed_with_the_array(shape):
+    """Big pools come from an anonymous mapping without huge pages (see `ReferenceKernels.zeros`)."""
+    pool = ref.ReferenceKernels().zeros(shape)
+    assert pool.shape == shape and pool.dtype == np.float32 and pool.flags.c_contiguous
+    assert not pool.any()
+    values = randn(*shape)
+    pool[...] = values
+    np.testing.assert_array_equal(pool, values)
+    view = pool[:, :1]
+    del pool
+    np.testing.assert_array_equal(view, values[:, :1])           # a view keeps the mapping alive
+
+
 class TestSampling:
     logits = randn(50) * 3
 

@@ -75,14 +75,14 @@ def recorded(monkeypatch):
 def test_serve_wires_the_options(recorded):
     result = CliRunner().invoke(serve, ["--replicas", "3", "--devices", "cpu*2,cuda:0", "--cpu-memory", "4GiB",
                                         "--keep-alive", "2.5", "--scheduler", "exclusive", "--port", "8123",
-                                        "--backend", "reference"])
+                                        "--backend", "reference", "--host-cache", "512MiB"])
     assert result.exit_code == 0, result.output
     runtime = recorded["runtime"]
     assert runtime.catalogue.names[-1] == f"{DEFAULT_MODEL}-r3" and len(runtime.catalogue.names) == 4
     assert runtime.options.devices == [DeviceSpec("cpu:0", 4 * GIB), DeviceSpec("cpu:1", 4 * GIB),
                                        DeviceSpec("cuda:0", 16 * GIB)]
     assert runtime.options.keep_alive_s == 2.5 and runtime.options.scheduler == "exclusive"
-    assert runtime.options.backend == "reference"
+    assert runtime.options.backend == "reference" and runtime.options.host_cache_bytes == 512 << 20
     assert runtime.calls == ["start", "serving", "stop"]
     assert recorded["config"].port == 8123 and recorded["config"].host == "127.0.0.1"
     assert result.output.strip().splitlines() == [
@@ -90,6 +90,7 @@ def test_serve_wires_the_options(recorded):
 
 
 @pytest.mark.parametrize("args,complaint", [(["--devices", "tpu"], "tpu"), (["--cpu-memory", "lots"], "lots"),
+                                            (["--host-cache", "-1GiB"], "host-cache"),
                                             (["--models", "nope"], "nope"), (["--keep-alive", "-1"], "keep-alive"),
                                             (["--scheduler", "fifo"], "fifo"), (["--port", "70000"], "port")])
 def test_serve_refuses_bad_flags(recorded, args, complaint):
