@@ -83,7 +83,7 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
         from refengine.bench.gguf_export import exported_gguf, source_gguf
         from refengine.store.cache import model_home
         precision = engine.split()[-1]
-        gguf = source_gguf() if precision == "Q4_1" else exported_gguf(model_home() / "peers", precision)
+        gguf = source_gguf() if precision == "Q4_1" else exported_gguf(model_home() / "peers", precision.lower())
         return (lambda b, c: peers.llama_cpp_decode(gguf, b, c, steps=options.repeats),
                 lambda n: peers.llama_cpp_prefill(gguf, n))
     if engine == "transformers fp32":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refengine.bench import comparison_report, side_by_side, steps
+from refengine.bench import comparison_report, gguf_export, side_by_side, steps
 
 
 def test_synthetic_decode_step_matches_what_the_engine_builds(tiny_model):
@@ -56,3 +56,13 @@ def test_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_engines_put_ours_first(device):
     assert side_by_side.engines_for(device)[0].startswith("refengine")
+
+
+def test_llama_cpp_engines_run_the_gguf_of_their_precision(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(side_by_side, "_weights", lambda options: (None, None, None))
+    monkeypatch.setattr(gguf_export, "exported_gguf", lambda directory, precision: asked.append(precision) or tmp_path)
+    monkeypatch.setattr(gguf_export, "source_gguf", lambda: tmp_path / "shipped.gguf")
+    for engine in ("llama.cpp F32", "llama.cpp F16", "llama.cpp Q4_1"):
+        side_by_side._runners(engine, side_by_side.Options("cpu", False))
+    assert asked == ["f32", "f16"]                                  # the shipped file serves Q4_1
