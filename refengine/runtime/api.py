@@ -77,6 +77,8 @@ class RuntimeStatus:
     device_memory_budget: dict[str, int] = field(default_factory=dict)     # bytes the scheduler may use
     device_memory_optimistic: dict[str, int] = field(default_factory=dict)  # scheduler's admitted targets
     device_memory_actual: dict[str, int] = field(default_factory=dict)      # what is really allocated
+    host_cache_budget: int = 0       # the model store's host tier: its byte budget
+    host_cache_used: int = 0         # and the bytes of the models it holds (CPU instances' weights are views)
     cold_starts: int = 0
     preemptions: int = 0
     drops: int = 0

@@ -167,7 +167,8 @@ class LiveRuntime:
                 self._cancel(req)
 
     def status(self) -> RuntimeStatus:
-        status = RuntimeStatus(**{k: v for k, v in self.counters.items()})
+        status = RuntimeStatus(**{k: v for k, v in self.counters.items()},
+                               host_cache_budget=self.store.host.budget, host_cache_used=self.store.host.used_bytes)
         for inst in self._instances.values():
             status.instances.append(inst.info())
         for node_id, node in self.scheduler.nodes.items():

@@ -82,6 +82,11 @@ class RuntimeCollector:
                 ("optimistic", "Scheduler's admitted targets (optimistic budget)", status.device_memory_optimistic),
                 ("actual", "Memory really allocated (pessimistic usage)", status.device_memory_actual)):
             yield _gauge(f"refengine_device_memory_{name}_bytes", doc, ["device"], {(d,): v for d, v in values.items()})
+        yield GaugeMetricFamily("refengine_host_cache_budget_bytes", "Host memory the model store may keep models in",
+                                value=status.host_cache_budget)
+        yield GaugeMetricFamily("refengine_host_cache_used_bytes",
+                                "Bytes of the models in the host cache (CPU instances' weights are views of them)",
+                                value=status.host_cache_used)
         per_instance = ["instance", "model", "device"]
         for field, doc in (("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks held"),
                            ("running", "Sequences decoding"), ("waiting", "Sequences waiting for a prefill"),

@@ -188,3 +188,4 @@ def test_metrics_parse(client, http):
                  "refengine_device_memory_actual_bytes", "refengine_instance_kv_blocks_used",
                  "refengine_cold_starts", "refengine_preemptions", "refengine_drops"):
         assert name in families, name
+    assert 0 < samples[("refengine_host_cache_used_bytes", ())] <= samples[("refengine_host_cache_budget_bytes", ())]
