@@ -76,11 +76,12 @@ class LiveRuntime:
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._build)
+        if self.scheduler is None:
+            await asyncio.to_thread(self.prepare)
         for worker in self._workers.values():
             worker.start()
 
-    def _build(self) -> None:
+    def prepare(self) -> None:
         """Prepare weights and load tokenizers; measure the tiers' bandwidths (filling the host cache);
         profile each (weights, hardware); build the scheduler and tell it where each model is."""
         opts = self.options

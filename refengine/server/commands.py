@@ -74,6 +74,7 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
     from refengine.runtime.live import LiveRuntime
     from refengine.runtime.options import RuntimeOptions
     from refengine.server.app import create_app, runtime_lifespan
+    from refengine.store.cache import ModelCacheError
 
     try:
         catalogue = build_catalogue(models, replicas)
@@ -83,6 +84,10 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
     runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=device_specs(devices, cpu_memory, gpu_memory),
                                          host_cache_bytes=host_cache, keep_alive_s=keep_alive, scheduler=scheduler,
                                          backend=backend))
+    try:
+        runtime.prepare()       # weights, tiers and profiles before the server: a bad cache is one line
+    except ModelCacheError as e:
+        raise click.ClickException(str(e)) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -40,8 +40,15 @@ def test_device_specs():
 class StubRuntime:
     """Stands in for LiveRuntime: records its options and its start and stop."""
 
+    failure: Exception | None = None
+
     def __init__(self, options):
         self.options, self.catalogue, self.calls = options, options.catalogue, []
+
+    def prepare(self) -> None:
+        self.calls.append("prepare")
+        if self.failure is not None:
+            raise self.failure
 
     async def start(self) -> None:
         self.calls.append("start")
@@ -83,7 +90,7 @@ def test_serve_wires_the_options(recorded):
                                        DeviceSpec("cuda:0", 16 * GIB)]
     assert runtime.options.keep_alive_s == 2.5 and runtime.options.scheduler == "exclusive"
     assert runtime.options.backend == "reference" and runtime.options.host_cache_bytes == 512 << 20
-    assert runtime.calls == ["start", "serving", "stop"]
+    assert runtime.calls == ["prepare", "start", "serving", "stop"]
     assert recorded["config"].port == 8123 and recorded["config"].host == "127.0.0.1"
     assert result.output.strip().splitlines() == [
         "refengine: 4 models on cpu:0,cpu:1,cuda:0 (exclusive, keep-alive 2.5 s) at http://127.0.0.1:8123/v1"]
@@ -96,3 +103,13 @@ def test_serve_wires_the_options(recorded):
 def test_serve_refuses_bad_flags(recorded, args, complaint):
     result = CliRunner().invoke(serve, args)
     assert result.exit_code == 2 and complaint in result.output and "runtime" not in recorded
+
+
+def test_serve_fails_in_one_line_on_a_damaged_model_cache(recorded, monkeypatch):
+    from refengine.store.cache import ModelCacheError
+    message = "tensors.bin is corrupt (bytes 0-16 fail their checksum); run `python cli.py prepare --force`"
+    monkeypatch.setattr(StubRuntime, "failure", ModelCacheError(message))
+    result = CliRunner().invoke(serve, [])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {message}"
+    assert recorded["runtime"].calls == ["prepare"] and "config" not in recorded     # uvicorn never started
