@@ -16,6 +16,7 @@ from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, markdown_table, update_section
 from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
 from refengine.bench.serve_workload import LENGTH_SCALE
+from refengine.runtime.devices import parse_size
 from refengine.store.model_store import READ_THREADS
 from refengine.store.packed import CHUNK_BYTES
 
@@ -312,16 +313,23 @@ def profile(device: str, backend: str | None, force: bool) -> None:
 @_backend
 @click.option("--keep-alive", default=ServeBench.keep_alive_s, show_default=True, type=click.FloatRange(min=0),
               help="The server's keep-alive, seconds.")
+@click.option("--host-cache", default=ServeBench.host_cache, show_default=True,
+              help="The server's host cache (0: every cold start reads the disk); written to its own section.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the requests' model assignment.")
 @_write
 def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tuple[float, ...], duration: float,
-                length_scale: float, devices: str, backend: str | None, keep_alive: float, seed: int,
-                write: bool) -> None:
+                length_scale: float, devices: str, backend: str | None, keep_alive: float, host_cache: str,
+                seed: int, write: bool) -> None:
     """Replay the Azure conversation trace against the live server: SLO-met rate, TTFT/TPOT, goodput
     and peak memory per (models, scheduler, offered load), written with a plot to docs/BENCHMARKS.md."""
     from refengine.bench import serve_report
+    try:
+        parse_size(host_cache)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--host-cache") from None
     config = ServeBench(tuple(models), tuple(schedulers), tuple(sorted(loads)), duration, devices=devices,
-                        backend=backend, keep_alive_s=keep_alive, seed=seed, length_scale=length_scale)
+                        backend=backend, keep_alive_s=keep_alive, host_cache=host_cache, seed=seed,
+                        length_scale=length_scale)
     loadavg_start, started = os.getloadavg(), time.monotonic()
     click.echo(f"{len(config.points())} points of {duration:g} s each; load average {loadavg_start[0]:.1f}")
     try:
@@ -329,12 +337,13 @@ def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tup
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     if write:
-        slug = re.sub(r"[^a-z0-9]+", "-", devices.lower()).strip("-")
+        variant = devices if host_cache == ServeBench.host_cache else f"{devices}, host cache {host_cache}"
+        slug = re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
         plot_name = "bench_serve.png" if slug == "cpu" else f"bench_serve_{slug}.png"
         serve_report.plot(summaries, BENCHMARKS.parent / plot_name)
         notes = serve_report.RunNotes(" ".join(["python cli.py", *sys.argv[1:]]), time.monotonic() - started,
                                       loadavg_start, os.getloadavg(), plot_name)
-        update_section(f"serve-{slug}", f"Serving a replayed trace ({devices})",
+        update_section(f"serve-{slug}", f"Serving a replayed trace ({variant})",
                        serve_report.section(config, summaries, notes))
         click.echo(f"wrote docs/BENCHMARKS.md (serve-{slug}) and docs/{plot_name}")
 

@@ -43,6 +43,7 @@ class ServeBench:
     keep_alive_s: float = 1.0                      # the server's defaults (SLINFER's 1 s), stated in the doc
     cpu_memory: str = "8GiB"
     gpu_memory: str = "16GiB"
+    host_cache: str = "4GiB"                       # the server's model store host tier ("0": disk every time)
     seed: int = 0
     length_scale: float = LENGTH_SCALE
     home: Path | None = None                       # model cache (default $REFENGINE_HOME)
@@ -54,7 +55,8 @@ class ServeBench:
     def serve_args(self, models: int, scheduler: str) -> list[str]:
         backend = ["--backend", self.backend] if self.backend else []
         return ["--replicas", str(models - 1), "--scheduler", scheduler, "--devices", self.devices, *backend,
-                "--keep-alive", str(self.keep_alive_s), "--cpu-memory", self.cpu_memory, "--gpu-memory", self.gpu_memory]
+                "--keep-alive", str(self.keep_alive_s), "--cpu-memory", self.cpu_memory, "--gpu-memory", self.gpu_memory,
+                "--host-cache", self.host_cache]
 
 
 def prepare(bench: ServeBench, echo: Callable[[str], None]) -> list[int]:

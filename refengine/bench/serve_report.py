@@ -102,7 +102,7 @@ latencies as upper bounds.
   Zipf(1) popularity, seed {bench.seed}. Prompts are token ids; `ignore_eos` makes every output the
   trace's length.
 - **Each point**: a fresh `cli.py serve` process (keep-alive {bench.keep_alive_s:g} s, memory budget
-  {bench.cpu_memory} per CPU device and {bench.gpu_memory} per GPU), one warm-up request, idle until
+  {bench.cpu_memory} per CPU device and {bench.gpu_memory} per GPU, host cache {bench.host_cache}), one warm-up request, idle until
   scaled back to zero, then an open-loop replay with the OpenAI client (streaming, so TTFT and TPOT
   are taken by the client); requests unfinished {bench.drain_s:g} s after the last arrival time out.
 - **SLO met** (SLINFER §6.1): TTFT ≤ min(max(0.5, L/512), 8) s + the cold-start grace the server
