@@ -43,7 +43,7 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
                                           measure_host_to_device)
 from refengine.runtime.options import RuntimeOptions, scheduler_config
-from refengine.runtime.profile import cached_table
+from refengine.runtime.profile import cached_table, machine_of
 from refengine.runtime.requests import LiveRequest, Migration
 from refengine.store.cache import ModelFiles
 from refengine.store.model_store import ModelStore
@@ -95,7 +95,7 @@ class LiveRuntime:
             hardware = f"{device.kind}-{backend}"
             for weights, f in files.items():
                 tables.append(cached_table(partial(self._profiled_model, f, device.name), weights, hardware,
-                                           self._home() / "profiles", opts.profile_grid))
+                                           self._home() / "profiles", machine_of(device.name), opts.profile_grid))
             kernels = get_kernels(backend, device.name)
             bandwidths = LoadBandwidths(disk_to_host,
                                         measure_host_to_device(self.store, files.values(), device, kernels))

@@ -12,6 +12,9 @@ a decode iteration's cost depends on the lengths, not on the values in the cache
 from __future__ import annotations
 
 import json
+import logging
+import os
+import platform
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,9 @@ from refengine.engine.loader import ensure_prepared, load_llama
 from refengine.engine.sequence import SamplingParams, SequenceStatus
 from refengine.engine.step_result import StepKind
 from refengine.runtime.devices import DeviceSpec
-from scheduler.costmodel import FORMAT, LatencyTable, load_table, profile_filename
+from scheduler.costmodel import FORMAT, LatencyTable, profile_filename
+
+log = logging.getLogger("refengine.profile")
 
 # Powers of two up to what a 135M model on a 2-core CPU serves within SLO; the cost model extrapolates
 # proportionally beyond the last point (§4.2.2).
@@ -84,16 +89,40 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
         "prefill": {"tokens": list(grid["prefill"]), "latency": prefill}, "decode": rows})
 
 
+def machine_of(device: str) -> str:
+    """What a table's latencies depend on besides the weights and the kernels: the GPU's name, or the
+    CPU's model and core count. A model cache may be shared by several machines (or moved), so a
+    table is kept with the machine it was measured on and measured again on any other."""
+    if device.startswith("cuda"):
+        import cupy
+        return cupy.cuda.runtime.getDeviceProperties(int(device.partition(":")[2] or 0))["name"].decode()
+    model = platform.processor() or "unknown CPU"
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def cached_table(load_model: Callable[[], LlamaModel], profile: str, hardware: str, directory: Path,
-                 grid: dict = FULL_GRID, progress: bool = True) -> LatencyTable:
-    """The table from `directory` if measured before, else measure it now on `load_model()` and save it."""
+                 machine: str, grid: dict = FULL_GRID, progress: bool = True) -> LatencyTable:
+    """The table from `directory` if it was measured on `machine` or names no machine (written by
+    hand, e.g. pinned for a test), else measure it now on `load_model()` and save it (replacing one
+    from another machine, or one that cannot be read)."""
     path = directory / profile_filename(profile, hardware)
     if path.exists():
-        return load_table(path)
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("machine", machine) == machine:
+                return LatencyTable.from_dict(saved)
+            log.info("%s was measured on %s, not here (%s): measuring again", path, saved.get("machine"), machine)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cannot read %s (%s): measuring again", path, e)
     table = measure_table(load_model(), profile, hardware, grid, progress=progress)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table.to_dict(), indent=1))
+    tmp.write_text(json.dumps({**table.to_dict(), "machine": machine}, indent=1))
     tmp.replace(path)
     return table
 
@@ -110,4 +139,4 @@ def device_profile(weights: str, device: str, backend: str | None, home: Path, g
     if force:
         path.unlink(missing_ok=True)
     return path, cached_table(lambda: load_llama(ensure_prepared(weights, home), get_kernels(name, device)),
-                              weights, hardware, directory, grid)
+                              weights, hardware, directory, machine_of(device), grid)
