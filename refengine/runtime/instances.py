@@ -18,6 +18,7 @@ from refengine.engine.step_result import StepKind, StepResult
 from refengine.engine.tokenizer import IncrementalDecoder, Tokenizer
 from refengine.runtime.api import InstanceInfo
 from refengine.store.cache import ModelFiles
+from refengine.store.model_load import ModelLoad
 from refengine.store.model_store import Lease, ModelStore
 
 
@@ -33,17 +34,19 @@ class LiveInstance:
         self.failed = False                          # a job raised: the instance is gone for good
 
     # ---- memory actions
-    def load(self, store: ModelStore, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer) -> None:
-        """Take the weights from the store's nearest tier (on a CPU, views of the host-cache entry)."""
-        lease = store.load(files, kernels, self.node)
-        try:
-            model = with_decode_graphs(lease.load.wait().model)
-            self.engine = Instance(model, num_blocks=self._kv_blocks, fixed_pool=False,
-                                   new_detokenizer=partial(IncrementalDecoder, tokenizer))
-        except BaseException:
-            lease.release()
-            raise
-        self._lease = lease
+    def begin_load(self, store: ModelStore, files: ModelFiles, kernels: Kernels) -> ModelLoad:
+        """Start taking the weights from the store's nearest tier (on a CPU, views of the host-cache
+        entry). The store's threads read and copy, so the device steps other instances meanwhile;
+        call `finish_load` once the returned load's `wait()` is over."""
+        self._lease = store.load(files, kernels, self.node)
+        return self._lease.load
+
+    def finish_load(self, tokenizer: Tokenizer) -> None:
+        """The weights are in: build the engine and attach the requests that waited. A failed load
+        raises its error here, on the device's thread, where it fails the instance."""
+        model = with_decode_graphs(self._lease.load.wait().model)
+        self.engine = Instance(model, num_blocks=self._kv_blocks, fixed_pool=False,
+                               new_detokenizer=partial(IncrementalDecoder, tokenizer))
         for _, apply in self._before_load:
             apply(self.engine)
         self._before_load.clear()

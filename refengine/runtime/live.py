@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -46,6 +48,7 @@ from refengine.runtime.options import RuntimeOptions, scheduler_config
 from refengine.runtime.profile import cached_table, machine_of
 from refengine.runtime.requests import LiveRequest, Migration
 from refengine.store.cache import ModelFiles
+from refengine.store.model_load import ModelLoad
 from refengine.store.model_store import ModelStore
 from scheduler import actions as act
 from scheduler.core import Scheduler
@@ -339,6 +342,9 @@ class LiveRuntime:
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]
+        if isinstance(action, act.Load):
+            self._load(inst, action)
+            return
         if isinstance(action, act.Evict):           # (on a migration's destination: drops its rebuild)
             evicted = [req for r in action.requests
                        if (req := self._requests.get(r)) is not None and req.instance == inst.name]
@@ -349,11 +355,7 @@ class LiveRuntime:
         def job() -> None:
             started = time.perf_counter()
             states = {}
-            if isinstance(action, act.Load):
-                backend = backend_for_device(inst.node, self.options.backend)
-                inst.load(self.store, self._files[inst.weights], get_kernels(backend, inst.node),
-                          self._tokenizers[inst.weights])
-            elif isinstance(action, act.Unload):
+            if isinstance(action, act.Unload):
                 inst.unload()
             elif isinstance(action, act.KvResize):
                 inst.resize(action.blocks)
@@ -362,6 +364,28 @@ class LiveRuntime:
             self._post(self._memory_done, inst, action, states, time.perf_counter() - started)
 
         self._submit(inst, job)
+
+    def _load(self, inst: LiveInstance, load: act.Load) -> None:
+        """A load does not hold the device, as SLINFER's separate loading queue assumes: its worker
+        only starts it and, once the bytes are in, builds the engine instance (milliseconds each);
+        other instances step in between while the store's threads read and copy."""
+        kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
+
+        def begin() -> None:
+            started = time.perf_counter()
+            moving = inst.begin_load(self.store, self._files[inst.weights], kernels)
+            threading.Thread(target=wait, args=(moving, started), name=f"await-{inst.name}", daemon=True).start()
+
+        def wait(moving: ModelLoad, started: float) -> None:
+            with suppress(Exception):       # `finish` raises it again, on the device's thread
+                moving.wait()
+            self._submit(inst, partial(finish, started))
+
+        def finish(started: float) -> None:
+            inst.finish_load(self._tokenizers[inst.weights])
+            self._post(self._memory_done, inst, load, {}, time.perf_counter() - started)
+
+        self._submit(inst, begin)
 
     def _memory_done(self, inst: LiveInstance, action, states: dict[str, SequenceState], seconds: float) -> None:
         """An evicted request keeps its state until it is placed again (before the scheduler, which

@@ -7,6 +7,7 @@ device failures, logical devices with bin-packing and preemption.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -145,14 +146,15 @@ def fail_once(monkeypatch, method: str, when=lambda inst: True) -> None:
     monkeypatch.setattr(LiveInstance, method, flaky)
 
 
-def test_a_failed_load_ends_its_request_and_the_next_one_cold_starts(model_home, monkeypatch):
-    fail_once(monkeypatch, "load")
+@pytest.mark.parametrize("stage", ["begin_load", "finish_load"])
+def test_a_failed_load_ends_its_request_and_the_next_one_cold_starts(model_home, monkeypatch, stage):
+    fail_once(monkeypatch, stage)
 
     async def scenario():
         rt = runtime(model_home, keep_alive=5.0)
         await rt.start()
         try:
-            with pytest.raises(DeviceFailure, match="injected load failure"):
+            with pytest.raises(DeviceFailure, match=f"injected {stage} failure"):
                 await collect(rt, "smollm2-135m-instruct", max_tokens=2)
             return await collect(rt, "smollm2-135m-instruct", max_tokens=2), rt.status()
         finally:
@@ -283,3 +285,37 @@ def test_a_destination_failing_during_the_rebuild_leaves_the_stream_at_its_sourc
     assert text_of(events) == expected and events[-1].completion_tokens == 24
     assert status.failures == 1 and status.migrations == 0
     assert act.Unload in {type(a) for a in actions if getattr(a, "instance", None) == migrate.source}
+
+
+def test_a_load_in_flight_does_not_hold_the_device(model_home, monkeypatch):
+    """While one model's weights are still arriving, a warm neighbour on the same device streams on."""
+    gate = threading.Event()
+    begin = LiveInstance.begin_load
+
+    def slow_begin(self, *args):
+        load = begin(self, *args)
+        if self.model.endswith("-r1"):
+            real_wait = load.wait
+            monkeypatch.setattr(load, "wait", lambda: (gate.wait(30), real_wait())[1])
+        return load
+
+    monkeypatch.setattr(LiveInstance, "begin_load", slow_begin)
+
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=30.0)
+        await rt.start()
+        try:
+            await collect(rt, "smollm2-135m-instruct", max_tokens=2)            # warm
+            cold = asyncio.create_task(collect(rt, "smollm2-135m-instruct-r1", max_tokens=2))
+            await asyncio.sleep(0.2)                                           # its load has begun
+            warm = await asyncio.wait_for(collect(rt, "smollm2-135m-instruct", max_tokens=6), 10)
+            waiting = not cold.done()
+            gate.set()
+            return warm, waiting, await cold
+        finally:
+            gate.set()
+            await rt.stop()
+
+    warm, waiting, cold = asyncio.run(scenario())
+    assert waiting and warm[-1].completion_tokens == 6 and not warm[-1].cold_start
+    assert cold[-1].completion_tokens == 2 and cold[-1].cold_start
