@@ -368,13 +368,18 @@ class LiveRuntime:
     def _load(self, inst: LiveInstance, load: act.Load) -> None:
         """A load does not hold the device, as SLINFER's separate loading queue assumes: its worker
         only starts it and, once the bytes are in, builds the engine instance (milliseconds each);
-        other instances step in between while the store's threads read and copy."""
+        other instances step in between while the store's threads read and copy. A load that is
+        complete at once (views of the host cache) is finished in the same job."""
         kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
 
         def begin() -> None:
             started = time.perf_counter()
             moving = inst.begin_load(self.store, self._files[inst.weights], kernels)
-            threading.Thread(target=wait, args=(moving, started), name=f"await-{inst.name}", daemon=True).start()
+            if moving.finished is not None:     # from the host cache onto a CPU: the views are all there
+                finish(started)
+            else:
+                threading.Thread(target=wait, args=(moving, started), name=f"await-{inst.name}",
+                                 daemon=True).start()
 
         def wait(moving: ModelLoad, started: float) -> None:
             with suppress(Exception):       # `finish` raises it again, on the device's thread

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -288,7 +289,8 @@ def test_a_destination_failing_during_the_rebuild_leaves_the_stream_at_its_sourc
 
 
 def test_a_load_in_flight_does_not_hold_the_device(model_home, monkeypatch):
-    """While one model's weights are still arriving, a warm neighbour on the same device streams on."""
+    """While one model's weights are still arriving (from disk: no host cache), a warm neighbour on
+    the same device streams on."""
     gate = threading.Event()
     begin = LiveInstance.begin_load
 
@@ -303,6 +305,7 @@ def test_a_load_in_flight_does_not_hold_the_device(model_home, monkeypatch):
 
     async def scenario():
         rt = runtime(model_home, replicas=1, keep_alive=30.0)
+        rt.options = replace(rt.options, host_cache_bytes=0)
         await rt.start()
         try:
             await collect(rt, "smollm2-135m-instruct", max_tokens=2)            # warm
