@@ -2,8 +2,10 @@
 
 The scheduler (`scheduler/`, the same code the simulator drives) sees events and returns actions;
 this module is the loop around it for real hardware. It runs on the asyncio loop and never runs
-model code there: every step, load, resize and eviction is a job on the device's worker thread,
-which reports back with a measured duration as the next event.
+model code there: every step, resize and eviction is a job on the device's worker thread, which
+reports back with a measured duration as the next event. A load is two such jobs, its start and the
+engine's construction, with the model store's threads reading and copying in between while the
+device steps other instances (SLINFER loads on a queue of their own).
 
     HTTP request --RequestArrived--> scheduler --Grant/Assign/Load/KvResize/...--> device workers
     device workers --StepFinished/MemoryDone--> scheduler          tokens --> the request's queue
