@@ -31,34 +31,24 @@ import threading
 import time
 from contextlib import suppress
 from functools import partial
-from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
-from models.config import LlamaConfig
-from models.llama import LlamaModel
-from refengine.engine.loader import ensure_prepared, with_decode_graphs
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    SloOverride, TokenChunk)
 from refengine.runtime.devices import DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
-from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
-                                          measure_host_to_device)
-from refengine.runtime.options import RuntimeOptions, scheduler_config
-from refengine.runtime.profile import cached_table, machine_of
+from refengine.runtime.options import RuntimeOptions
 from refengine.runtime.requests import LiveRequest, Migration
-from refengine.store.cache import ModelFiles
+from refengine.runtime.setup import set_up
 from refengine.store.model_load import ModelLoad
-from refengine.store.model_store import ModelStore
 from scheduler import actions as act
 from scheduler.core import Scheduler
-from scheduler.costmodel import CostModel
 from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
                               Tick)
 from scheduler.memory import optimistic_budget
-from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
 
@@ -71,7 +61,7 @@ class LiveRuntime:
         self._requests: dict[str, LiveRequest] = {}
         self._instances: dict[str, LiveInstance] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
-        self._workers: dict[str, DeviceWorker] = {}
+        self._workers = {device.name: DeviceWorker(device) for device in options.devices}
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,53 +77,10 @@ class LiveRuntime:
             worker.start()
 
     def prepare(self) -> None:
-        """Prepare weights and load tokenizers; measure the tiers' bandwidths (filling the host cache);
-        profile each (weights, hardware); build the scheduler and tell it where each model is."""
-        opts = self.options
-        files = {w: ensure_prepared(w, opts.home) for w in self.catalogue.weights}
-        self._tokenizers = {w: Tokenizer(f) for w, f in files.items()}
-        self.store = ModelStore(opts.home, opts.host_cache_bytes, allocate=host_allocator(opts.devices))
-        disk_to_host = measure_disk_to_host(self.store, files.values())
-        tables, nodes = [], []
-        for device in opts.devices:
-            backend = backend_for_device(device.name, opts.backend)
-            hardware = f"{device.kind}-{backend}"
-            for weights, f in files.items():
-                tables.append(cached_table(partial(self._profiled_model, f, device.name), weights, hardware,
-                                           self._home() / "profiles", machine_of(device.name), opts.profile_grid))
-            kernels = get_kernels(backend, device.name)
-            bandwidths = LoadBandwidths(disk_to_host,
-                                        measure_host_to_device(self.store, files.values(), device, kernels))
-            nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
-                                  bandwidths=bandwidths))
-            self._workers[device.name] = DeviceWorker(device)
-            log.info("%s: weights load at %s", device.name, describe(bandwidths))
-        specs = []
-        for name in self.catalogue.names:
-            weights = self.catalogue[name].weights
-            config = LlamaConfig.from_json(files[weights].config)
-            specs.append(ModelSpec(name, weights, files[weights].weights.stat().st_size,
-                                   config.kv_bytes_per_token, 16, config.max_position_embeddings))
-        self._files = files
-        self._specs = {s.name: s for s in specs}
-        unique = {(t.profile, t.hardware): t for t in tables}
-        self.scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
-                                   scheduler_config(opts.scheduler, opts.keep_alive_s, set(files), opts.slo,
-                                                    opts.migration))
-        self._tiers = TierReports(self.store, self.catalogue)
-        for change in self._tiers.changes():
-            self.scheduler.handle(change, self._now())
-
-    def _profiled_model(self, files: ModelFiles, device: str) -> LlamaModel:
-        """The model to measure a latency table on. Its lease ends at once: the arrays keep their memory
-        for as long as the profile runs, and no other load competes for the host cache meanwhile."""
-        with self.store.load(files, get_kernels(backend_for_device(device, self.options.backend), device),
-                             device) as lease:
-            return with_decode_graphs(lease.load.wait().model)
-
-    def _home(self) -> Path:
-        from refengine.store.cache import model_home
-        return self.options.home or model_home()
+        """Everything before serving, once (`setup.set_up`); `start` does it unless done already."""
+        setup = set_up(self.options, self._now())
+        self._files, self._tokenizers, self.store = setup.files, setup.tokenizers, setup.store
+        self._specs, self.scheduler, self._tiers = setup.specs, setup.scheduler, setup.tiers
 
     async def stop(self) -> None:
         if self._timer:

@@ -1,0 +1,82 @@
+"""What a live runtime sets up before it serves, once: weights, tokenizers, the model store with its
+measured tier bandwidths, a latency table per (weights, hardware), and the scheduler.
+
+It runs before the server accepts requests (`LiveRuntime.prepare`), so a damaged model cache is an
+error at start-up, and the first cold start finds its weights in the host cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from kernels import backend_for_device, get_kernels
+from models.config import LlamaConfig
+from models.llama import LlamaModel
+from refengine.engine.loader import ensure_prepared, with_decode_graphs
+from refengine.engine.tokenizer import Tokenizer
+from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
+                                          measure_host_to_device)
+from refengine.runtime.options import RuntimeOptions, scheduler_config
+from refengine.runtime.profile import cached_table, machine_of
+from refengine.store.cache import ModelFiles, model_home
+from refengine.store.model_store import ModelStore
+from scheduler.core import Scheduler
+from scheduler.costmodel import CostModel
+from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
+
+log = logging.getLogger("refengine.runtime")
+
+
+@dataclass
+class RuntimeSetup:
+    files: dict[str, ModelFiles]          # by weights name
+    tokenizers: dict[str, Tokenizer]      # by weights name
+    store: ModelStore
+    specs: dict[str, ModelSpec]           # by served name
+    scheduler: Scheduler
+    tiers: TierReports
+
+
+def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
+    """Prepare weights and load tokenizers; measure the tiers' bandwidths (filling the host cache);
+    profile each (weights, hardware); build the scheduler and tell it where each model is."""
+    catalogue = options.catalogue
+    files = {w: ensure_prepared(w, options.home) for w in catalogue.weights}
+    store = ModelStore(options.home, options.host_cache_bytes, allocate=host_allocator(options.devices))
+    disk_to_host = measure_disk_to_host(store, files.values())
+    profiles = (options.home or model_home()) / "profiles"
+    tables, nodes = [], []
+    for device in options.devices:
+        backend = backend_for_device(device.name, options.backend)
+        hardware = f"{device.kind}-{backend}"
+        kernels = get_kernels(backend, device.name)
+        for weights, f in files.items():
+            tables.append(cached_table(partial(_profiled_model, store, f, kernels, device.name), weights, hardware,
+                                       profiles, machine_of(device.name), options.profile_grid))
+        bandwidths = LoadBandwidths(disk_to_host, measure_host_to_device(store, files.values(), device, kernels))
+        nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
+                              bandwidths=bandwidths))
+        log.info("%s: weights load at %s", device.name, describe(bandwidths))
+    specs = []
+    for name in catalogue.names:
+        weights = catalogue[name].weights
+        config = LlamaConfig.from_json(files[weights].config)
+        specs.append(ModelSpec(name, weights, files[weights].weights.stat().st_size,
+                               config.kv_bytes_per_token, 16, config.max_position_embeddings))
+    unique = {(t.profile, t.hardware): t for t in tables}
+    scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
+                          scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo,
+                                           options.migration))
+    tiers = TierReports(store, catalogue)
+    for change in tiers.changes():
+        scheduler.handle(change, now)
+    return RuntimeSetup(files, {w: Tokenizer(f) for w, f in files.items()}, store, {s.name: s for s in specs},
+                        scheduler, tiers)
+
+
+def _profiled_model(store: ModelStore, files: ModelFiles, kernels, device: str) -> LlamaModel:
+    """The model to measure a latency table on. Its lease ends at once: the arrays keep their memory
+    for as long as the profile runs, and no other load competes for the host cache meanwhile."""
+    with store.load(files, kernels, device) as lease:
+        return with_decode_graphs(lease.load.wait().model)
