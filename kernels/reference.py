@@ -149,19 +149,71 @@ def sample(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Genera
     """
     if settings.greedy:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / settings.temperature
-    order = np.argsort(-scaled, kind="stable")
-    if settings.top_k > 0:
-        order = order[:settings.top_k]
-    chosen = scaled[order]
-    probs = np.exp(chosen - chosen[0])
-    probs /= probs.sum()
+    ids, probs = sampling_candidates(logits, settings)
+    cdf = np.cumsum(probs)
+    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return int(ids[min(pick, len(ids) - 1)])
+
+
+def sampling_candidates(logits: np.ndarray, settings: SamplingSettings) -> tuple[np.ndarray, np.ndarray]:
+    """[V] -> (ids, probabilities) of the tokens a draw may pick (temperature > 0).
+
+    The definition: sort the vocabulary by logit (most likely first, ties by lower id), keep the
+    first top_k, take the softmax of logit / temperature over them, keep the smallest prefix whose
+    mass reaches top_p, renormalise. Two things keep it cheap (a full float64 version took ~9 ms
+    per token on the 2-core VM, as much as a fifth of a batch-1 decode step):
+    - only as much of the vocabulary is sorted as the cuts need (`_sorted_prefix`): a chat model's
+      nucleus is a few dozen tokens of 49,152; without a cut nothing is sorted, and the draw walks
+      the vocabulary in id order, which is the same distribution;
+    - exp runs in float32 (vectorised; numpy's float64 exp is scalar without AVX-512) on values
+      shifted to at most 0; sums and probabilities are float64: ~1e-7 relative error in each.
+    """
+    vocab = len(logits)
+    inv_t = np.float32(1.0 / settings.temperature)
+    peak = logits.max()
+
+    def weights(ids: np.ndarray | None) -> np.ndarray:
+        chosen = logits if ids is None else logits[ids]
+        return np.exp((chosen - peak) * inv_t, dtype=np.float32)
+
+    if 0 < settings.top_k < vocab:
+        ids = _sorted_prefix(logits, settings.top_k)
+        kept = weights(ids)
+        total = kept.sum(dtype=np.float64)
+    else:
+        everything = weights(None)
+        total = everything.sum(dtype=np.float64)
+        if settings.top_p >= 1.0:
+            return np.arange(vocab), everything.astype(np.float64) / total
+        for length in _growing(64, vocab):        # a nucleus longer than the sorted prefix: sort more
+            ids = _sorted_prefix(logits, length)
+            kept = everything[ids]
+            if kept.sum(dtype=np.float64) >= settings.top_p * total:
+                break
+    probs = kept.astype(np.float64) / total
     if settings.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p)) + 1
-        probs = probs[:keep] / probs[:keep].sum()
-        order = order[:keep]
-    return int(order[rng.choice(len(probs), p=probs)])
+        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p)) + 1   # always at least one
+        ids, probs = ids[:keep], probs[:keep]
+    return ids, probs / probs.sum()
+
+
+def _growing(first: int, last: int):
+    """first, 8 x first, 64 x first, ... up to and including last."""
+    length = first
+    while length < last:
+        yield length
+        length *= 8
+    yield last
+
+
+def _sorted_prefix(values: np.ndarray, n: int) -> np.ndarray:
+    """The first n ids of np.argsort(-values, kind="stable"), sorting only the values that can be
+    among them: every value at least the n-th largest, found by a partial partition."""
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")
+    threshold = np.partition(values, len(values) - n)[len(values) - n]
+    ids = np.flatnonzero(values >= threshold)        # ascending ids: a stable sort keeps ties in id order
+    return ids[np.argsort(-values[ids], kind="stable")][:n]
 
 
 # ---------------------------------------------------------------- the backend object

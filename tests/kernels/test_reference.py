@@ -153,3 +153,48 @@ class TestSampling:
         order = np.argsort(-p)
         keep = int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1
         assert set(self.draw(settings, 11, 500)) <= set(order[:keep].tolist())
+
+
+def brute_force_candidates(logits, settings):
+    """The sampling definition, literally: sort all of the vocabulary, cut, renormalise (float64)."""
+    scaled = logits.astype(np.float64) / settings.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if settings.top_k > 0:
+        order = order[:settings.top_k]
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p)) + 1
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    return order, probs
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 64, 65, 1000, 49152])
+@pytest.mark.parametrize("temperature, top_p, top_k", [
+    (1.0, 1.0, 0), (0.2, 0.9, 0), (1.0, 0.9, 0), (2.0, 0.999, 0), (0.7, 1.0, 50), (1.3, 0.95, 200),
+    (1.0, 0.5, 3), (0.5, 1e-6, 0), (1.0, 0.99, 100000)])
+def test_sampling_candidates_equal_the_full_sort(vocab, temperature, top_p, top_k):
+    """Sorting only the prefix the cuts need changes nothing: the same tokens in the same order,
+    the same probabilities (up to float32 exp), also with tied logits and peaked or flat ones."""
+    settings = ref.SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k)
+    for spread in (0.5, 3.0, 12.0):
+        logits = (randn(vocab) * spread).round(1)            # rounding makes ties
+        ids, probs = ref.sampling_candidates(logits, settings)
+        order, expected = brute_force_candidates(logits, settings)
+        if top_p >= 1.0 and not 0 < top_k < vocab:            # no cut: candidates come in id order
+            by_rank = np.argsort(-logits[ids], kind="stable")
+            ids, probs = ids[by_rank], probs[by_rank]
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_allclose(probs, expected, rtol=2e-6, atol=1e-12)
+
+
+def test_sampling_a_large_vocabulary_draws_from_its_nucleus():
+    """The draw over a 49,152-token vocabulary lands only in the nucleus and follows its probabilities."""
+    logits = randn(49152) * 4
+    settings = ref.SamplingSettings(temperature=0.7, top_p=0.8)
+    ids, probs = brute_force_candidates(logits, settings)
+    rng = np.random.default_rng(5)
+    draws = [ref.sample(logits, settings, rng) for _ in range(3000)]
+    assert set(draws) <= set(ids.tolist())
+    frequency = np.array([draws.count(i) for i in ids[:5]]) / len(draws)
+    np.testing.assert_allclose(frequency, probs[:5], atol=0.03)
