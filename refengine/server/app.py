@@ -95,7 +95,8 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
     tokenizer = runtime.tokenizer(body.model)
     prompts = await asyncio.to_thread(body.prompt_ids, tokenizer)
     context = runtime.context_length(body.model)
-    choices = [Choice(p * body.num_choices + s, p, s, ids, body.sampling_params(s, context - len(ids)))
+    defaults = runtime.catalogue[body.model].default_sampling
+    choices = [Choice(p * body.num_choices + s, p, s, ids, body.sampling_params(s, context - len(ids), defaults))
                for p, ids in enumerate(prompts) for s in range(body.num_choices)]
     slo = body.slo_override(*(slo_header(request, name) for name in SLO_HEADERS))
     generation = Generation(runtime, body.model, choices, slo, partial(metrics.observe, body.model, slo))

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
+from models.catalogue import SamplingDefaults
 from refengine.engine.sequence import SamplingParams
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import SloOverride
@@ -71,13 +72,14 @@ class GenerationRequest(BaseModel):
         """max_tokens, or the endpoint's default; `room` is what the context leaves after the prompt."""
         return self.max_tokens or COMPLETION_MAX_TOKENS
 
-    def sampling_params(self, choice: int, room: int) -> SamplingParams:
+    def sampling_params(self, choice: int, room: int, defaults: SamplingDefaults) -> SamplingParams:
         """Parameters of the choice-th generation: with a seed, choice i draws with seed + i, so the
-        n choices differ yet the whole response is reproducible."""
+        n choices differ yet the whole response is reproducible. Fields left out take the model's
+        `defaults`."""
         return SamplingParams(
             max_tokens=self.output_limit(room),
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=None if self.seed is None else self.seed + choice,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),

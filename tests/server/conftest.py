@@ -22,7 +22,7 @@ import uvicorn
 from safetensors.numpy import save_file
 
 from kernels import get_kernels
-from models.catalogue import Catalogue, ModelSpec
+from models.catalogue import Catalogue, ModelSpec, SamplingDefaults
 from models.random_weights import TINY, random_tensors
 from refengine.engine.loader import LoadedModel, load_model
 from refengine.engine.tokenizer import Tokenizer
@@ -36,6 +36,7 @@ from tests.server.probe_runtime import ProbeRuntime
 
 WEIGHTS = "tiny-random"
 MODELS = ["tiny-a", "tiny-b"]
+TINY_B_SAMPLING = SamplingDefaults(temperature=0.3, top_p=0.8)   # tiny-a keeps OpenAI's defaults
 CONTEXT = TINY.max_position_embeddings
 # These tests check the server, not SLO attainment: on a busy shared machine the scheduler must not
 # drop a request because its first token came late.
@@ -104,7 +105,7 @@ def tiny_loaded(tiny_home) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def runtime(tiny_home) -> ProbeRuntime:
-    catalogue = Catalogue([ModelSpec(name, WEIGHTS) for name in MODELS])
+    catalogue = Catalogue([ModelSpec(MODELS[0], WEIGHTS), ModelSpec(MODELS[1], WEIGHTS, TINY_B_SAMPLING)])
     return ProbeRuntime(LiveRuntime(RuntimeOptions(
         catalogue=catalogue, devices=[DeviceSpec("cpu:0", 1 << 30)], backend="reference", home=tiny_home,
         profile_grid=QUICK_GRID, slo=RELAXED)))

@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
-from tests.server.conftest import CONTEXT, MODELS, WEIGHTS, wait_until
+from tests.server.conftest import CONTEXT, MODELS, TINY_B_SAMPLING, WEIGHTS, wait_until
 
 MODEL = MODELS[0]
 QUESTION = "What is the capital of France?"
@@ -103,6 +103,21 @@ def test_n_choices_with_seed_differ_and_reproduce(client, runtime, stream):
     assert sorted(r.params.seed for r in seen) == [7, 8, 9]
     assert len(set(first)) == 3
     assert texts() == first
+
+
+def test_omitted_sampling_fields_take_the_models_defaults(client, runtime):
+    """A field the request leaves out takes the model's default (tiny-b's from the catalogue,
+    tiny-a's OpenAI's); a field it sets wins, 0 included."""
+    def params(**kwargs):
+        client.completions.create(prompt="Hello", max_tokens=2, **kwargs)
+        return runtime.requests[-1].params
+
+    omitted = params(model=MODELS[1])
+    assert (omitted.temperature, omitted.top_p) == (TINY_B_SAMPLING.temperature, TINY_B_SAMPLING.top_p)
+    chosen = params(model=MODELS[1], temperature=0, top_p=1.0)
+    assert (chosen.temperature, chosen.top_p) == (0.0, 1.0)
+    openai_defaults = params(model=MODELS[0])
+    assert (openai_defaults.temperature, openai_defaults.top_p) == (1.0, 1.0)
 
 
 def test_n_usage_counts_the_prompt_once(client):

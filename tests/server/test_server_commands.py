@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 
-from models.catalogue import DEFAULT_MODEL, UnknownModelError
+from models.catalogue import DEFAULT_MODEL, SamplingDefaults, UnknownModelError
 from refengine.runtime.devices import DeviceSpec
 from refengine.server.commands import build_catalogue, device_specs, serve
 
@@ -30,6 +30,25 @@ def test_catalogue_choices(tmp_path):
         build_catalogue(str(path), 2)
     with pytest.raises(ValueError):
         build_catalogue(str(tmp_path / "missing.json"), 0)
+
+
+def test_catalogue_sampling_defaults(tmp_path):
+    """The default model samples as its model card does unless a catalogue entry says otherwise;
+    an entry's bad value is a one-line error naming the file."""
+    recommended = SamplingDefaults(temperature=0.2, top_p=0.9)
+    assert all(build_catalogue(None, 2)[name].default_sampling == recommended
+               for name in build_catalogue(None, 2).names)
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"name": "a"}, {"name": "b", "temperature": 0.7},
+                                           {"name": "c", "weights": "other", "top_p": 0.5}]}))
+    catalogue = build_catalogue(str(path), 0)
+    assert catalogue["a"].default_sampling == recommended
+    assert catalogue["b"].default_sampling == SamplingDefaults(temperature=0.7, top_p=0.9)
+    assert catalogue["c"].default_sampling == SamplingDefaults(temperature=1.0, top_p=0.5)
+    for bad in ({"temperature": "hot"}, {"temperature": 3}, {"top_p": 0}):
+        path.write_text(json.dumps({"models": [{"name": "a", **bad}]}))
+        with pytest.raises(ValueError, match=f"cannot read catalogue {path}: (temperature|top_p) must be"):
+            build_catalogue(str(path), 0)
 
 
 def test_device_specs():
