@@ -23,6 +23,11 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: a request that has produced no token yet ends with this (HTTP 503);
+    one that has ends with finish reason "abort"."""
+
+
 class DeviceFailure(Exception):
     """A job on the request's instance raised (a weight load, a step, a KV resize, an eviction): the
     instance is gone, and the request with it (HTTP 500). Other requests and models carry on; the

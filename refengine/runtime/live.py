@@ -37,7 +37,7 @@ from kernels import backend_for_device, get_kernels
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
-                                   SloOverride, TokenChunk)
+                                   ShuttingDown, SloOverride, TokenChunk)
 from refengine.runtime.devices import DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
 from refengine.runtime.options import RuntimeOptions
@@ -67,6 +67,7 @@ class LiveRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counters = {"cold_starts": 0, "preemptions": 0, "drops": 0, "failures": 0, "migrations": 0}
         self.scheduler: Scheduler | None = None
+        self._closing = False
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -81,6 +82,16 @@ class LiveRuntime:
         setup = set_up(self.options, self._now())
         self._files, self._tokenizers, self.store = setup.files, setup.tokenizers, setup.store
         self._specs, self.scheduler, self._tiers = setup.specs, setup.scheduler, setup.tiers
+
+    def shut_down(self) -> None:
+        """Refuse new requests and end the running ones now (on the loop thread): each stream gets
+        its end (finish reason "abort", or `ShuttingDown` before any token), and the request is then
+        cancelled as if its client had gone, which frees its sequence and KV blocks."""
+        self._closing = True
+        for req in list(self._requests.values()):
+            if not req.done:
+                req.events.put_nowait(req.finished("abort", self._now()) if req.output_ids
+                                      else ShuttingDown("the server is shutting down"))
 
     async def stop(self) -> None:
         if self._timer:
@@ -102,6 +113,8 @@ class LiveRuntime:
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                        slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         params.validate(len(prompt_ids), self.context_length(model))
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
         req = LiveRequest(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
         slo = slo or SloOverride()

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import AsyncIterator, Callable, Protocol
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,11 +29,28 @@ from refengine.server.streaming import ClientDisconnected, event_stream, until_d
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 SLO_HEADERS = ("X-SLO-TTFT", "X-SLO-TPOT")
+SHUTDOWN_GRACE_S = 5
 
 
 class Startable(Protocol):
     async def start(self) -> None: ...
+    def shut_down(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that, told to stop (SIGTERM, Ctrl-C), first has the runtime end its requests, so that
+    open streams close with a last chunk instead of holding the exit: one chat completion without
+    max_tokens may otherwise run to the end of the context, minutes on a CPU. Whatever is still open
+    after `SHUTDOWN_GRACE_S` is cut."""
+
+    def __init__(self, app: FastAPI, runtime: Startable, **config):
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **config))
+        self.runtime = runtime
+
+    async def shutdown(self, sockets=None) -> None:
+        self.runtime.shut_down()
+        await super().shutdown(sockets=sockets)
 
 
 def runtime_lifespan(runtime: Startable) -> Callable:

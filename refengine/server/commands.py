@@ -68,12 +68,11 @@ def _parsed(parse: Callable) -> Callable:
 def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int, gpu_memory: int,
           host_cache: int, keep_alive: float, scheduler: str, backend: str | None, host: str, port: int, log_level: str) -> None:
     """Serve every catalogue model over an OpenAI-compatible HTTP API (loaded on first use)."""
-    import uvicorn
     from fastapi import FastAPI
 
     from refengine.runtime.live import LiveRuntime
     from refengine.runtime.options import RuntimeOptions
-    from refengine.server.app import create_app, runtime_lifespan
+    from refengine.server.app import GracefulServer, create_app, runtime_lifespan
     from refengine.store.cache import ModelCacheError
 
     try:
@@ -97,8 +96,8 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
                        f"keep-alive {keep_alive:g} s) at http://{host}:{port}/v1")
             yield
 
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime, lifespan=lifespan), host=host, port=port,
-                                           log_level=log_level))
+    server = GracefulServer(create_app(runtime, lifespan=lifespan), runtime, host=host, port=port,
+                            log_level=log_level)
     with suppress(KeyboardInterrupt):   # Ctrl-C is how a server is stopped, not an error
         server.run()
     if not server.started:

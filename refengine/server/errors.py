@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from models.catalogue import UnknownModelError
 from refengine.engine.sequence import ContextLengthError, RequestError
-from refengine.runtime.api import DeviceFailure, Overloaded
+from refengine.runtime.api import DeviceFailure, Overloaded, ShuttingDown
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only ever seen in metrics
 
@@ -48,6 +48,8 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, Overloaded):
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(429, str(exc), type="rate_limit_error", code="overloaded", headers={"Retry-After": retry_after})
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), type="server_error", code="shutting_down")
     if isinstance(exc, DeviceFailure):
         return APIError(500, str(exc), type="server_error", code="device_failure")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
@@ -89,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Each expected class by name: a handler for plain Exception runs in Starlette's outermost
     # middleware, which re-raises after answering and so loses the connection.
-    for cls in (APIError, UnknownModelError, RequestError, Overloaded, DeviceFailure, Exception):
+    for cls in (APIError, UnknownModelError, RequestError, Overloaded, ShuttingDown, DeviceFailure, Exception):
         app.add_exception_handler(cls, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from safetensors.numpy import save_file
 
 from kernels import get_kernels
@@ -29,7 +28,7 @@ from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
-from refengine.server.app import create_app, runtime_lifespan
+from refengine.server.app import GracefulServer, create_app, runtime_lifespan
 from refengine.store.cache import ModelFiles, model_files, write_manifest
 from scheduler.slo import SloPolicy
 from tests.server.probe_runtime import ProbeRuntime
@@ -53,13 +52,15 @@ def wait_until(condition, timeout_s: float = 10.0) -> None:
 
 
 class LiveServer:
-    """uvicorn in a background thread on a port the OS picked."""
+    """The app over `runtime`, served as `serve` does (`GracefulServer`), in a background thread on a
+    port the OS picked."""
 
-    def __init__(self, app):
+    def __init__(self, runtime):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = GracefulServer(create_app(runtime, lifespan=runtime_lifespan(runtime)), runtime,
+                                     log_level="warning", lifespan="on")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -103,17 +104,22 @@ def tiny_loaded(tiny_home) -> LoadedModel:
     return load_model(WEIGHTS, get_kernels("reference"), home=tiny_home)
 
 
-@pytest.fixture(scope="session")
-def runtime(tiny_home) -> ProbeRuntime:
+def tiny_runtime(home: Path) -> ProbeRuntime:
+    """The two tiny names on one CPU device, reference kernels, relaxed SLOs."""
     catalogue = Catalogue([ModelSpec(MODELS[0], WEIGHTS), ModelSpec(MODELS[1], WEIGHTS, TINY_B_SAMPLING)])
     return ProbeRuntime(LiveRuntime(RuntimeOptions(
-        catalogue=catalogue, devices=[DeviceSpec("cpu:0", 1 << 30)], backend="reference", home=tiny_home,
+        catalogue=catalogue, devices=[DeviceSpec("cpu:0", 1 << 30)], backend="reference", home=home,
         profile_grid=QUICK_GRID, slo=RELAXED)))
 
 
 @pytest.fixture(scope="session")
+def runtime(tiny_home) -> ProbeRuntime:
+    return tiny_runtime(tiny_home)
+
+
+@pytest.fixture(scope="session")
 def live_server(runtime):
-    with LiveServer(create_app(runtime, lifespan=runtime_lifespan(runtime))) as server:
+    with LiveServer(runtime) as server:
         yield server
 
 

@@ -43,6 +43,9 @@ class ProbeRuntime:
     async def start(self) -> None:
         await self.inner.start()
 
+    def shut_down(self) -> None:
+        self.inner.shut_down()
+
     async def stop(self) -> None:
         await self.inner.stop()
 

@@ -20,7 +20,6 @@ from refengine.engine.sequence import SamplingParams
 from refengine.generate import PromptSpec, generate
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
-from refengine.server.app import create_app, runtime_lifespan
 from tests.server.conftest import MODELS, WEIGHTS, LiveServer
 
 BURST, NEIGHBOUR = MODELS
@@ -35,7 +34,7 @@ def two_devices(tiny_home, tmp_path):
         [DeviceSpec("cpu:0", 1 << 30), DeviceSpec("cpu:1", 1 << 30)], keep_alive_s=5.0,
         backend="reference", home=pinned_home(tiny_home, tmp_path, "cpu-reference", WEIGHTS),
         slo=PINNED_SLO))
-    with LiveServer(create_app(runtime, lifespan=runtime_lifespan(runtime))) as server:
+    with LiveServer(runtime) as server:
         yield server, runtime
 
 

@@ -15,7 +15,6 @@ from refengine.generate import PromptSpec, generate
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
-from refengine.server.app import create_app, runtime_lifespan
 from tests.server.conftest import RELAXED, LiveServer
 from tests.server.probe_runtime import ProbeRuntime
 
@@ -30,7 +29,7 @@ def served(model_home):
     runtime = ProbeRuntime(LiveRuntime(RuntimeOptions(
         catalogue=Catalogue.default(), devices=[DeviceSpec("cpu:0", 4 << 30)], backend="cpu",
         home=model_home, profile_grid=QUICK_GRID, slo=RELAXED, keep_alive_s=600.0)))
-    with LiveServer(create_app(runtime, lifespan=runtime_lifespan(runtime))) as server:
+    with LiveServer(runtime) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         first = client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
         yield client, runtime, first
