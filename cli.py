@@ -42,6 +42,10 @@ cli.add_command(simulate)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 = no limit.")
+@click.option("--frequency-penalty", default=0.0, show_default=True, type=float,
+              help="Minus this per earlier occurrence of a token in the output (OpenAI's; -2 to 2).")
+@click.option("--presence-penalty", default=0.0, show_default=True, type=float,
+              help="Minus this once a token has occurred in the output (OpenAI's; -2 to 2).")
 @click.option("--seed", type=int, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--trace", is_flag=True, help="Print one line per engine step to stderr.")
@@ -49,8 +53,9 @@ cli.add_command(simulate)
 @click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]),
               help="Kernel backend (default: the device's own; 'reference' is the numpy ground truth).")
 def generate(model: str, prompt: str | None, prompts_file: Path | None, chat: bool, system: str | None,
-             max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-             stop: tuple[str, ...], trace: bool, device: str, backend: str | None) -> None:
+             max_tokens: int, temperature: float, top_p: float, top_k: int, frequency_penalty: float,
+             presence_penalty: float, seed: int | None, stop: tuple[str, ...], trace: bool, device: str,
+             backend: str | None) -> None:
     """Generate text for one prompt (streamed) or a batch of prompts, preparing the model if needed."""
     from kernels import backend_for_device, get_kernels
     from refengine.engine.loader import load_model
@@ -66,6 +71,7 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, chat: bo
         spec = Catalogue.default()[model]
         loaded = load_model(spec.weights, get_kernels(backend_for_device(device, backend), device))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                 seed=seed, stop=stop)
         streaming = len(texts) == 1
 

@@ -10,6 +10,7 @@ P tokens per block).
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,24 +136,43 @@ class SamplingSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
+    frequency_penalty: float = 0.0   # OpenAI's: minus this per earlier occurrence in the output
+    presence_penalty: float = 0.0    # OpenAI's: minus this once a token has occurred in the output
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-def sample(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
-    """[V] -> one token id. Temperature, then top-k, then top-p (nucleus), then one draw from `rng`.
+
+def sample(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator,
+           output_ids: Sequence[int] = ()) -> int:
+    """[V] -> one token id. Penalties for the tokens already in `output_ids`, then temperature,
+    top-k, top-p (nucleus), and one draw from `rng` (or the argmax, at temperature 0).
 
     Each request owns its `rng` (seeded from the request's seed), so its draws do not depend on
     which other requests share the batch: the same seed gives the same text, batched or not.
     """
+    if settings.penalized and len(output_ids):
+        logits = penalize(logits, output_ids, settings.frequency_penalty, settings.presence_penalty)
     if settings.greedy:
         return int(np.argmax(logits))
     ids, probs = sampling_candidates(logits, settings)
     cdf = np.cumsum(probs)
     pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return int(ids[min(pick, len(ids) - 1)])
+
+
+def penalize(logits: np.ndarray, output_ids: Sequence[int], frequency: float, presence: float) -> np.ndarray:
+    """[V] -> a copy with OpenAI's penalties: each token that occurred c > 0 times in the output
+    so far loses c * frequency + presence (negative penalties favour repeats)."""
+    ids, counts = np.unique(np.asarray(output_ids), return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    out[ids] -= (counts * frequency + presence).astype(np.float32)
+    return out
 
 
 def sampling_candidates(logits: np.ndarray, settings: SamplingSettings) -> tuple[np.ndarray, np.ndarray]:

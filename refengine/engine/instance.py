@@ -261,14 +261,15 @@ class Instance:
         )
 
     def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> Iterable[int]:
-        """Greedy batches stay on the device (only the ids come back); sampled ones go to the host."""
+        """Greedy batches stay on the device (only the ids come back); sampled or penalized ones go
+        to the host."""
         if not seqs:
             return []
         kern = self.model.kernels
-        if all(seq.params.settings.greedy for seq in seqs):
+        if all(seq.params.settings.greedy and not seq.params.settings.penalized for seq in seqs):
             return kern.argmax(logits)[rows]
         host = kern.to_numpy(logits)
-        return [sample(host[row], seq.params.settings, seq.rng) for seq, row in zip(seqs, rows)]
+        return [sample(host[row], seq.params.settings, seq.rng, seq.output_ids) for seq, row in zip(seqs, rows)]
 
     def _append(self, seq: Sequence, token_id: int) -> tuple[str, FinishReason | None]:
         """Record a new token; return the text it releases and why the sequence ends, if it does."""

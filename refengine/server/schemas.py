@@ -3,7 +3,7 @@
 Ranges follow OpenAI's API reference (temperature in [0, 2], top_p in (0, 1]) so a bad value is
 refused with the name of the offending field before any work; the engine's `SamplingParams.validate`
 still checks what only the runtime knows (prompt length against the model's context). Fields
-OpenAI documents but refengine does not implement (logprobs, tools, penalties, ...) are ignored, as
+OpenAI documents but refengine does not implement (logprobs, tools, logit_bias, ...) are ignored, as
 vLLM does. Extensions, marked as such, are vLLM's `top_k` and `ignore_eos` (trace replay needs exact
 output lengths) and `slo`, which OpenAI has no field for.
 """
@@ -46,6 +46,8 @@ class GenerationRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None          # extension (vLLM)
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     seed: int | None = None
     stop: StopString | list[StopString] | None = None
@@ -81,6 +83,8 @@ class GenerationRequest(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
             seed=None if self.seed is None else self.seed + choice,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             ignore_eos=self.ignore_eos)

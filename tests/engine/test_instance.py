@@ -173,3 +173,35 @@ def test_bad_requests_fail_clearly_and_leak_nothing(tiny_model, prompt_len, para
 def test_token_ids_outside_vocabulary_are_refused(tiny_model):
     with pytest.raises(RequestError, match="token ids"):
         Instance(tiny_model, num_blocks=16).add_request([1, 2, 10_000], SamplingParams())
+
+
+def test_penalized_greedy_picks_the_argmax_of_penalized_logits(tiny_model, prompts, monkeypatch):
+    """Penalties need the host: every token of a penalized greedy sequence is the argmax of its
+    logits after OpenAI's penalties for the tokens it had output before it."""
+    import numpy as np
+
+    from kernels.reference import penalize
+    from refengine.engine import instance as instance_module
+
+    seen = []
+
+    def recording_sample(logits, settings, rng, output_ids=()):
+        seen.append((np.array(logits), list(output_ids)))
+        return real_sample(logits, settings, rng, output_ids)
+
+    real_sample = instance_module.sample
+    monkeypatch.setattr(instance_module, "sample", recording_sample)
+    inst = Instance(tiny_model, num_blocks=64)
+    seq = inst.add_request(prompts[3], greedy(max_tokens=16, frequency_penalty=0.7, presence_penalty=1.1))
+    run_to_end(inst)
+    assert [before for _, before in seen] == [seq.output_ids[:t] for t in range(16)]
+    assert seq.output_ids == [int(np.argmax(penalize(logits, before, 0.7, 1.1) if before else logits))
+                              for logits, before in seen]
+    assert seq.output_ids != outputs_alone(tiny_model, [prompts[3]], greedy(max_tokens=16))[0]
+
+
+def test_penalties_out_of_range_are_refused(tiny_model):
+    inst = Instance(tiny_model, num_blocks=64)
+    for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3.0}):
+        with pytest.raises(RequestError, match="penalty must be in"):
+            inst.add_request([1, 2, 3], greedy(**bad))

@@ -198,3 +198,25 @@ def test_sampling_a_large_vocabulary_draws_from_its_nucleus():
     assert set(draws) <= set(ids.tolist())
     frequency = np.array([draws.count(i) for i in ids[:5]]) / len(draws)
     np.testing.assert_allclose(frequency, probs[:5], atol=0.03)
+
+
+def test_penalties_follow_openais_definition():
+    """logit[t] - count(t) * frequency - (count(t) > 0) * presence, only for tokens already output."""
+    logits, output = randn(20), [3, 7, 3, 3, 19]
+    got = ref.penalize(logits, output, frequency=0.5, presence=1.5)
+    expected = logits.astype(np.float64).copy()
+    for t in set(output):
+        expected[t] -= output.count(t) * 0.5 + 1.5
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got is not logits and not np.shares_memory(got, logits)
+
+
+def test_penalties_steer_greedy_and_sampled_draws_away_from_repeats():
+    logits = np.zeros(5, np.float32)
+    logits[2] = 1.0
+    rng = np.random.default_rng(0)
+    assert ref.sample(logits, ref.SamplingSettings(), rng, [2, 2]) == 2                      # no penalty
+    assert ref.sample(logits, ref.SamplingSettings(presence_penalty=2.0), rng, [2, 2]) == 0  # next best
+    assert ref.sample(logits, ref.SamplingSettings(frequency_penalty=-1.5), rng, [4]) == 4   # negative: repeat
+    settings = ref.SamplingSettings(temperature=1.0, top_k=1, frequency_penalty=0.6)
+    assert ref.sample(logits, settings, rng, [2, 2]) == 0

@@ -120,6 +120,13 @@ def test_omitted_sampling_fields_take_the_models_defaults(client, runtime):
     assert (openai_defaults.temperature, openai_defaults.top_p) == (1.0, 1.0)
 
 
+def test_penalties_reach_the_engine(client, runtime):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                   temperature=0, frequency_penalty=0.5, presence_penalty=-0.25)
+    params = runtime.requests[-1].params
+    assert (params.frequency_penalty, params.presence_penalty) == (0.5, -0.25)
+
+
 def test_n_usage_counts_the_prompt_once(client):
     one = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0)
     three = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0, n=3)

@@ -43,6 +43,8 @@ BAD_BODIES = [  # (path, body, param, code)
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "top_p": 0}, "top_p", None),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p", None),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "top_k": -1}, "top_k", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty", None),
+    (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": -2.1}, "presence_penalty", None),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "n": 0}, "n", None),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "n": 1000}, "n", None),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "seed": "abc"}, "seed", None),
