@@ -27,6 +27,9 @@ class ShuttingDown(Exception):
     """The server is stopping: a request that has produced no token yet ends with this (HTTP 503);
     one that has ends with finish reason "abort"."""
 
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
 
 class DeviceFailure(Exception):
     """A job on the request's instance raised (a weight load, a step, a KV resize, an eviction): the

@@ -91,7 +91,7 @@ class LiveRuntime:
         for req in list(self._requests.values()):
             if not req.done:
                 req.events.put_nowait(req.finished("abort", self._now()) if req.output_ids
-                                      else ShuttingDown("the server is shutting down"))
+                                      else ShuttingDown())
 
     async def stop(self) -> None:
         if self._timer:
@@ -114,7 +114,7 @@ class LiveRuntime:
                        slo: SloOverride | None = None) -> AsyncIterator[GenerationEvent]:
         params.validate(len(prompt_ids), self.context_length(model))
         if self._closing:
-            raise ShuttingDown("the server is shutting down")
+            raise ShuttingDown()
         req = LiveRequest(f"req-{next(self._ids)}", model, list(prompt_ids), params, self._now(), asyncio.Queue())
         self._requests[req.id] = req
         slo = slo or SloOverride()

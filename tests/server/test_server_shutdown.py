@@ -39,5 +39,5 @@ def test_stopping_ends_open_streams_at_once(own_server):
 
 
 def test_a_request_during_shutdown_is_503():
-    error = to_api_error(ShuttingDown("the server is shutting down"))
+    error = to_api_error(ShuttingDown())
     assert (error.status, error.type, error.code) == (503, "server_error", "shutting_down")
