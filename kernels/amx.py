@@ -22,24 +22,31 @@ import numba
 import numpy as np
 from numba import prange
 
+from kernels.cpu_math import float_bits
 from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt
 
 _MKL_THREADING_SEQUENTIAL = 1
 
 
+@numba.njit(inline="always", nogil=True, cache=True)
+def bf16_bits(x):
+    """float32 -> its bf16 bit pattern (uint16), rounded to nearest even."""
+    b = float_bits(x)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _round_to_bf16(bits, out):
-    """float32 bit patterns [n] (as uint32) -> bf16 bit patterns [n] (uint16), round to nearest even."""
-    for i in prange(bits.shape[0]):
-        b = bits[i]
-        out[i] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+def _round_to_bf16(values, out):
+    """float32 [n] -> bf16 bit patterns [n] (uint16)."""
+    for i in prange(values.shape[0]):
+        out[i] = bf16_bits(values[i])
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 array -> same-shape bf16 bit patterns (uint16); widen back with `from_bf16`."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty(flat.shape, np.uint16)
-    _round_to_bf16(flat.view(np.uint32), out)
+    _round_to_bf16(flat, out)
     return out.reshape(x.shape)
 
 

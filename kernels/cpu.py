@@ -153,11 +153,11 @@ class CpuKernels(ReferenceKernels):
     """Numba + BLAS backend. `amx`: True demands the bf16 AMX GEMM route (error if unavailable),
     False turns it off, None (default) uses it when the CPU and MKL allow.
 
-    With the route on, the attention GEMMs of prompts of 512+ tokens run bf16, and a step's other
-    GEMMs once the step has `amx_min_tokens` tokens: prefills of 64+ tokens, and decode steps of 64+
-    sequences (2x faster there; below, decode stays float32, which keeps every golden greedy
-    token, where bf16 decode flips one at token 15). Outputs then depend on how tokens were
-    batched, as bf16 results differ from float32 ones; `amx=False` keeps every step float32.
+    With the route on, a step of `amx_min_tokens` tokens or more runs bf16, its GEMMs and its
+    prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x faster
+    there; below, decode stays float32, which keeps every golden greedy token, where bf16 decode
+    flips one at token 15). Outputs then depend on how tokens were batched, as bf16 results differ
+    from float32 ones; `amx=False` keeps every step float32.
 
     Memory-moving ops (asarray, zeros, embedding, move_blocks) and argmax are numpy's and inherited.
     """
@@ -180,10 +180,15 @@ class CpuKernels(ReferenceKernels):
         _add_rms_norm(residual, delta, weight, np.float32(eps), summed, out)
         return summed, out
 
+    def _bf16_for(self, rows: int) -> Bf16Matmul | None:
+        """The AMX route if a step of `rows` tokens takes it."""
+        return self.bf16 if rows >= self.amx_min_tokens else None
+
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         rows = x.shape[0]
-        if self.bf16 is not None and rows >= self.amx_min_tokens:
-            return self.bf16.matmul(x, weight)
+        bf16 = self._bf16_for(rows)
+        if bf16 is not None:
+            return bf16.matmul(x, weight)
         if rows <= SKINNY_MAX_TOKENS:
             out = np.empty((rows, weight.shape[0]), np.float32)
             _skinny_matmul(x, weight, out)
@@ -209,7 +214,7 @@ class CpuKernels(ReferenceKernels):
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,
                           scale: float) -> np.ndarray:
         return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start,
-                                               context_lens, scale, self.bf16)
+                                               context_lens, scale, self._bf16_for(len(q)))
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:

@@ -28,7 +28,7 @@ import numba  # noqa: E402  (after the OpenMP wait policy is set)
 import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
 
 def cblas_gemm_argtypes(int_type) -> list:
@@ -69,10 +69,10 @@ def _sliced_gemm(gemm, batch, rows, cols, inner, a, lda, a_step, a_bytes, b, ldb
         n = min(length - lo, width)
         a_i, b_i, c_i = a + i * a_step, b + i * b_step, c + i * c_step
         if n > 0 and split_rows:
-            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n, cols, inner, np.float32(1.0), a_i + lo * lda * a_bytes, lda,
+            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, n, cols, inner, np.float32(1.0), a_i + lo * lda * a_bytes, lda,
                  b_i, ldb, np.float32(0.0), c_i + lo * ldc * 4, ldc)
         elif n > 0:
-            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, rows, n, inner, np.float32(1.0), a_i, lda,
+            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, rows, n, inner, np.float32(1.0), a_i, lda,
                  b_i + lo * ldb * b_bytes, ldb, np.float32(0.0), c_i + lo * 4, ldc)
 
 

@@ -8,6 +8,7 @@ float32.
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -113,14 +114,36 @@ def test_tiny_model_prefill_logits_with_amx_stay_close():
 
 
 @needs_amx
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (8, 2, 64)])
 def test_bf16_prefill_attention_stays_close(heads, kv_heads, head_dim):
-    """Long prompts (the BLAS-tile path) with both attention GEMMs in bf16, as CpuKernels(amx=True)
-    runs them from BF16_MIN_QUERIES on: the outputs (~N(0, 1) values mixed) within 3e-2."""
-    lengths, query_lens = [600, 900, 200], [cpu_attention.BF16_MIN_QUERIES, 700, 150]
+    """The flash-style bf16 tiles: whole prompts across query-tile and key-block edges, chunks that
+    continue a context (queries straddling a key block), and a short one left to the paged kernel.
+    Outputs (~N(0, 1) values mixed) within 3e-2 of float32."""
+    lengths = [600, 900, 200, 257, 1100, 40]
+    query_lens = [600, 700, 150, 257, 130, 10]
     k_cache, v_cache, tables, _ = paged(lengths, heads, kv_heads, head_dim)
     q = randn(sum(query_lens), heads, head_dim)
     query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     args = (q, k_cache, v_cache, tables, query_start, np.array(lengths, np.int32), head_dim ** -0.5)
     got = cpu_attention.prefill_attention(*args, bf16=amx.Bf16Matmul.create(required=True))
     np.testing.assert_allclose(got, ref.prefill_attention(*args), atol=3e-2)
+
+
+AMX_GOLDEN_TOKENS = 16   # issue 5: greedy output with AMX must match the float32 golden this far
+
+
+@needs_amx
+@pytest.mark.parametrize("case", range(8))
+def test_greedy_with_amx_matches_golden_for_16_tokens(model_home, golden_dir, case):
+    """The real model on the default AMX route (bf16 GEMMs and attention for steps of 64+ tokens:
+    every golden prompt's prefill; decode stays float32) keeps the golden greedy tokens this far."""
+    from refengine.engine.instance import Instance
+    from refengine.engine.loader import load_model
+    from refengine.engine.sequence import SamplingParams
+    from tests.conftest import run_to_end
+    c = json.loads((golden_dir / "greedy.json").read_text())["cases"][case]
+    model = load_model("smollm2-135m-instruct", CpuKernels(amx=True), home=model_home).model
+    instance = Instance(model, num_blocks=64)
+    seq = instance.add_request(c["prompt_ids"], SamplingParams(max_tokens=AMX_GOLDEN_TOKENS, ignore_eos=True))
+    run_to_end(instance)
+    assert seq.output_ids == c["completion_ids"][:AMX_GOLDEN_TOKENS]

@@ -106,13 +106,15 @@ def test_decode_attention_matches_reference(lengths, heads, kv_heads, head_dim):
 
 
 # (context lengths, queries per sequence): whole prompts, chunked prefills whose queries are the last
-# tokens of a longer context, and both sides of the switch to BLAS tiles at BLAS_MIN_QUERIES queries
+# tokens of a longer context, and both sides of the switch to tiles (TILE_MIN_QUERIES queries and
+# TILE_MIN_WORK query x key pairs)
+_FEW, _WORK = cpu_attention.TILE_MIN_QUERIES, cpu_attention.TILE_MIN_WORK
 PREFILL_CASES = {
     "one token": ([1], [1]),
     "block edges": ([15, 16, 17], [15, 16, 17]),
     "300 whole": ([300], [300]),
-    "chunks": ([300, 2048, 17, 200], [cpu_attention.BLAS_MIN_QUERIES + 40, cpu_attention.BLAS_MIN_QUERIES - 1, 5,
-                                      cpu_attention.BLAS_MIN_QUERIES]),
+    "chunks": ([300, 2048, 17, 200, 64, 63], [168, _FEW - 1, 5, _FEW, 64, 63]),
+    "work edge": ([_WORK // _FEW, _WORK // _FEW - 1], [_FEW, _FEW]),
     "batch 64": (lengths := _random_lengths(64, 40), lengths),
 }
 
