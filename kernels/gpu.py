@@ -198,6 +198,11 @@ class GpuKernels:
             _grid(out.size), (THREADS,), (gate_up, out, np.int32(num_tokens), np.int32(width)))
         return out
 
+    def mlp(self, x: Array, gate_up: Array, down: Array) -> Array:
+        """[T, E] -> [T, E]: the SwiGLU MLP as its three kernels (SiLU in the gate/up GEMV's epilogue
+        is one of the fusions docs/benchmarks_gpu.md plans)."""
+        return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
+
     # ---------------------------------------------------------------- paged KV cache and attention
     @_on_device
     def write_kv(self, k_cache: Array, v_cache: Array, k: Array, v: Array, slot_mapping: np.ndarray) -> None:

@@ -67,6 +67,12 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     return gate / (np.float32(1.0) + np.exp(-gate)) * up
 
 
+def mlp(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """[T, E] -> [T, E]: the SwiGLU MLP, linear(silu_mul(linear(x, gate_up)), down). One op so that
+    a backend may fuse across it (the CPU's AMX route has SiLU write the down GEMM's bf16 operand)."""
+    return linear(silu_mul(linear(x, gate_up)), down)
+
+
 # ---------------------------------------------------------------- paged KV cache
 def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
              slot_mapping: np.ndarray) -> None:
@@ -276,6 +282,7 @@ class ReferenceKernels:
     linear = staticmethod(linear)
     rope = staticmethod(rope)
     silu_mul = staticmethod(silu_mul)
+    mlp = staticmethod(mlp)
     write_kv = staticmethod(write_kv)
     prefill_attention = staticmethod(prefill_attention)
     decode_attention = staticmethod(decode_attention)

@@ -175,7 +175,7 @@ class LlamaModel:
             attn_out = kern.linear(attn.reshape(num_tokens, q_width), layer.o)          # [T, E]
             # MLP: residual add + norm, then SwiGLU
             residual, hidden = kern.add_rms_norm(residual, attn_out, layer.post_norm, cfg.rms_norm_eps)
-            mlp_out = kern.linear(kern.silu_mul(kern.linear(hidden, layer.gate_up)), layer.down)
+            mlp_out = kern.mlp(hidden, layer.gate_up, layer.down)
             next_norm = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.norm
             residual, hidden = kern.add_rms_norm(residual, mlp_out, next_norm, cfg.rms_norm_eps)
             if observe:

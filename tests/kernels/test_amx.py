@@ -100,6 +100,19 @@ def test_cpu_kernels_use_bf16_only_from_the_token_threshold():
 
 
 @needs_amx
+def test_bf16_mlp_rounds_its_silu_output_for_the_down_gemm():
+    """The AMX MLP equals its three steps done apart in bf16: gate/up GEMM, SiLU rounded to bf16,
+    down GEMM (float32 accumulation throughout), and stays within bf16 error of float32."""
+    kernels = CpuKernels(amx=True)
+    x, gate_up, down = randn(100, 576), randn(2 * 1536, 576) * 0.05, randn(576, 1536) * 0.05
+    got = kernels.mlp(x, gate_up, down)
+    act = ref.silu_mul(kernels.bf16.matmul(x, gate_up))
+    np.testing.assert_allclose(got, kernels.bf16.matmul(act, down), rtol=1e-4, atol=1e-4)
+    exact = ref.mlp(x, gate_up, down)
+    assert np.abs(got - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+@needs_amx
 def test_tiny_model_prefill_logits_with_amx_stay_close():
     """A 100-token prefill with every GEMM in bf16: logits within 2e-2 of the scale of float32's."""
     tensors = random_tensors(TINY, seed=0)

@@ -65,6 +65,12 @@ def test_silu_mul_matches_reference(tokens):
     np.testing.assert_allclose(CPU.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_mlp_matches_reference(tokens):
+    x, gate_up, down = randn(tokens, 96), randn(2 * 160, 96, scale=0.3), randn(96, 160, scale=0.3)
+    np.testing.assert_allclose(CPU.mlp(x, gate_up, down), ref.mlp(x, gate_up, down), rtol=1e-4, atol=1e-4)
+
+
 def test_write_kv_matches_reference():
     k_cache, v_cache = randn(12, 16, 3, 64), randn(12, 16, 3, 64)
     expected_k, expected_v = k_cache.copy(), v_cache.copy()

@@ -99,6 +99,13 @@ def test_silu_mul(kern, rng, tokens, width):
     assert rel_err(kern.silu_mul(kern.asarray(gate_up)), ref.silu_mul(gate_up)) < 1e-6
 
 
+@pytest.mark.parametrize("tokens", [1, 70])
+def test_mlp(kern, rng, tokens):
+    x, gate_up, down = normal(rng, tokens, 576), normal(rng, 2 * 1536, 576) * 0.05, normal(rng, 576, 1536) * 0.05
+    got = kern.mlp(kern.asarray(x), kern.asarray(gate_up), kern.asarray(down))
+    assert rel_err(got, ref.mlp(x, gate_up, down)) < 1e-5
+
+
 @pytest.mark.parametrize("rows, vocab", [(1, 49152), (64, 49152), (5, 100)])
 def test_argmax_takes_the_first_maximum(kern, rng, rows, vocab):
     logits = normal(rng, rows, vocab)
