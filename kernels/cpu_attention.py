@@ -31,6 +31,20 @@ QUERY_TILE = 64         # queries per BLAS tile: scores [Hkv, 64 G, L] stay in c
 KEY_BLOCK = 256         # keys per block of the bf16 (AMX) tiles
 
 
+@numba.njit(inline="always", **JIT)
+def _raise_peak(peak, total, acc, i, block_peak):
+    """Online softmax, row i: a new block's scores peak at `block_peak`. If that beats the running
+    max, the row's sum and accumulator (kept relative to the max) shrink to the new one. Returns
+    the max to take the block's exps against."""
+    if block_peak > peak[i]:
+        shrink = fast_exp(peak[i] - block_peak)
+        total[i] *= shrink
+        for d in range(acc.shape[1]):
+            acc[i, d] *= shrink
+        peak[i] = block_peak
+    return peak[i]
+
+
 @numba.njit(parallel=True, **JIT)
 def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, heads_per_item,
                      scale, out):
@@ -77,15 +91,7 @@ def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_len
                             s += q_scaled[h, d] * k_cache[block, r, kh, d]
                         weights[h, r] = s
                 for h in range(heads_per_item):
-                    new_peak = peak[h]
-                    for r in range(rows):
-                        new_peak = max(new_peak, weights[h, r])
-                    if new_peak > peak[h]:
-                        shrink = fast_exp(peak[h] - new_peak)
-                        total[h] *= shrink
-                        for d in range(head_dim):
-                            acc[h, d] *= shrink
-                        peak[h] = new_peak
+                    new_peak = _raise_peak(peak, total, acc, h, row_max(weights[h], rows))
                     for r in range(rows):
                         w = fast_exp(weights[h, r] - new_peak)
                         weights[h, r] = w
@@ -213,13 +219,7 @@ def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
             for r in range(count):
                 visible = min(first + (r0 + r) // group + 1 - j0, width)
                 if visible > 0:
-                    new_peak = max(peak[r], row_max(scores[r], visible) * scale)
-                    if new_peak > peak[r]:
-                        shrink = fast_exp(peak[r] - new_peak)
-                        total[r] *= shrink
-                        for d in range(head_dim):
-                            acc[r, d] *= shrink
-                        peak[r] = new_peak
+                    new_peak = _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
                     row_total = np.float32(0.0)
                     for c in range(visible):
                         w = fast_exp(scores[r, c] * scale - new_peak)
