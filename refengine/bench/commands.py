@@ -142,11 +142,14 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
             f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
             f"bandwidth ÷ (weights + cached K/V).\n\n{table}\n\n{targets}")
+    # a CPU with AMX has its own sections, so that runs on CPUs with and without it both stay on record
+    section = f"{kind}-amx" if any(engine.endswith("AMX") for engine in results) else kind
+    place = "cpu with AMX" if section == "cpu-amx" else kind
     if mode == "decode":
-        png = BENCHMARKS.parent / f"decode_vs_batch_{kind}.png"
-        report.plot(results, bounds, png, f"Decode tokens/s vs batch ({kind}, {weights})")
+        png = BENCHMARKS.parent / f"decode_vs_batch_{section}.png"
+        report.plot(results, bounds, png, f"Decode tokens/s vs batch ({place}, {weights})")
         body += f"\n\n![decode tokens/s vs batch]({png.name})"
-    update_section(f"{mode}-peers-{kind}", f"{mode.capitalize()} side by side ({kind})", body)
+    update_section(f"{mode}-peers-{section}", f"{mode.capitalize()} side by side ({place})", body)
 
 
 def _store_for(device: str, budget: int, direct: bool = True):
