@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from importlib import metadata
 from pathlib import Path
 
 import numba
@@ -23,9 +22,7 @@ import numpy as np
 from numba import prange
 
 from kernels.cpu_math import float_bits
-from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt
-
-_MKL_THREADING_SEQUENTIAL = 1
+from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt, mkl_library
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
@@ -63,23 +60,11 @@ def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         return False
 
 
-def find_mkl_rt() -> Path | None:
-    """libmkl_rt.so* from the installed `mkl` wheel (it puts its libraries under <prefix>/lib)."""
-    try:
-        files = metadata.distribution("mkl").files or []
-    except metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if file.name.startswith("libmkl_rt.so"):
-            return Path(file.locate()).resolve()
-    return None
-
-
 def unavailable_reason() -> str | None:
     """Why the AMX route cannot run here, or None if it can."""
     if not cpu_has_amx_bf16():
         return "this CPU does not report amx_bf16 in /proc/cpuinfo"
-    if find_mkl_rt() is None:
+    if mkl_library() is None:
         return "MKL is not installed (pip install 'refengine[amx]')"
     return None
 
@@ -94,10 +79,8 @@ def _owner(view: np.ndarray) -> np.ndarray:
 class Bf16Matmul:
     """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output."""
 
-    def __init__(self, mkl_rt: Path):
-        lib = ctypes.CDLL(str(mkl_rt))
-        lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
-        self.gemm = lib.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt`
+    def __init__(self, mkl: ctypes.CDLL):
+        self.gemm = mkl.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt`
         self.gemm.restype, self.gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
         self._weights: dict[tuple, np.ndarray] = {}   # (address, shape, strides) of a weight -> bf16 copy
 
@@ -106,7 +89,7 @@ class Bf16Matmul:
         """The AMX route if this machine has it; else None, or RuntimeError if `required`."""
         reason = unavailable_reason()
         if reason is None:
-            return cls(find_mkl_rt())
+            return cls(mkl_library())
         if required:
             raise RuntimeError(f"the AMX bf16 GEMM route was asked for but is unavailable: {reason}")
         return None

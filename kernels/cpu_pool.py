@@ -9,8 +9,11 @@ So here:
   quiet machine | beside two busy processes: libgomp's default spin 42.6 / 190 | 1.1 / 6.8; never
   spinning (PASSIVE) 29.7 / 150 | 23 / 101; this limit 41.7 / 186 | 17-19 / 68-86.
 - a GEMM is a `prange` over slices of its output (rows or columns, whichever are more), each slice
-  one single-threaded BLAS call (OpenBLAS float32 from numpy's own wheel, or MKL's bf16 GEMM from
-  `kernels.amx`);
+  one single-threaded BLAS call: float32 from MKL on an Intel CPU where the `mkl` wheel is installed
+  (the `amx` extra), else from the OpenBLAS inside numpy's wheel; bf16 from MKL (`kernels.amx`).
+  MKL's sequential sgemm is 1.2-1.6x OpenBLAS's from 32 rows on the AMX Xeon of
+  docs/benchmarks_cpu_kernels.md (float32 prefill +20%); on AMD CPUs MKL is not known to win, so
+  there OpenBLAS stays;
 
 Side effect, by design: importing this module makes numpy's OpenBLAS single-threaded for the whole
 process (the reference backend's GEMMs in the same process run on one core).
@@ -18,7 +21,9 @@ process (the reference backend's GEMMs in the same process run on one core).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+from importlib import metadata
 from pathlib import Path
 
 if "OMP_WAIT_POLICY" not in os.environ:
@@ -29,6 +34,7 @@ import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
+_MKL_THREADING_SEQUENTIAL = 1
 
 
 def cblas_gemm_argtypes(int_type) -> list:
@@ -51,7 +57,50 @@ def _load_openblas_sgemm():
     return None
 
 
-SGEMM = _load_openblas_sgemm()
+def find_mkl_rt() -> Path | None:
+    """libmkl_rt.so* from the installed `mkl` wheel (it puts its libraries under <prefix>/lib)."""
+    try:
+        files = metadata.distribution("mkl").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith("libmkl_rt.so"):
+            return Path(file.locate()).resolve()
+    return None
+
+
+@functools.cache
+def mkl_library() -> ctypes.CDLL | None:
+    """MKL's runtime, set to its sequential threading layer (before any MKL call, as MKL requires),
+    or None if the `mkl` wheel is not installed."""
+    path = find_mkl_rt()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
+    return lib
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def _load_mkl_sgemm():
+    """MKL's `cblas_sgemm` (LP64) on an Intel CPU with the `mkl` wheel installed, else None."""
+    lib = mkl_library() if cpu_vendor() == "GenuineIntel" else None
+    if lib is None:
+        return None
+    sgemm = lib.cblas_sgemm
+    sgemm.restype, sgemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)
+    return sgemm
+
+
+MKL_SGEMM = _load_mkl_sgemm()
+SGEMM = MKL_SGEMM or _load_openblas_sgemm()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

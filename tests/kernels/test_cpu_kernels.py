@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from kernels import cpu_attention, get_kernels
+from kernels import cpu_attention, cpu_pool, get_kernels
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
 from models.llama import LlamaModel, LlamaWeights
@@ -90,6 +90,24 @@ def test_float32_linear_matches_reference(tokens, outputs):
     BLAS on strided rows (x as a column slice of a wider array)."""
     x, w = randn(tokens, 2 * 576)[:, :576], randn(outputs, 576)
     np.testing.assert_allclose(CPU.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("blas", ["openblas", "mkl"])
+def test_each_float32_blas_matches_reference_on_strided_batches(blas):
+    """Whichever sgemm `cpu_pool` picks, both give the same products (batched, strided rows)."""
+    sgemm = cpu_pool.MKL_SGEMM if blas == "mkl" else cpu_pool._load_openblas_sgemm()
+    if sgemm is None:
+        pytest.skip(f"{blas} sgemm unavailable here (MKL: the amx extra on an Intel CPU)")
+    a, b = randn(3, 70, 2 * 96)[:, :, :96], randn(3, 130, 96)
+    np.testing.assert_allclose(cpu_pool.gemm_nt(a, b, gemm=sgemm), a @ b.transpose(0, 2, 1), rtol=1e-5, atol=1e-4)
+
+
+def test_mkl_sgemm_only_on_intel(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t: fpu avx2\n")
+    assert cpu_pool.cpu_vendor(cpuinfo) == "AuthenticAMD"
+    monkeypatch.setattr(cpu_pool, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu_pool._load_mkl_sgemm() is None
 
 
 # ---------------------------------------------------------------- paged attention
