@@ -11,6 +11,7 @@ a decode iteration's cost depends on the lengths, not on the values in the cache
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -90,19 +91,37 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
 
 
 def machine_of(device: str) -> str:
-    """What a table's latencies depend on besides the weights and the kernels: the GPU's name, or the
-    CPU's model and core count. A model cache may be shared by several machines (or moved), so a
-    table is kept with the machine it was measured on and measured again on any other."""
+    """What a table's latencies depend on besides the weights: the GPU's name, or the CPU's model and
+    core count, and the kernels that ran (`kernels_fingerprint`). A model cache may be shared by
+    several machines (or moved), and outlives upgrades, so a table is kept with the machine and
+    kernels it was measured on and measured again under any others."""
     if device.startswith("cuda"):
         import cupy
-        return cupy.cuda.runtime.getDeviceProperties(int(device.partition(":")[2] or 0))["name"].decode()
+        name = cupy.cuda.runtime.getDeviceProperties(int(device.partition(":")[2] or 0))["name"].decode()
+        return f"{name}; {kernels_fingerprint('cuda')}"
     model = platform.processor() or "unknown CPU"
     try:
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{model}, {os.cpu_count()} cores; {kernels_fingerprint('cpu')}"
+
+
+def kernels_fingerprint(kind: str) -> str:
+    """A digest of the kernel sources, plus, on a CPU, which GEMM libraries they call: a table
+    measured before a kernel changed (a 2x faster prefill, say) would mislead the scheduler."""
+    import kernels
+    digest = hashlib.sha256()
+    root = Path(kernels.__file__).parent
+    for path in sorted([*root.glob("*.py"), *root.glob("cuda/*.cu")]):
+        digest.update(path.read_bytes())
+    label = f"kernels {digest.hexdigest()[:12]}"
+    if kind == "cpu":
+        from kernels import amx, cpu_pool
+        label += (", MKL sgemm" if cpu_pool.MKL_SGEMM is not None else ", OpenBLAS sgemm") + \
+                 (", AMX bf16" if amx.unavailable_reason() is None else "")
+    return label
 
 
 def cached_table(load_model: Callable[[], LlamaModel], profile: str, hardware: str, directory: Path,

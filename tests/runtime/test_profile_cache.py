@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from refengine.runtime.profile import QUICK_GRID, cached_table, machine_of
+from refengine.runtime.profile import QUICK_GRID, cached_table, kernels_fingerprint, machine_of
 from scheduler.costmodel import profile_filename
 
 
@@ -30,5 +30,19 @@ def test_a_table_is_kept_for_its_machine_and_remeasured_elsewhere(tiny_model, tm
     assert len(loads) == 3
 
 
-def test_machine_of_a_cpu_names_its_cores():
-    assert machine_of("cpu:0").endswith(" cores") and machine_of("cpu:1") == machine_of("cpu:0")
+def test_machine_of_a_cpu_names_its_cores_and_kernels():
+    machine = machine_of("cpu:0")
+    assert " cores; kernels " in machine and "sgemm" in machine and machine_of("cpu:1") == machine
+
+
+def test_a_kernel_change_changes_the_fingerprint(tmp_path, monkeypatch):
+    """A table measured before the kernels changed is measured again (the file differs by one byte)."""
+    import kernels
+    fake = tmp_path / "kernels"
+    (fake / "cuda").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cpu.py").write_text("FAST = 1\n")
+    monkeypatch.setattr(kernels, "__file__", str(fake / "__init__.py"))
+    before = kernels_fingerprint("cuda")
+    (fake / "cpu.py").write_text("FAST = 2\n")
+    assert kernels_fingerprint("cuda") != before
