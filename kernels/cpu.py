@@ -1,9 +1,10 @@
 """Numba CPU kernels: the fast twins of `kernels.reference`, op for op.
 
 Why each op is written the way it is (2 cores, memory-bound at small batch):
-- GEMMs of up to 64 tokens (decode) are a Numba kernel that streams each weight row once; larger
-  ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for the whole step), float32
-  or, from `amx_min_tokens` rows, bf16 on AMX (`kernels.amx`).
+- GEMMs of a few tokens (decode; up to SKINNY_MAX_TOKENS) are a Numba kernel that streams each
+  weight row once; larger ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for
+  the whole step), float32 or, from `amx_min_tokens` rows, bf16 on AMX (`kernels.amx`), where the
+  MLP's SiLU also writes the down GEMM's bf16 operand (`mlp`).
 - The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
   temporaries and walk the data several times.
 - Attention reads the paged cache in place through the block table (no gather copy), each K/V row
