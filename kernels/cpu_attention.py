@@ -10,7 +10,8 @@ float32 tiles are 1.5x faster at 16 queries and 3.7x at 64; on a fresh prompt th
 - float32: the context is gathered once and attended in query tiles with two batched GEMMs over the
   KV heads (scores, then weights @ values) around a Numba causal softmax; each tile only multiplies
   the keys its last query can see, which halves the causal work.
-- bf16 (`Bf16Matmul` given): flash-style, `_flash_bf16`: 2.4-2.9x faster than the float32 tiles (128-2048 tokens).
+- bf16 (`Bf16Matmul` given): flash-style, `_flash_bf16`: 2.4-2.9x faster than the float32 tiles
+  from 128 to 2048 tokens.
 
 Shapes follow `kernels.interface`; every path matches `kernels.reference.prefill_attention`.
 """
