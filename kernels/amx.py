@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from kernels.cpu_math import float_bits
-from kernels.cpu_pool import cblas_gemm_argtypes, gemm_nt, mkl_library
+from kernels.cpu_pool import cblas_gemm_argtypes, cpu_info, gemm_nt, mkl_library
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
@@ -53,11 +53,7 @@ def from_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    try:
-        return any(line.startswith("flags") and "amx_bf16" in line.split()
-                   for line in cpuinfo.read_text().splitlines())
-    except OSError:
-        return False
+    return "amx_bf16" in cpu_info("flags", cpuinfo).split()
 
 
 def unavailable_reason() -> str | None:

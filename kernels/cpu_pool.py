@@ -81,12 +81,17 @@ def mkl_library() -> ctypes.CDLL | None:
     return lib
 
 
-def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_info(field: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first core's `field` in /proc/cpuinfo ("model name", "vendor_id", "flags"), "" if absent."""
     try:
         return next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("vendor_id")), "")
+                     if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    return cpu_info("vendor_id", cpuinfo)
 
 
 def _load_mkl_sgemm():
@@ -118,8 +123,8 @@ def _sliced_gemm(gemm, batch, rows, cols, inner, a, lda, a_step, a_bytes, b, ldb
         n = min(length - lo, width)
         a_i, b_i, c_i = a + i * a_step, b + i * b_step, c + i * c_step
         if n > 0 and split_rows:
-            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, n, cols, inner, np.float32(1.0), a_i + lo * lda * a_bytes, lda,
-                 b_i, ldb, np.float32(0.0), c_i + lo * ldc * 4, ldc)
+            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, n, cols, inner, np.float32(1.0),
+                 a_i + lo * lda * a_bytes, lda, b_i, ldb, np.float32(0.0), c_i + lo * ldc * 4, ldc)
         elif n > 0:
             gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, rows, n, inner, np.float32(1.0), a_i, lda,
                  b_i + lo * ldb * b_bytes, ldb, np.float32(0.0), c_i + lo * 4, ldc)

@@ -12,14 +12,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from kernels.cpu_pool import cpu_info
+    cpu = cpu_info("model name") or platform.processor() or "unknown CPU"
     mem = ""
     try:
         kib = int(Path("/proc/meminfo").read_text().split()[1])

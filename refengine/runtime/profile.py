@@ -99,12 +99,8 @@ def machine_of(device: str) -> str:
         import cupy
         name = cupy.cuda.runtime.getDeviceProperties(int(device.partition(":")[2] or 0))["name"].decode()
         return f"{name}; {kernels_fingerprint('cuda')}"
-    model = platform.processor() or "unknown CPU"
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
-    except OSError:
-        pass
+    from kernels.cpu_pool import cpu_info
+    model = cpu_info("model name") or platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores; {kernels_fingerprint('cpu')}"
 
 
