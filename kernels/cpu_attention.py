@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from kernels.amx import Bf16Matmul, bf16_bits
-from kernels.cpu_math import JIT, fast_exp, row_max
+from kernels.cpu_math import JIT, LOG2E, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, gemm_nt
 from kernels.reference import gather_context
 
@@ -199,6 +199,7 @@ def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
     path writes [Qt G, L]). Tiles late in the prompt see more keys: items are ordered light, heavy,
     light, ... so that each thread's contiguous share holds about the same work."""
     kv_heads, rows, head_dim = q.shape
+    scale2 = scale * LOG2E   # exps in base 2: coarse_exp2 (rounded to bf16 after) needs no ln 2 split
     tile_rows = QUERY_TILE * group
     tiles = -(-rows // tile_rows)
     for item in prange(kv_heads * tiles):
@@ -221,9 +222,10 @@ def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
                 visible = min(first + (r0 + r) // group + 1 - j0, width)
                 if visible > 0:
                     new_peak = _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
+                    peak2 = new_peak * LOG2E
                     row_total = np.float32(0.0)
                     for c in range(visible):
-                        w = fast_exp(scores[r, c] * scale - new_peak)
+                        w = coarse_exp2(scores[r, c] * scale2 - peak2)
                         row_total += w
                         probs[r, c] = bf16_bits(w)
                     total[r] += row_total

@@ -11,12 +11,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numba
 import numpy as np
 import pytest
 
 from kernels import cpu_attention, cpu_pool, get_kernels
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
+from kernels.cpu_math import coarse_exp2, fast_exp
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
 from refengine.engine.instance import Instance
@@ -57,6 +59,24 @@ def test_rope_matches_reference_on_strided_views(heads, kv_heads, head_dim):
     for x in (q, k):
         np.testing.assert_allclose(CPU.rope(x, positions, 100000.0), ref.rope(x, positions, 100000.0),
                                    rtol=1e-5, atol=1e-6)
+
+
+@numba.njit
+def _apply(fn, x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = fn(x[i])
+    return out
+
+
+def test_exp_helpers_meet_their_stated_accuracy():
+    """fast_exp: relative error below 5e-7 on [-87, 88]; coarse_exp2 (bf16 softmax): below 3e-6 on
+    [-126, 127]. Random points, plus the integers, where the polynomials meet their range ends."""
+    x = np.concatenate([RNG.uniform(-87, 88, 200_000), np.arange(-87, 89)]).astype(np.float32)
+    np.testing.assert_array_less(np.abs(_apply(fast_exp, x) / np.exp(x.astype(np.float64)) - 1), 5e-7)
+    x2 = np.concatenate([RNG.uniform(-126, 127, 200_000), np.arange(-126, 128)]).astype(np.float32)
+    np.testing.assert_array_less(np.abs(_apply(coarse_exp2, x2) / np.exp2(x2.astype(np.float64)) - 1), 3e-6)
+    assert _apply(coarse_exp2, np.array([-500.0], np.float32))[0] == np.float32(2.0 ** -126)
 
 
 @pytest.mark.parametrize("tokens", [1, 300])
