@@ -1,15 +1,18 @@
-"""bf16 GEMMs on Intel AMX through MKL, for the steps that multiply many tokens at once (prefill).
+"""bf16 GEMMs on Intel AMX, for the steps that multiply many tokens at once (prefill).
 
-numpy's OpenBLAS has no bf16 GEMM; MKL's `cblas_gemm_bf16bf16f32` runs bf16 x bf16 on the AMX tiles
-with float32 accumulation and output, several times faster than float32 BLAS on the same cores.
-Weights are converted to bf16 once, at their first such GEMM, and kept beside the float32 original
-for as long as its memory lives (a weak reference drops the copy with the buffer; instances sharing
-a host-cache entry share the copies); activations are converted
-per call (round to nearest even) by a parallel Numba kernel, which costs a few percent of the GEMM.
+numpy's OpenBLAS has no bf16 GEMM. The layer GEMMs run on our own tile kernel (`kernels.amx_tiles`):
+bf16 x bf16 on the AMX tiles with float32 accumulation and output, several times faster than
+float32 BLAS on the same cores. Weights are converted to bf16 and laid out for the tiles once, at
+their first such GEMM, and kept beside the float32 original for as long as its memory lives (a weak
+reference drops the copy with the buffer; instances sharing a host-cache entry share the copies);
+activations are converted per call (round to nearest even) into tile layout by a parallel Numba
+pass, which costs a few percent of the GEMM. MKL's `cblas_gemm_bf16bf16f32` serves the attention
+tiles (`kernels.cpu_attention`), whose operands change every call.
 
-Availability is decided at run time: the CPU must report `amx_bf16` and the PyPI `mkl` package must
-be installed (`pip install refengine[amx]`). MKL runs sequential, one call per column slice on Numba's
-pool (`kernels.cpu_pool`), so no second thread pool competes for the cores.
+Availability is decided at run time: the CPU must report `amx_bf16`, Linux must grant the tile
+state, and the PyPI `mkl` package must be installed (`pip install refengine[amx]`). MKL runs
+sequential, called from Numba's pool (`kernels.cpu_pool`), so no second thread pool competes for
+the cores.
 """
 from __future__ import annotations
 
@@ -21,15 +24,10 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.cpu_math import float_bits
-from kernels.cpu_pool import cblas_gemm_argtypes, cpu_info, gemm_nt, mkl_library
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def bf16_bits(x):
-    """float32 -> its bf16 bit pattern (uint16), rounded to nearest even."""
-    b = float_bits(x)
-    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+from kernels import amx_tiles
+from kernels.amx_tiles import TileRows, TileWeight
+from kernels.cpu_math import bf16_bits
+from kernels.cpu_pool import cblas_gemm_argtypes, cpu_info, mkl_library
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -62,6 +60,8 @@ def unavailable_reason() -> str | None:
         return "this CPU does not report amx_bf16 in /proc/cpuinfo"
     if mkl_library() is None:
         return "MKL is not installed (pip install 'refengine[amx]')"
+    if not amx_tiles.request_tile_permission():
+        return "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     return None
 
 
@@ -76,9 +76,9 @@ class Bf16Matmul:
     """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output."""
 
     def __init__(self, mkl: ctypes.CDLL):
-        self.gemm = mkl.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt`
+        self.gemm = mkl.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt` (attention)
         self.gemm.restype, self.gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
-        self._weights: dict[tuple, np.ndarray] = {}   # (address, shape, strides) of a weight -> bf16 copy
+        self._weights: dict[tuple, TileWeight] = {}   # (address, shape, strides) of a weight -> its tiles
 
     @classmethod
     def create(cls, required: bool = False) -> "Bf16Matmul | None":
@@ -90,17 +90,18 @@ class Bf16Matmul:
             raise RuntimeError(f"the AMX bf16 GEMM route was asked for but is unavailable: {reason}")
         return None
 
-    def bf16_weight(self, weight: np.ndarray) -> np.ndarray:
-        """The cached bf16 copy of `weight` [O, I], made on first use. It is found by the memory the
-        weight views, not by the array object, so instances whose weights are views of one host-
-        cache entry share one copy; it is dropped with the buffer that owns that memory."""
+    def tiled_weight(self, weight: np.ndarray) -> TileWeight:
+        """The cached bf16 tile copy of `weight` [O, I], made on first use. It is found by the memory
+        the weight views, not by the array object, so instances whose weights are views of one
+        host-cache entry share one copy; it is dropped with the buffer that owns that memory."""
         key = (weight.ctypes.data, weight.shape, weight.strides)
         cached = self._weights.get(key)
         if cached is None:
-            cached = self._weights[key] = to_bf16(weight)
+            cached = self._weights[key] = TileWeight.pack(to_bf16(weight))
             weakref.finalize(_owner(weight), self._weights.pop, key, None)
         return cached
 
-    def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """x [T, I] float32, weight [O, I] float32 -> [T, O] float32."""
-        return gemm_nt(to_bf16(x), self.bf16_weight(weight), gemm=self.gemm)
+    def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:
+        """x [T, I] float32 (or already bf16 tiles), weight [O, I] float32 -> [T, O] float32."""
+        rows = x if isinstance(x, TileRows) else TileRows.convert(x)
+        return amx_tiles.matmul(rows, self.tiled_weight(weight))

@@ -24,8 +24,9 @@ import numpy as np
 from numba import prange
 
 from kernels import cpu_attention
-from kernels.amx import Bf16Matmul, bf16_bits, to_bf16
-from kernels.cpu_math import JIT, fast_exp
+from kernels.amx import Bf16Matmul
+from kernels.amx_tiles import TileRows, tile_position
+from kernels.cpu_math import JIT, bf16_bits, fast_exp
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
 from kernels.reference import ReferenceKernels, rope_angles
 
@@ -129,12 +130,20 @@ def _silu_mul(gate_up, out):
 
 
 @numba.njit(parallel=True, **JIT)
-def _silu_mul_bf16(gate_up, out):
-    """`_silu_mul` writing bf16 (uint16 [T, F]): the operand of the next bf16 GEMM, in the same pass."""
-    width = out.shape[1]
+def _silu_mul_tiles(gate_up, tiles):
+    """`_silu_mul` writing bf16 in A-tile layout (`amx_tiles.TileRows`): the next GEMM's operand,
+    32 contiguous values per tile row, as `amx_tiles._rows_to_tiles` writes them."""
+    width = gate_up.shape[1] // 2
+    whole = width >> 5
     for t in prange(gate_up.shape[0]):
-        for f in range(width):
-            out[t, f] = bf16_bits(_silu_times(gate_up[t, f], gate_up[t, width + f]))
+        block, row = t >> 4, t & 15
+        for c in range(whole):
+            for j in range(32):
+                f = 32 * c + j
+                tiles[block, c, row, j] = bf16_bits(_silu_times(gate_up[t, f], gate_up[t, width + f]))
+        for f in range(32 * whole, width):
+            c, j = tile_position(f)
+            tiles[block, c, row, j] = bf16_bits(_silu_times(gate_up[t, f], gate_up[t, width + f]))
 
 
 @numba.njit(**JIT)
@@ -223,17 +232,17 @@ class CpuKernels(ReferenceKernels):
         return out
 
     def mlp(self, x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
-        """On the AMX route SiLU writes the down GEMM's bf16 operand in its own pass, which saves
-        writing [T, F] float32 and converting it (at 2048 tokens 35-130 ms of SiLU and conversion
-        per step became ~25 ms). Running the MLP in token chunks, so that [chunk, 2F] stays in
-        cache, was no faster at 128-512 token chunks: each GEMM call then repacks its weight."""
+        """On the AMX route SiLU writes the down GEMM's bf16 tile operand in its own pass, which
+        saves writing [T, F] float32 and converting it (at 2048 tokens 35-130 ms of SiLU and
+        conversion per step became ~25 ms). Running the MLP in token chunks, so that [chunk, 2F]
+        stays in cache, was no faster at 128-512 token chunks (with MKL's GEMMs)."""
         bf16 = self._bf16_for(x.shape[0])
         if bf16 is None:
             return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
-        hidden = gemm_nt(to_bf16(x), bf16.bf16_weight(gate_up), gemm=bf16.gemm)
-        act = np.empty((hidden.shape[0], hidden.shape[1] // 2), np.uint16)
-        _silu_mul_bf16(hidden, act)
-        return gemm_nt(act, bf16.bf16_weight(down), gemm=bf16.gemm)
+        hidden = bf16.matmul(x, gate_up)
+        act = TileRows.empty(hidden.shape[0], hidden.shape[1] // 2)
+        _silu_mul_tiles(hidden, act.tiles)
+        return bf16.matmul(act, down)
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
                  slot_mapping: np.ndarray) -> None:

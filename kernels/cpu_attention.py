@@ -21,8 +21,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.amx import Bf16Matmul, bf16_bits
-from kernels.cpu_math import JIT, LOG2E, coarse_exp2, fast_exp, row_max
+from kernels.amx import Bf16Matmul
+from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, gemm_nt
 from kernels.reference import gather_context
 

@@ -1,5 +1,5 @@
 """How the Numba CPU kernels compile (`JIT`), and the scalar helpers LLVM can vectorise in them:
-`fast_exp`, `coarse_exp2`, `row_max`, and the float <-> bits casts.
+`fast_exp`, `coarse_exp2`, `row_max`, and the float <-> bits casts (`bf16_bits` rounds).
 
 `JIT`: `nogil` (a serving thread runs steps while the asyncio loop and other threads keep going),
 `cache=True` (a restart loads machine code from `__pycache__` instead of recompiling), and fast-math
@@ -98,3 +98,10 @@ def coarse_exp2(x):
     p = p * f + np.float32(0.69304401)
     p = p * f + np.float32(1.0)
     return _float_from_bits(np.int32(float_bits(p)) + (np.int32(n) << np.int32(23)))
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def bf16_bits(x):
+    """float32 -> its bf16 bit pattern (uint16), rounded to nearest even."""
+    b = float_bits(x)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))

@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from kernels import amx, cpu_attention
+from kernels import amx, amx_tiles, cpu_attention
+from kernels.amx_tiles import TileRows, TileWeight
 from kernels import reference as ref
 from kernels.cpu import CpuKernels
 from models.llama import LlamaModel, LlamaWeights
@@ -60,11 +61,40 @@ def test_bf16_matmul_accumulates_in_float32(tokens, outputs, inputs):
 
 
 @needs_amx
-def test_bf16_weight_copy_is_made_once_and_dropped_with_the_weight():
+@pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100, 2100])
+@pytest.mark.parametrize("outputs,inputs", [(64, 576), (50, 70), (3072, 576), (576, 1536)])
+def test_tile_kernel_equals_float32_products_of_the_rounded_inputs(tokens, outputs, inputs):
+    """`amx_tiles.matmul` across tile, pair and work-item edges (2100 tokens: two chunks of 64
+    token blocks), with padded rows, outputs and inputs; the result is contiguous when O fills tiles."""
+    x, w = randn(tokens, inputs), randn(outputs, inputs)
+    out = amx_tiles.matmul(TileRows.convert(x), TileWeight.pack(amx.to_bf16(w)))
+    rounded = amx.from_bf16(amx.to_bf16(x)).astype(np.float64) @ amx.from_bf16(amx.to_bf16(w)).astype(np.float64).T
+    assert out.shape == (tokens, outputs) and (out.flags.c_contiguous or outputs % 32)
+    np.testing.assert_allclose(out, rounded, rtol=1e-5, atol=1e-4)
+
+
+def test_tile_layouts_place_each_element():
+    """TileRows: (t, i) at [t // 16, i // 32, t % 16, i % 32]; TileWeight: (o, i) at
+    [o // 16, i // 2, o % 16, i % 2]; padding zero."""
+    x = randn(40, 70)
+    rows = TileRows.convert(x).tiles
+    bits = amx.to_bf16(x)
+    t, i = np.meshgrid(np.arange(40), np.arange(70), indexing="ij")
+    np.testing.assert_array_equal(rows[t // 16, i // 32, t % 16, i % 32], bits)
+    assert rows.shape == (4, 3, 16, 32) and not rows[2:, :, 8:].any() and not rows[:, 2, :, 6:].any()
+    w = amx.to_bf16(randn(50, 70))
+    tiles = TileWeight.pack(w).tiles
+    o, i = np.meshgrid(np.arange(50), np.arange(70), indexing="ij")
+    np.testing.assert_array_equal(tiles[o // 16, i // 2, o % 16, i % 2], w)
+    assert tiles.shape == (4, 48, 16, 2) and not tiles[3, :, 2:].any()
+
+
+@needs_amx
+def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
     gemm = amx.Bf16Matmul.create(required=True)
     w = randn(64, 32)
-    first = gemm.bf16_weight(w)
-    assert gemm.bf16_weight(w) is first
+    first = gemm.tiled_weight(w)
+    assert gemm.tiled_weight(w) is first
     assert len(gemm._weights) == 1
     del w
     gc.collect()
@@ -78,8 +108,8 @@ def test_views_of_one_buffer_share_a_bf16_copy_that_lives_as_long_as_the_buffer(
     buffer = randn(2, 64, 32)
     first, second = buffer[1], buffer[1][...]
     assert first is not second
-    assert gemm.bf16_weight(first) is gemm.bf16_weight(second)
-    assert gemm.bf16_weight(buffer[0]) is not gemm.bf16_weight(first)
+    assert gemm.tiled_weight(first) is gemm.tiled_weight(second)
+    assert gemm.tiled_weight(buffer[0]) is not gemm.tiled_weight(first)
     del first, second
     gc.collect()
     assert len(gemm._weights) == 2          # the buffer lives on, and so do its copies
