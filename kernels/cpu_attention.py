@@ -186,6 +186,22 @@ def _context_bf16(cache, block_table, length, out):
                 out[h, t, d] = bf16_bits(cache[block, row, h, d])
 
 
+LAZY_EXPONENT = 60   # bf16 probabilities may reach 2^60 against a stale running max before a rescale
+LAZY_LIMIT = np.float32(2.0 ** LAZY_EXPONENT)
+
+
+@numba.njit(inline="always", **JIT)
+def _block_exps(scores, probs, count, scale2, peak2):
+    """probs[:count] = bf16(2^(scores scale2 - peak2)), exponents capped at LAZY_EXPONENT; returns
+    their sum, which reaches LAZY_LIMIT when the cap was hit (so the caller knows to redo)."""
+    row_total = np.float32(0.0)
+    for c in range(count):
+        w = coarse_exp2(min(scores[c] * scale2 - peak2, np.float32(LAZY_EXPONENT)))
+        row_total += w
+        probs[c] = bf16_bits(w)
+    return row_total
+
+
 @numba.njit(parallel=True, **JIT)
 def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
     """out [Q, H, D] = causal attention of q [Hkv, Q G, D] (as `_queries_bf16` lays it out; queries at
@@ -196,7 +212,9 @@ def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
     row (running max and sum; the accumulator is rescaled when the max grows), the probabilities
     rounded to bf16, then acc += probabilities @ values. Nothing larger than [Qt G, KEY_BLOCK] is
     written, so it stays in the core's L2; a whole-context score matrix would not (the float32 tile
-    path writes [Qt G, L]). Tiles late in the prompt see more keys: items are ordered light, heavy,
+    path writes [Qt G, L]). The max is rescaled lazily: a block's exps are taken against the row's
+    running max in one pass, and only a block whose keys lie 2^LAZY_EXPONENT above it takes its own
+    max (a second pass); softmax is the same whichever max the exps are relative to. Tiles late in the prompt see more keys: items are ordered light, heavy,
     light, ... so that each thread's contiguous share holds about the same work."""
     kv_heads, rows, head_dim = q.shape
     scale2 = scale * LOG2E   # exps in base 2: coarse_exp2 (rounded to bf16 after) needs no ln 2 split
@@ -221,13 +239,12 @@ def _flash_bf16(gemm, q, keys, values, first, group, scale, out):
             for r in range(count):
                 visible = min(first + (r0 + r) // group + 1 - j0, width)
                 if visible > 0:
-                    new_peak = _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
-                    peak2 = new_peak * LOG2E
-                    row_total = np.float32(0.0)
-                    for c in range(visible):
-                        w = coarse_exp2(scores[r, c] * scale2 - peak2)
-                        row_total += w
-                        probs[r, c] = bf16_bits(w)
+                    if peak[r] == -np.inf:   # the row's first keys: exps against their max
+                        _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
+                    row_total = _block_exps(scores[r], probs[r], visible, scale2, peak[r] * LOG2E)
+                    if row_total >= LAZY_LIMIT:   # a key far above the running max: rescale to it, redo
+                        _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
+                        row_total = _block_exps(scores[r], probs[r], visible, scale2, peak[r] * LOG2E)
                     total[r] += row_total
                 for c in range(max(visible, 0), width):
                     probs[r, c] = 0

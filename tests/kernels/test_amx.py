@@ -190,3 +190,22 @@ def test_greedy_with_amx_matches_golden_for_16_tokens(model_home, golden_dir, ca
     seq = instance.add_request(c["prompt_ids"], SamplingParams(max_tokens=AMX_GOLDEN_TOKENS, ignore_eos=True))
     run_to_end(instance)
     assert seq.output_ids == c["completion_ids"][:AMX_GOLDEN_TOKENS]
+
+
+@needs_amx
+def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max():
+    """Keys 300-699 score ~40x higher than the first ones (exps 2^100 and more above the first
+    block's max) and keys 700+ lower again: the lazy max must rescale, not overflow. Scores that
+    large make bf16's rounding of q and k itself move the output by up to ~0.5, so the check is
+    against float32 attention over the bf16-rounded q, k and v, which leaves the probabilities'
+    rounding and the max handling."""
+    heads, kv_heads, head_dim, length = 9, 3, 64, 1000
+    k_cache, v_cache, tables, _ = paged([length], heads, kv_heads, head_dim)
+    slots = tables[0, np.arange(length) // 16].astype(np.int64) * 16 + np.arange(length) % 16
+    k_cache[slots[300:700] // 16, slots[300:700] % 16] *= 40.0
+    q = randn(length, heads, head_dim)
+    meta = (tables, np.array([0, length], np.int32), np.array([length], np.int32), head_dim ** -0.5)
+    got = cpu_attention.prefill_attention(q, k_cache, v_cache, *meta, bf16=amx.Bf16Matmul.create(required=True))
+    assert np.isfinite(got).all()
+    rounded = [amx.from_bf16(amx.to_bf16(a)) for a in (q, k_cache, v_cache)]
+    np.testing.assert_allclose(got, ref.prefill_attention(*rounded, *meta), atol=3e-2)
