@@ -90,18 +90,27 @@ class Bf16Matmul:
             raise RuntimeError(f"the AMX bf16 GEMM route was asked for but is unavailable: {reason}")
         return None
 
-    def tiled_weight(self, weight: np.ndarray) -> TileWeight:
-        """The cached bf16 tile copy of `weight` [O, I], made on first use. It is found by the memory
-        the weight views, not by the array object, so instances whose weights are views of one
-        host-cache entry share one copy; it is dropped with the buffer that owns that memory."""
-        key = (weight.ctypes.data, weight.shape, weight.strides)
+    def tiled_weight(self, weight: np.ndarray, gated: bool = False) -> TileWeight:
+        """The cached bf16 tile copy of `weight` [O, I] (`gated`: a stacked gate|up, laid out for
+        `swiglu`), made on first use. It is found by the memory the weight views, not by the array
+        object, so instances whose weights are views of one host-cache entry share one copy; it is
+        dropped with the buffer that owns that memory."""
+        key = (weight.ctypes.data, weight.shape, weight.strides, gated)
         cached = self._weights.get(key)
         if cached is None:
-            cached = self._weights[key] = TileWeight.pack(to_bf16(weight))
+            bits = to_bf16(weight)
+            cached = self._weights[key] = TileWeight.pack_gated(bits) if gated else TileWeight.pack(bits)
             weakref.finalize(_owner(weight), self._weights.pop, key, None)
         return cached
 
     def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32 (or already bf16 tiles), weight [O, I] float32 -> [T, O] float32."""
-        rows = x if isinstance(x, TileRows) else TileRows.convert(x)
-        return amx_tiles.matmul(rows, self.tiled_weight(weight))
+        return amx_tiles.matmul(_as_rows(x), self.tiled_weight(weight))
+
+    def swiglu(self, x: np.ndarray | TileRows, gate_up: np.ndarray) -> TileRows:
+        """silu(x @ gate.T) * (x @ up.T), gate_up [2F, I] stacked, as the next GEMM's bf16 tiles."""
+        return amx_tiles.swiglu(_as_rows(x), self.tiled_weight(gate_up, gated=True))
+
+
+def _as_rows(x: np.ndarray | TileRows) -> TileRows:
+    return x if isinstance(x, TileRows) else TileRows.convert(x)

@@ -36,7 +36,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.cpu_math import bf16_bits
+from kernels.cpu_math import JIT, bf16_bits, silu_times
 
 GROUP_PAIRS = 3      # 32-output blocks per work item (1-9 and 1-64 token blocks tried: 3 x 64 was best)
 CHUNK_BLOCKS = 64    # 32-token blocks per work item
@@ -202,57 +202,131 @@ class TileWeight:
         o, i = padded.shape
         return cls(np.ascontiguousarray(padded.reshape(o // 16, 16, i // 2, 2).transpose(0, 2, 1, 3)), outputs)
 
+    @classmethod
+    def pack_gated(cls, gate_up_bf16: np.ndarray) -> "TileWeight":
+        """SwiGLU's stacked gate|up [2F, I] -> the layout with gate and up rows interleaved by 16
+        (gate 0-15, up 0-15, gate 16-31, ...), F padded to 16 with zero rows: each 32-output block
+        then holds 16 gate outputs and their 16 up outputs, for `swiglu`. `outputs` is F."""
+        gate, up = np.split(gate_up_bf16, 2)
+        features, inputs = gate.shape
+        blocks = -(-features // 16)
+        padded = np.zeros((2, blocks * 16, inputs), np.uint16)
+        padded[0, :features], padded[1, :features] = gate, up
+        interleaved = padded.reshape(2, blocks, 16, inputs).transpose(1, 0, 2, 3)
+        packed = cls.pack(interleaved.reshape(-1, inputs))
+        return cls(packed.tiles, features)
+
     @property
     def nbytes(self) -> int:
         return self.tiles.nbytes
 
 
-# ---------------------------------------------------------------- the GEMM
+# ---------------------------------------------------------------- the GEMMs
+@numba.njit(inline="always", nogil=True, cache=True)
+def _accumulate(a0, a1, b0, b1, k_tiles):
+    """Tiles 0-3 = the 32 x 32 float32 block of A @ B whose A tile rows start at a0, a1 (two 16-token
+    halves) and B tiles at b0, b1 (two 16-output halves), over k_tiles x 32 inputs."""
+    tile_zero(0)
+    tile_zero(1)
+    tile_zero(2)
+    tile_zero(3)
+    for k in range(k_tiles):
+        tile_load(4, a0 + k * _TILE_BYTES, 64)
+        tile_load(5, a1 + k * _TILE_BYTES, 64)
+        tile_load(6, b0 + k * _TILE_BYTES, 64)
+        tile_load(7, b1 + k * _TILE_BYTES, 64)
+        tile_dot(0, 4, 6)
+        tile_dot(1, 4, 7)
+        tile_dot(2, 5, 6)
+        tile_dot(3, 5, 7)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _store_block(c, row_bytes):
+    """Tiles 0-3 (see `_accumulate`) into float32 rows `row_bytes` apart from address c."""
+    tile_store(0, c, row_bytes)
+    tile_store(1, c + 64, row_bytes)
+    tile_store(2, c + 16 * row_bytes, row_bytes)
+    tile_store(3, c + 16 * row_bytes + 64, row_bytes)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _work_item(item, token_blocks, pairs):
+    """Work item -> (its 32-token blocks, its 32-output blocks), for a prange over
+    `_work_items(token_blocks, pairs)` items."""
+    chunks = -(-token_blocks // CHUNK_BLOCKS)
+    group, chunk = item // chunks, item % chunks
+    return (range(chunk * CHUNK_BLOCKS, min((chunk + 1) * CHUNK_BLOCKS, token_blocks)),
+            range(group * GROUP_PAIRS, min((group + 1) * GROUP_PAIRS, pairs)))
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _work_items(token_blocks, pairs):
+    return -(-pairs // GROUP_PAIRS) * -(-token_blocks // CHUNK_BLOCKS)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _tile_matmul(a, b, out, config):
     """out [T, O] (T, O padded to 32) = A @ B with a [T/16, I/32, 16, 32] and b [O/16, I/2, 16, 2]."""
     k_tiles = a.shape[1]
     token_blocks, pairs = out.shape[0] // 32, out.shape[1] // 32
     row_bytes = out.shape[1] * 4
-    b_block = k_tiles * _TILE_BYTES          # bytes of one 16-output block of b
-    groups = -(-pairs // GROUP_PAIRS)
-    chunks = -(-token_blocks // CHUNK_BLOCKS)
-    a_base, b_base, out_base = a.ctypes.data, b.ctypes.data, out.ctypes.data
-    for item in prange(groups * chunks):
+    block_bytes = k_tiles * _TILE_BYTES          # one 16-row block of a, or 16-output block of b
+    for item in prange(_work_items(token_blocks, pairs)):
         tile_config(config.ctypes.data)
-        group, chunk = item // chunks, item % chunks
-        for block in range(chunk * CHUNK_BLOCKS, min((chunk + 1) * CHUNK_BLOCKS, token_blocks)):
-            a0 = a_base + 2 * block * k_tiles * _TILE_BYTES
-            a1 = a0 + k_tiles * _TILE_BYTES
-            for pair in range(group * GROUP_PAIRS, min((group + 1) * GROUP_PAIRS, pairs)):
-                b0 = b_base + 2 * pair * b_block
-                b1 = b0 + b_block
-                tile_zero(0)
-                tile_zero(1)
-                tile_zero(2)
-                tile_zero(3)
-                for k in range(k_tiles):
-                    tile_load(4, a0 + k * _TILE_BYTES, 64)
-                    tile_load(5, a1 + k * _TILE_BYTES, 64)
-                    tile_load(6, b0 + k * _TILE_BYTES, 64)
-                    tile_load(7, b1 + k * _TILE_BYTES, 64)
-                    tile_dot(0, 4, 6)
-                    tile_dot(1, 4, 7)
-                    tile_dot(2, 5, 6)
-                    tile_dot(3, 5, 7)
-                c = out_base + block * 32 * row_bytes + pair * 32 * 4
-                tile_store(0, c, row_bytes)
-                tile_store(1, c + 64, row_bytes)
-                tile_store(2, c + 16 * row_bytes, row_bytes)
-                tile_store(3, c + 16 * row_bytes + 64, row_bytes)
+        blocks, outputs = _work_item(item, token_blocks, pairs)
+        for block in blocks:
+            a0 = a.ctypes.data + 2 * block * block_bytes
+            for pair in outputs:
+                b0 = b.ctypes.data + 2 * pair * block_bytes
+                _accumulate(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                _store_block(out.ctypes.data + block * 32 * row_bytes + pair * 128, row_bytes)
         tile_release()
+
+
+@numba.njit(parallel=True, **JIT)   # fast-math as every other SiLU here
+def _tile_swiglu(a, b, act, config):
+    """act (A-tile layout, [T/16, F/32, 16, 32] bf16) = silu(gate) * up of A @ B, with b the
+    interleaved gate|up of `TileWeight.pack_gated`: each 32 x 32 float32 block (16 gate and their 16
+    up outputs for 32 tokens) goes through a 4 KiB scratch, never to memory."""
+    k_tiles = a.shape[1]
+    token_blocks, pairs = a.shape[0] // 2, b.shape[0] // 2
+    block_bytes = k_tiles * _TILE_BYTES
+    for item in prange(_work_items(token_blocks, pairs)):
+        tile_config(config.ctypes.data)
+        scratch = np.empty((32, 32), np.float32)
+        blocks, outputs = _work_item(item, token_blocks, pairs)
+        for block in blocks:
+            a0 = a.ctypes.data + 2 * block * block_bytes
+            for pair in outputs:
+                b0 = b.ctypes.data + 2 * pair * block_bytes
+                _accumulate(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                _store_block(scratch.ctypes.data, 128)
+                c, j0 = tile_position(16 * pair)
+                for r in range(32):
+                    for j in range(16):
+                        act[2 * block + (r >> 4), c, r & 15, j0 + j] = bf16_bits(silu_times(scratch[r, j], scratch[r, 16 + j]))
+        tile_release()
+
+
+def _check_inputs(x: TileRows, weight: TileWeight) -> None:
+    if x.tiles.shape[1] * 16 != weight.tiles.shape[1]:
+        raise ValueError(f"inputs differ: {x.tiles.shape[1] * 32} (padded) vs {weight.tiles.shape[1] * 2}")
 
 
 def matmul(x: TileRows, weight: TileWeight) -> np.ndarray:
     """x @ weight.T, float32 [x.rows, weight.outputs]: a view of the padded result (contiguous
     unless the outputs were padded)."""
-    if x.tiles.shape[1] * 16 != weight.tiles.shape[1]:
-        raise ValueError(f"inputs differ: {x.tiles.shape[1] * 32} (padded) vs {weight.tiles.shape[1] * 2}")
+    _check_inputs(x, weight)
     out = np.empty((x.tiles.shape[0] * 16, weight.tiles.shape[0] * 16), np.float32)
     _tile_matmul(x.tiles, weight.tiles, out, TILE_CONFIG)
     return out[:x.rows, :weight.outputs]
+
+
+def swiglu(x: TileRows, gate_up: TileWeight) -> TileRows:
+    """silu(x @ gate.T) * (x @ up.T) in bf16 tile layout (the down GEMM's operand), for a weight
+    packed by `TileWeight.pack_gated`."""
+    _check_inputs(x, gate_up)
+    act = TileRows.empty(x.rows, gate_up.outputs)
+    _tile_swiglu(x.tiles, gate_up.tiles, act.tiles, TILE_CONFIG)
+    return act

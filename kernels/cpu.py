@@ -3,8 +3,8 @@
 Why each op is written the way it is (2 cores, memory-bound at small batch):
 - GEMMs of a few tokens (decode; up to SKINNY_MAX_TOKENS) are a Numba kernel that streams each
   weight row once; larger ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for
-  the whole step), float32 or, from `amx_min_tokens` rows, bf16 on AMX (`kernels.amx`), where the
-  MLP's SiLU also writes the down GEMM's bf16 operand (`mlp`).
+  the whole step), float32 or, from `amx_min_tokens` rows, bf16 on our AMX tile kernel
+  (`kernels.amx`), where the gate/up GEMM applies SiLU itself (`mlp`).
 - The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
   temporaries and walk the data several times.
 - Attention reads the paged cache in place through the block table (no gather copy), each K/V row
@@ -25,8 +25,7 @@ from numba import prange
 
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
-from kernels.amx_tiles import TileRows, tile_position
-from kernels.cpu_math import JIT, bf16_bits, fast_exp
+from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
 from kernels.reference import ReferenceKernels, rope_angles
 
@@ -115,35 +114,13 @@ def _rope(x, positions, cos, sin, out):
                 out[t, h, j + half] = x2 * cos[p, j] + x1 * sin[p, j]
 
 
-@numba.njit(inline="always", **JIT)
-def _silu_times(gate, up):
-    return gate / (np.float32(1.0) + fast_exp(-gate)) * up
-
-
 @numba.njit(parallel=True, **JIT)
 def _silu_mul(gate_up, out):
     """[T, 2F] -> out [T, F]: silu(gate) * up in one pass (numpy would make four temporaries)."""
     width = out.shape[1]
     for t in prange(gate_up.shape[0]):
         for f in range(width):
-            out[t, f] = _silu_times(gate_up[t, f], gate_up[t, width + f])
-
-
-@numba.njit(parallel=True, **JIT)
-def _silu_mul_tiles(gate_up, tiles):
-    """`_silu_mul` writing bf16 in A-tile layout (`amx_tiles.TileRows`): the next GEMM's operand,
-    32 contiguous values per tile row, as `amx_tiles._rows_to_tiles` writes them."""
-    width = gate_up.shape[1] // 2
-    whole = width >> 5
-    for t in prange(gate_up.shape[0]):
-        block, row = t >> 4, t & 15
-        for c in range(whole):
-            for j in range(32):
-                f = 32 * c + j
-                tiles[block, c, row, j] = bf16_bits(_silu_times(gate_up[t, f], gate_up[t, width + f]))
-        for f in range(32 * whole, width):
-            c, j = tile_position(f)
-            tiles[block, c, row, j] = bf16_bits(_silu_times(gate_up[t, f], gate_up[t, width + f]))
+            out[t, f] = silu_times(gate_up[t, f], gate_up[t, width + f])
 
 
 @numba.njit(**JIT)
@@ -232,17 +209,12 @@ class CpuKernels(ReferenceKernels):
         return out
 
     def mlp(self, x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
-        """On the AMX route SiLU writes the down GEMM's bf16 tile operand in its own pass, which
-        saves writing [T, F] float32 and converting it (at 2048 tokens 35-130 ms of SiLU and
-        conversion per step became ~25 ms). Running the MLP in token chunks, so that [chunk, 2F]
-        stays in cache, was no faster at 128-512 token chunks (with MKL's GEMMs)."""
+        """On the AMX route the gate/up GEMM applies SiLU to its own output tiles and writes the
+        down GEMM's bf16 operand (`Bf16Matmul.swiglu`): [T, 2F] float32 never reaches memory."""
         bf16 = self._bf16_for(x.shape[0])
         if bf16 is None:
             return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
-        hidden = bf16.matmul(x, gate_up)
-        act = TileRows.empty(hidden.shape[0], hidden.shape[1] // 2)
-        _silu_mul_tiles(hidden, act.tiles)
-        return bf16.matmul(act, down)
+        return bf16.matmul(bf16.swiglu(x, gate_up), down)
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
                  slot_mapping: np.ndarray) -> None:

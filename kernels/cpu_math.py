@@ -1,5 +1,5 @@
 """How the Numba CPU kernels compile (`JIT`), and the scalar helpers LLVM can vectorise in them:
-`fast_exp`, `coarse_exp2`, `row_max`, and the float <-> bits casts (`bf16_bits` rounds).
+`fast_exp`, `coarse_exp2`, `row_max`, and the float <-> bits casts (`bf16_bits` rounds), and `silu_times`, SwiGLU's activation.
 
 `JIT`: `nogil` (a serving thread runs steps while the asyncio loop and other threads keep going),
 `cache=True` (a restart loads machine code from `__pycache__` instead of recompiling), and fast-math
@@ -105,3 +105,9 @@ def bf16_bits(x):
     """float32 -> its bf16 bit pattern (uint16), rounded to nearest even."""
     b = float_bits(x)
     return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(inline="always", **JIT)
+def silu_times(gate, up):
+    """silu(gate) * up, the SwiGLU activation."""
+    return gate / (np.float32(1.0) + fast_exp(-gate)) * up

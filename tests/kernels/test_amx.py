@@ -209,3 +209,18 @@ def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max()
     assert np.isfinite(got).all()
     rounded = [amx.from_bf16(amx.to_bf16(a)) for a in (q, k_cache, v_cache)]
     np.testing.assert_allclose(got, ref.prefill_attention(*rounded, *meta), atol=3e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens,features,inputs", [(33, 40, 70), (100, 1536, 576), (64, 96, 64)])
+def test_swiglu_tiles_equal_silu_of_the_two_gemms(tokens, features, inputs):
+    """The gate/up GEMM with SiLU in its epilogue (`Bf16Matmul.swiglu`) against silu(gate) * up of
+    the plain tile GEMMs, rounded to bf16; F not a multiple of 16 or 32 leaves zero padding."""
+    gemm = amx.Bf16Matmul.create(required=True)
+    x, gate_up = randn(tokens, inputs), randn(2 * features, inputs) * 0.2
+    act = gemm.swiglu(x, gate_up)
+    padded = act.tiles.transpose(0, 2, 1, 3).reshape(act.tiles.shape[0] * 16, -1)
+    expected = amx.to_bf16(ref.silu_mul(gemm.matmul(x, gate_up)))
+    got = padded[:tokens, :features]
+    np.testing.assert_allclose(amx.from_bf16(got), amx.from_bf16(expected), rtol=1e-2, atol=1e-3)
+    assert not padded[tokens:].any() and not padded[:, features:].any()
