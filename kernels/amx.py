@@ -6,17 +6,16 @@ float32 BLAS on the same cores. Weights are converted to bf16 and laid out for t
 their first such GEMM, and kept beside the float32 original for as long as its memory lives (a weak
 reference drops the copy with the buffer; instances sharing a host-cache entry share the copies);
 activations are converted per call (round to nearest even) into tile layout by a parallel Numba
-pass, which costs a few percent of the GEMM. MKL's `cblas_gemm_bf16bf16f32` serves the attention
-tiles (`kernels.cpu_attention`), whose operands change every call.
+pass, which costs a few percent of the GEMM. The attention tiles (`kernels.cpu_attention`) use the
+same tile helpers. (MKL's `cblas_gemm_bf16bf16f32`, used here at first, re-lays out its operands on
+every call: docs/benchmarks_cpu_kernels.md.)
 
-Availability is decided at run time: the CPU must report `amx_bf16`, Linux must grant the tile
-state, and the PyPI `mkl` package must be installed (`pip install refengine[amx]`). MKL runs
-sequential, called from Numba's pool (`kernels.cpu_pool`), so no second thread pool competes for
-the cores.
+Availability is decided at run time: the CPU must report `amx_bf16` and Linux must grant the tile
+state (5.16 or later). Nothing beyond Numba is needed; the kernels run on Numba's pool like every
+other CPU kernel.
 """
 from __future__ import annotations
 
-import ctypes
 import weakref
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from numba import prange
 from kernels import amx_tiles
 from kernels.amx_tiles import TileRows, TileWeight
 from kernels.cpu_math import bf16_bits
-from kernels.cpu_pool import cblas_gemm_argtypes, cpu_info, mkl_library
+from kernels.cpu_pool import cpu_info
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -58,8 +57,6 @@ def unavailable_reason() -> str | None:
     """Why the AMX route cannot run here, or None if it can."""
     if not cpu_has_amx_bf16():
         return "this CPU does not report amx_bf16 in /proc/cpuinfo"
-    if mkl_library() is None:
-        return "MKL is not installed (pip install 'refengine[amx]')"
     if not amx_tiles.request_tile_permission():
         return "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     return None
@@ -75,9 +72,7 @@ def _owner(view: np.ndarray) -> np.ndarray:
 class Bf16Matmul:
     """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output."""
 
-    def __init__(self, mkl: ctypes.CDLL):
-        self.gemm = mkl.cblas_gemm_bf16bf16f32      # cblas-style, for `cpu_pool.gemm_nt` (attention)
-        self.gemm.restype, self.gemm.argtypes = None, cblas_gemm_argtypes(ctypes.c_int)   # MKL LP64
+    def __init__(self):
         self._weights: dict[tuple, TileWeight] = {}   # (address, shape, strides) of a weight -> its tiles
 
     @classmethod
@@ -85,7 +80,7 @@ class Bf16Matmul:
         """The AMX route if this machine has it; else None, or RuntimeError if `required`."""
         reason = unavailable_reason()
         if reason is None:
-            return cls(mkl_library())
+            return cls()
         if required:
             raise RuntimeError(f"the AMX bf16 GEMM route was asked for but is unavailable: {reason}")
         return None

@@ -223,16 +223,24 @@ class TileWeight:
 
 # ---------------------------------------------------------------- the GEMMs
 @numba.njit(inline="always", nogil=True, cache=True)
-def _accumulate(a0, a1, b0, b1, k_tiles):
-    """Tiles 0-3 = the 32 x 32 float32 block of A @ B whose A tile rows start at a0, a1 (two 16-token
-    halves) and B tiles at b0, b1 (two 16-output halves), over k_tiles x 32 inputs."""
+def zero_block():
+    """Tiles 0-3, a 32 x 32 float32 block (0: rows 0-15 x columns 0-15, 1: rows 0-15 x 16-31,
+    2 and 3 the same for rows 16-31), = 0."""
     tile_zero(0)
     tile_zero(1)
     tile_zero(2)
     tile_zero(3)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def dot_block(a0, a1, b0, b1, k_tiles, a_stride=64, a_step=_TILE_BYTES):
+    """Tiles 0-3 += A @ B over k_tiles x 32 inputs. A's tiles for the two 16-row halves start at
+    a0, a1, rows `a_stride` bytes apart, each next 32 inputs `a_step` bytes on (by default the
+    `TileRows` layout; a row-major bf16 matrix has its row bytes and 64); B's for the two 16-column
+    halves at b0, b1, each k tile the next KiB (`TileWeight` layout)."""
     for k in range(k_tiles):
-        tile_load(4, a0 + k * _TILE_BYTES, 64)
-        tile_load(5, a1 + k * _TILE_BYTES, 64)
+        tile_load(4, a0 + k * a_step, a_stride)
+        tile_load(5, a1 + k * a_step, a_stride)
         tile_load(6, b0 + k * _TILE_BYTES, 64)
         tile_load(7, b1 + k * _TILE_BYTES, 64)
         tile_dot(0, 4, 6)
@@ -242,8 +250,17 @@ def _accumulate(a0, a1, b0, b1, k_tiles):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _store_block(c, row_bytes):
-    """Tiles 0-3 (see `_accumulate`) into float32 rows `row_bytes` apart from address c."""
+def load_block(c, row_bytes):
+    """Tiles 0-3 = the float32 block at address c, rows `row_bytes` apart (to accumulate into)."""
+    tile_load(0, c, row_bytes)
+    tile_load(1, c + 64, row_bytes)
+    tile_load(2, c + 16 * row_bytes, row_bytes)
+    tile_load(3, c + 16 * row_bytes + 64, row_bytes)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def store_block(c, row_bytes):
+    """Tiles 0-3 (see `zero_block`) into float32 rows `row_bytes` apart from address c."""
     tile_store(0, c, row_bytes)
     tile_store(1, c + 64, row_bytes)
     tile_store(2, c + 16 * row_bytes, row_bytes)
@@ -279,8 +296,9 @@ def _tile_matmul(a, b, out, config):
             a0 = a.ctypes.data + 2 * block * block_bytes
             for pair in outputs:
                 b0 = b.ctypes.data + 2 * pair * block_bytes
-                _accumulate(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
-                _store_block(out.ctypes.data + block * 32 * row_bytes + pair * 128, row_bytes)
+                zero_block()
+                dot_block(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                store_block(out.ctypes.data + block * 32 * row_bytes + pair * 128, row_bytes)
         tile_release()
 
 
@@ -300,8 +318,9 @@ def _tile_swiglu(a, b, act, config):
             a0 = a.ctypes.data + 2 * block * block_bytes
             for pair in outputs:
                 b0 = b.ctypes.data + 2 * pair * block_bytes
-                _accumulate(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
-                _store_block(scratch.ctypes.data, 128)
+                zero_block()
+                dot_block(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                store_block(scratch.ctypes.data, 128)
                 c, j0 = tile_position(16 * pair)
                 for r in range(32):
                     for j in range(16):

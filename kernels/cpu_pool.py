@@ -10,7 +10,7 @@ So here:
   spinning (PASSIVE) 29.7 / 150 | 23 / 101; this limit 41.7 / 186 | 17-19 / 68-86.
 - a GEMM is a `prange` over slices of its output (rows or columns, whichever are more), each slice
   one single-threaded BLAS call: float32 from MKL on an Intel CPU where the `mkl` wheel is installed
-  (the `amx` extra), else from the OpenBLAS inside numpy's wheel; bf16 from MKL (`kernels.amx`).
+  (the `amx` extra), else from the OpenBLAS inside numpy's wheel (bf16 runs on `kernels.amx_tiles`).
   MKL's sequential sgemm is 1.2-1.6x OpenBLAS's from 32 rows on the AMX Xeon of
   docs/benchmarks_cpu_kernels.md (float32 prefill +20%); on AMD CPUs MKL is not known to win, so
   there OpenBLAS stays;
