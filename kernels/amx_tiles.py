@@ -1,4 +1,5 @@
-"""Our bf16 GEMM on the AMX tile unit, for the layer GEMMs of a prefill (x @ W.T, float32 out).
+"""Our bf16 GEMM on the AMX tile unit, for the layer GEMMs of a prefill (x @ W.T, float32 out), and
+the tile helpers the bf16 attention (`kernels.cpu_attention._flash_bf16`) multiplies with.
 
 Why not MKL's `cblas_gemm_bf16bf16f32` for these, as at first: each call lays both operands out
 afresh in the tile unit's formats, which at prefill sizes costs as much as the multiply. Here each
@@ -19,7 +20,8 @@ Layouts (bf16 bit patterns in uint16; dimensions padded with zeros to whole tile
 The kernel: tiles 0-3 accumulate 32 tokens x 32 outputs of float32, 4-5 hold the A tiles of the two
 16-token halves, 6-7 the B tiles of the two 16-output halves; per 32 inputs, four loads and four tile
 dot products. A work item is GROUP_PAIRS such 32-output blocks (their B panel, 110 KiB at I = 576,
-stays in L2) for up to CHUNK_BLOCKS 32-token blocks.
+stays in L2) for up to CHUNK_BLOCKS 32-token blocks. `swiglu` is the same kernel for the MLP's
+gate|up weight, applying SiLU to each output block before it leaves the core.
 
 Linux hands the tile state to a process only once asked (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)`, `request_tile_permission`); a tile instruction before that kills it (SIGILL).

@@ -153,7 +153,7 @@ class _RopeTable:
 # ---------------------------------------------------------------- the backend object
 class CpuKernels(ReferenceKernels):
     """Numba + BLAS backend. `amx`: True demands the bf16 AMX GEMM route (error if unavailable),
-    False turns it off, None (default) uses it when the CPU and MKL allow.
+    False turns it off, None (default) uses it when the CPU (amx_bf16) and Linux (the tile state) allow.
 
     With the route on, a step of `amx_min_tokens` tokens or more runs bf16, its GEMMs and its
     prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x faster
