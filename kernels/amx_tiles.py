@@ -137,7 +137,8 @@ def tile_dot(typingctx, acc, a, b):
 
 
 # ---------------------------------------------------------------- layouts
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a whole number of `multiple`s (tiles pad every dimension so)."""
     return -(-n // multiple) * multiple
 
 
@@ -152,7 +153,7 @@ class TileRows:
     @classmethod
     def empty(cls, rows: int, width: int) -> "TileRows":
         """Uninitialised but for the padding, which is zeroed (it must hold finite values)."""
-        tiles = np.empty((_round_up(rows, 32) // 16, _round_up(width, 32) // 32, 16, 32), np.uint16)
+        tiles = np.empty((round_up(rows, 32) // 16, round_up(width, 32) // 32, 16, 32), np.uint16)
         tiles[-(-rows // 16):] = 0
         if rows % 16:
             tiles[rows // 16, :, rows % 16:] = 0
@@ -199,7 +200,7 @@ class TileWeight:
     def pack(cls, weight_bf16: np.ndarray) -> "TileWeight":
         """bf16 bits [O, I] -> the layout, once per weight (a numpy transpose copy)."""
         outputs, inputs = weight_bf16.shape
-        padded = np.zeros((_round_up(outputs, 32), _round_up(inputs, 32)), np.uint16)
+        padded = np.zeros((round_up(outputs, 32), round_up(inputs, 32)), np.uint16)
         padded[:outputs, :inputs] = weight_bf16
         o, i = padded.shape
         return cls(np.ascontiguousarray(padded.reshape(o // 16, 16, i // 2, 2).transpose(0, 2, 1, 3)), outputs)
@@ -217,10 +218,6 @@ class TileWeight:
         interleaved = padded.reshape(2, blocks, 16, inputs).transpose(1, 0, 2, 3)
         packed = cls.pack(interleaved.reshape(-1, inputs))
         return cls(packed.tiles, features)
-
-    @property
-    def nbytes(self) -> int:
-        return self.tiles.nbytes
 
 
 # ---------------------------------------------------------------- the GEMMs
@@ -284,6 +281,16 @@ def _work_items(token_blocks, pairs):
     return -(-pairs // GROUP_PAIRS) * -(-token_blocks // CHUNK_BLOCKS)
 
 
+@numba.njit(inline="always", nogil=True, cache=True)
+def _product_block(a_base, b_base, block, pair, block_bytes, k_tiles):
+    """Tiles 0-3 = the 32 x 32 float32 block of A @ B for 32-token block `block` and 32-output block
+    `pair`, A and B in tile layout (`block_bytes` = one 16-row block of either)."""
+    a0 = a_base + 2 * block * block_bytes
+    b0 = b_base + 2 * pair * block_bytes
+    zero_block()
+    dot_block(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _tile_matmul(a, b, out, config):
     """out [T, O] (T, O padded to 32) = A @ B with a [T/16, I/32, 16, 32] and b [O/16, I/2, 16, 2]."""
@@ -295,11 +302,8 @@ def _tile_matmul(a, b, out, config):
         tile_config(config.ctypes.data)
         blocks, outputs = _work_item(item, token_blocks, pairs)
         for block in blocks:
-            a0 = a.ctypes.data + 2 * block * block_bytes
             for pair in outputs:
-                b0 = b.ctypes.data + 2 * pair * block_bytes
-                zero_block()
-                dot_block(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)
                 store_block(out.ctypes.data + block * 32 * row_bytes + pair * 128, row_bytes)
         tile_release()
 
@@ -317,11 +321,8 @@ def _tile_swiglu(a, b, act, config):
         scratch = np.empty((32, 32), np.float32)
         blocks, outputs = _work_item(item, token_blocks, pairs)
         for block in blocks:
-            a0 = a.ctypes.data + 2 * block * block_bytes
             for pair in outputs:
-                b0 = b.ctypes.data + 2 * pair * block_bytes
-                zero_block()
-                dot_block(a0, a0 + block_bytes, b0, b0 + block_bytes, k_tiles)
+                _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)
                 store_block(scratch.ctypes.data, 128)
                 c, j0 = tile_position(16 * pair)
                 for r in range(32):

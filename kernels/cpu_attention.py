@@ -23,7 +23,8 @@ import numpy as np
 from numba import prange
 
 from kernels.amx import Bf16Matmul
-from kernels.amx_tiles import TILE_CONFIG, dot_block, load_block, store_block, tile_config, tile_release, zero_block
+from kernels.amx_tiles import (TILE_CONFIG, dot_block, load_block, round_up, store_block, tile_config, tile_release,
+                                zero_block)
 from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import gemm_nt
 from kernels.reference import gather_context
@@ -285,10 +286,6 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
                 out[i, h * group + g, d] = acc[r, d] * inv
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _attend_bf16(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
                  length: int, scale: float, out: np.ndarray) -> None:
     """One sequence's q [Q, H, D] (the last Q of its `length` cached tokens) into out [Q, H, D], on the
@@ -296,8 +293,8 @@ def _attend_bf16(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_
     num_queries, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
-    rows, dims, keys = num_queries * group, _round_up(head_dim, 32), _round_up(length, 32)
-    q_rows = np.zeros((kv_heads, _round_up(rows, 32), dims), np.uint16)
+    rows, dims, keys = num_queries * group, round_up(head_dim, 32), round_up(length, 32)
+    q_rows = np.zeros((kv_heads, round_up(rows, 32), dims), np.uint16)
     k_tiles = np.zeros((kv_heads, keys // 16, dims // 2, 16, 2), np.uint16)
     v_tiles = np.zeros((kv_heads, dims // 16, keys // 2, 16, 2), np.uint16)
     _queries_bf16(q, group, q_rows)
