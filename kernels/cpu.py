@@ -64,17 +64,38 @@ def _add_rms_norm(residual, delta, weight, eps, summed, out):
 
 
 # ---------------------------------------------------------------- few-token GEMM
+@numba.njit(inline="always", **JIT)
+def _store_quad(out, t, o0, o1, o2, o3, a0, a1, a2, a3, gated):
+    """Token t's results for the quad's four weight rows: as they are, or, gated, as the two
+    SwiGLU outputs of gate rows o0, o1 and up rows o2, o3."""
+    if gated:
+        out[t, o0], out[t, o1] = silu_times(a0, a2), silu_times(a1, a3)
+    else:
+        out[t, o0], out[t, o1], out[t, o2], out[t, o3] = a0, a1, a2, a3
+
+
 @numba.njit(parallel=True, **JIT)
-def _skinny_matmul(x, w, out):
+def _skinny_matmul(x, w, out, gated):
     """out [T, O] = x [T, I] @ w [O, I].T for a few tokens (decode): weight rows stream from memory
     once, four at a time, against four tokens at a time, 16 accumulators in registers (rows past
     the end repeat the last one). BLAS kernels are tuned for large T; up to T = 64 this one reads
-    the weights faster (at T = 8, twice as fast as OpenBLAS here)."""
+    the weights faster (at T = 8, twice as fast as OpenBLAS here).
+
+    `gated`: w is gate|up [2F, I] and out [T, F] = silu(x @ gate.T) * (x @ up.T), SwiGLU applied
+    to the accumulators (a quad is gate rows f, f+1 and up rows F+f, F+f+1): the [T, 2F] product
+    never reaches memory."""
     rows, inner = x.shape
-    last = w.shape[0] - 1
-    for quad in prange((last + 4) // 4):
-        o0 = 4 * quad
-        o1, o2, o3 = min(o0 + 1, last), min(o0 + 2, last), min(o0 + 3, last)
+    outputs = out.shape[1]
+    last = outputs - 1
+    quads = (outputs + 1) // 2 if gated else (outputs + 3) // 4
+    for quad in prange(quads):
+        if gated:
+            o0 = 2 * quad
+            o1 = min(o0 + 1, last)
+            o2, o3 = outputs + o0, outputs + o1
+        else:
+            o0 = 4 * quad
+            o1, o2, o3 = min(o0 + 1, last), min(o0 + 2, last), min(o0 + 3, last)
         t = 0
         while t + 4 <= rows:
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
@@ -86,17 +107,17 @@ def _skinny_matmul(x, w, out):
                 a10, a11, a12, a13 = a10 + x1 * w0, a11 + x1 * w1, a12 + x1 * w2, a13 + x1 * w3
                 a20, a21, a22, a23 = a20 + x2 * w0, a21 + x2 * w1, a22 + x2 * w2, a23 + x2 * w3
                 a30, a31, a32, a33 = a30 + x3 * w0, a31 + x3 * w1, a32 + x3 * w2, a33 + x3 * w3
-            out[t, o0], out[t, o1], out[t, o2], out[t, o3] = a00, a01, a02, a03
-            out[t + 1, o0], out[t + 1, o1], out[t + 1, o2], out[t + 1, o3] = a10, a11, a12, a13
-            out[t + 2, o0], out[t + 2, o1], out[t + 2, o2], out[t + 2, o3] = a20, a21, a22, a23
-            out[t + 3, o0], out[t + 3, o1], out[t + 3, o2], out[t + 3, o3] = a30, a31, a32, a33
+            _store_quad(out, t, o0, o1, o2, o3, a00, a01, a02, a03, gated)
+            _store_quad(out, t + 1, o0, o1, o2, o3, a10, a11, a12, a13, gated)
+            _store_quad(out, t + 2, o0, o1, o2, o3, a20, a21, a22, a23, gated)
+            _store_quad(out, t + 3, o0, o1, o2, o3, a30, a31, a32, a33, gated)
             t += 4
         for r in range(t, rows):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for i in range(inner):
                 xr = x[r, i]
                 a0, a1, a2, a3 = a0 + xr * w[o0, i], a1 + xr * w[o1, i], a2 + xr * w[o2, i], a3 + xr * w[o3, i]
-            out[r, o0], out[r, o1], out[r, o2], out[r, o3] = a0, a1, a2, a3
+            _store_quad(out, r, o0, o1, o2, o3, a0, a1, a2, a3, gated)
 
 
 # ---------------------------------------------------------------- elementwise
@@ -193,7 +214,7 @@ class CpuKernels(ReferenceKernels):
             return bf16.matmul(x, weight)
         if rows <= SKINNY_MAX_TOKENS:
             out = np.empty((rows, weight.shape[0]), np.float32)
-            _skinny_matmul(x, weight, out)
+            _skinny_matmul(x, weight, out, False)
             return out
         return gemm_nt(x, weight)
 
@@ -209,12 +230,18 @@ class CpuKernels(ReferenceKernels):
         return out
 
     def mlp(self, x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
-        """On the AMX route the gate/up GEMM applies SiLU to its own output tiles and writes the
-        down GEMM's bf16 operand (`Bf16Matmul.swiglu`): [T, 2F] float32 never reaches memory."""
-        bf16 = self._bf16_for(x.shape[0])
-        if bf16 is None:
-            return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
-        return bf16.matmul(bf16.swiglu(x, gate_up), down)
+        """The gate/up GEMM applies SiLU to its own results, so [T, 2F] float32 never reaches
+        memory: in the few-token kernel's accumulators, or on the AMX route in its output tiles,
+        written as the down GEMM's bf16 operand (`Bf16Matmul.swiglu`)."""
+        rows = x.shape[0]
+        bf16 = self._bf16_for(rows)
+        if bf16 is not None:
+            return bf16.matmul(bf16.swiglu(x, gate_up), down)
+        if rows <= SKINNY_MAX_TOKENS:
+            hidden = np.empty((rows, gate_up.shape[0] // 2), np.float32)
+            _skinny_matmul(x, gate_up, hidden, True)
+            return self.linear(hidden, down)
+        return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
                  slot_mapping: np.ndarray) -> None:

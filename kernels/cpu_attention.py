@@ -1,10 +1,10 @@
 """Paged causal GQA attention on the CPU: a Numba kernel that reads the cache through the block
 table, and tiles of GEMMs for prompts (float32 BLAS, or bf16 on AMX).
 
-Decode steps and short prefill chunks go to `_paged_attention`, which reads K and V straight from
-their cache blocks (no gather copy); at large batch each row once for all the query heads that share
-it (GQA), at small batch with the heads split across the threads instead. It re-reads the whole
-context per query at scalar-loop speed, so a sequence with TILE_MIN_QUERIES queries and
+Decode steps go to `_decode_attention` and short prefill chunks to `_paged_attention`; both read K
+and V straight from their cache blocks (no gather copy), at large batch each row once for all the
+query heads that share it (GQA), at small batch with the heads split across the threads instead.
+The paged kernel re-reads the whole context per query, so a sequence with TILE_MIN_QUERIES queries and
 TILE_MIN_WORK query x key pairs or more goes to tiles instead. Over a 1,024-token context the
 float32 tiles are 1.5x faster at 16 queries and 3.7x at 64; on a fresh prompt they break even at 64:
 - float32: the context is gathered once and attended in query tiles with two batched GEMMs over the
@@ -324,11 +324,68 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     return out
 
 
+@numba.njit(parallel=True, **JIT)
+def _decode_attention(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, scale, out):
+    """out[b] = attention of q[b] [H, D] over all context_lens[b] cached keys of sequence b.
+
+    A work item is one sequence and `kv_per_item` of its KV heads with their G query heads each. It
+    takes three passes over the keys instead of an online softmax, each a plain loop LLVM
+    vectorises along D: every score into a scratch row (each K row read once for its G heads), then
+    each row's max, exps and sum, then probabilities @ V. At batch 1 over 1,024 keys that is 2x
+    faster than one pass that rescales as it goes (`_paged_attention`).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_tokens, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // kv_heads
+    items_per_seq = kv_heads // kv_per_item
+    for item in prange(num_seqs * items_per_seq):
+        b = item // items_per_seq
+        kv0 = (item % items_per_seq) * kv_per_item
+        h0, heads = kv0 * group, kv_per_item * group
+        length = context_lens[b]
+        q_scaled = np.empty((heads, head_dim), np.float32)
+        for h in range(heads):
+            for d in range(head_dim):
+                q_scaled[h, d] = q[b, h0 + h, d] * scale
+        probs = np.empty((heads, length), np.float32)
+        for j in range(-(-length // block_tokens)):
+            block, first = block_tables[b, j], j * block_tokens
+            for row in range(min(block_tokens, length - first)):
+                for h in range(heads):
+                    kh = kv0 + h // group
+                    acc = np.float32(0.0)
+                    for d in range(head_dim):
+                        acc += q_scaled[h, d] * k_cache[block, row, kh, d]
+                    probs[h, first + row] = acc
+        for h in range(heads):
+            peak = row_max(probs[h], length)
+            total = np.float32(0.0)
+            for key in range(length):
+                e = fast_exp(probs[h, key] - peak)
+                probs[h, key] = e
+                total += e
+            q_scaled[h, 0] = np.float32(1.0) / total      # q_scaled is done with: it keeps 1 / sum
+        acc_out = np.zeros((heads, head_dim), np.float32)
+        for j in range(-(-length // block_tokens)):
+            block, first = block_tables[b, j], j * block_tokens
+            for row in range(min(block_tokens, length - first)):
+                for h in range(heads):
+                    kh = kv0 + h // group
+                    p = probs[h, first + row]
+                    for d in range(head_dim):
+                        acc_out[h, d] += p * v_cache[block, row, kh, d]
+        for h in range(heads):
+            for d in range(head_dim):
+                out[b, h0 + h, d] = acc_out[h, d] * q_scaled[h, 0]
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_lens: np.ndarray, scale: float) -> np.ndarray:
-    """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence."""
+    """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence. With few
+    sequences each KV head is a work item of its own, so both threads have work; with many, each
+    sequence is one, reading each cached row whole."""
     out = np.empty(q.shape, np.float32)
-    num_seqs = len(context_lens)
-    query_start = np.arange(num_seqs + 1, dtype=np.int32)
-    _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, np.arange(num_seqs), scale, out)
+    kv_heads = k_cache.shape[2]
+    kv_per_item = kv_heads if len(context_lens) >= 4 * numba.get_num_threads() else 1
+    _decode_attention(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, np.float32(scale), out)
     return out

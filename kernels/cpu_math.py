@@ -27,6 +27,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
+from kernels import cpu_target  # noqa: F401  (sets Numba up before the kernels below compile)
+
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 JIT = dict(nogil=True, cache=True, fastmath=FASTMATH)
 

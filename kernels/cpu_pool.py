@@ -4,10 +4,7 @@ Why: numpy's OpenBLAS keeps a worker pool of its own that spin-waits after each 
 workers spin too by default; on two cores the pools preempt each other, and beside any other busy
 process a step collapses (a 0.3 ms GEMM took 36 ms; a SmolLM2 decode step went from ~60 ms to 5 s).
 So here:
-- idle workers spin briefly, then sleep (`GOMP_SPINCOUNT=10000`, about 10 us, set before Numba
-  starts OpenMP unless the user chose a policy). SmolLM2 decode tok/s at batch 1 / 8 on 2 cores,
-  quiet machine | beside two busy processes: libgomp's default spin 42.6 / 190 | 1.1 / 6.8; never
-  spinning (PASSIVE) 29.7 / 150 | 23 / 101; this limit 41.7 / 186 | 17-19 / 68-86.
+- idle workers spin briefly, then sleep (`kernels.cpu_target`);
 - a GEMM is a `prange` over slices of its output (rows or columns, whichever are more), each slice
   one single-threaded BLAS call: float32 from MKL on an Intel CPU where the `mkl` wheel is installed
   (the `amx` extra), else from the OpenBLAS inside numpy's wheel (bf16 runs on `kernels.amx_tiles`).
@@ -22,16 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from importlib import metadata
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+import numba
+import numpy as np
+from numba import prange
 
-import numba  # noqa: E402  (after the OpenMP wait policy is set)
-import numpy as np  # noqa: E402
-from numba import prange  # noqa: E402
+from kernels import cpu_target  # noqa: F401  (sets Numba up before the kernels below compile)
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 _MKL_THREADING_SEQUENTIAL = 1

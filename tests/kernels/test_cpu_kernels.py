@@ -8,14 +8,16 @@ weighted sum over up to 2048 keys) to rtol 1e-4 / atol 2e-5.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numba
 import numpy as np
 import pytest
+from numba.core.codegen import get_host_cpu_features
 
-from kernels import cpu_attention, cpu_pool, get_kernels
+from kernels import cpu_attention, cpu_pool, cpu_target, get_kernels
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
 from kernels.cpu_math import coarse_exp2, fast_exp
@@ -85,9 +87,11 @@ def test_silu_mul_matches_reference(tokens):
     np.testing.assert_allclose(CPU.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 64, 300])
-def test_mlp_matches_reference(tokens):
-    x, gate_up, down = randn(tokens, 96), randn(2 * 160, 96, scale=0.3), randn(96, 160, scale=0.3)
+@pytest.mark.parametrize("tokens", [1, 5, SKINNY_MAX_TOKENS, 64, 300])
+@pytest.mark.parametrize("width", [160, 161])
+def test_mlp_matches_reference(tokens, width):
+    """The few-token kernel applies SiLU to its accumulators (an odd F leaves a quad half full)."""
+    x, gate_up, down = randn(tokens, 96), randn(2 * width, 96, scale=0.3), randn(96, width, scale=0.3)
     np.testing.assert_allclose(CPU.mlp(x, gate_up, down), ref.mlp(x, gate_up, down), rtol=1e-4, atol=1e-4)
 
 
@@ -110,6 +114,15 @@ def test_float32_linear_matches_reference(tokens, outputs):
     BLAS on strided rows (x as a column slice of a wider array)."""
     x, w = randn(tokens, 2 * 576)[:, :576], randn(outputs, 576)
     np.testing.assert_allclose(CPU.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_wide_vectors_only_where_the_cpu_has_avx512_and_no_width_was_chosen():
+    assert cpu_target.wide_vector_features("+avx2,+avx512f,-amx-fp16") == "+avx2,+avx512f,-amx-fp16,-prefer-256-bit"
+    assert cpu_target.wide_vector_features("+avx2,-avx512f") is None
+    assert cpu_target.wide_vector_features("+avx512f,+prefer-256-bit") is None
+    if "NUMBA_CPU_FEATURES" not in os.environ:   # what the kernels of this process compiled with
+        host = get_host_cpu_features()
+        assert numba.config.CPU_FEATURES == cpu_target.wide_vector_features(host)
 
 
 @pytest.mark.parametrize("blas", ["openblas", "mkl"])

@@ -1,0 +1,50 @@
+"""Process-wide settings Numba must have before it compiles anything: how its OpenMP workers wait,
+and how wide the vectors it generates are. Every module with Numba kernels imports this one first.
+
+Waiting: idle workers spin briefly, then sleep (`GOMP_SPINCOUNT=10000`, about 10 us, set before
+Numba starts OpenMP unless the user chose a policy). libgomp's default spins for a long time, and on
+two cores a spinning pool starves whatever else runs (the asyncio loop, another model's step, a
+peer): SmolLM2 decode tok/s at batch 1 / 8 on 2 cores, quiet machine | beside two busy processes:
+libgomp's default spin 42.6 / 190 | 1.1 / 6.8; never spinning (PASSIVE) 29.7 / 150 | 23 / 101;
+this limit 41.7 / 186 | 17-19 / 68-86.
+
+Vector width: LLVM's tuning for Intel's AVX-512 cores (Skylake-X onwards, also the "rocketlake" a VM
+reports here) prefers 256-bit vectors, so every loop Numba vectorises uses half the lanes the CPU
+has. That tuning dates from Skylake-X, whose cores slowed their clock for 512-bit work; later ones
+barely do. Where the CPU has AVX-512 and the user set no `NUMBA_CPU_FEATURES`, the host's features
+go to Numba with `-prefer-256-bit` added. On the AMX Xeon of docs/benchmarks_cpu_kernels.md a
+1,024-token decode attention took 136 us instead of 340.
+"""
+from __future__ import annotations
+
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numba  # noqa: E402  (after the OpenMP wait policy is set)
+from numba.core.codegen import get_host_cpu_features  # noqa: E402
+
+PREFER_256 = "prefer-256-bit"
+
+
+def wide_vector_features(host_features: str) -> str | None:
+    """The feature string that lets LLVM use 512-bit vectors on this host, or None where it has no
+    AVX-512 or the string already says which width it prefers."""
+    features = host_features.split(",")
+    if "+avx512f" not in features or any(f[1:] == PREFER_256 for f in features):
+        return None
+    return host_features + ",-" + PREFER_256
+
+
+def _widen_vectors() -> None:
+    """Numba reads `config.CPU_FEATURES` when its CPU target first compiles (or loads a cached
+    kernel, whose index records the features, so a change recompiles instead of loading stale code)."""
+    if numba.config.CPU_FEATURES is not None:
+        return
+    wide = wide_vector_features(get_host_cpu_features())
+    if wide is not None:
+        numba.config.CPU_FEATURES = wide
+
+
+_widen_vectors()
