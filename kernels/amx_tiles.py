@@ -136,6 +136,18 @@ def tile_dot(typingctx, acc, a, b):
     return types.void(acc, a, b), codegen
 
 
+@intrinsic
+def prefetch_line(typingctx, address):
+    """prefetcht0: start bringing the cache line at `address` into L1, without waiting for it."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        read, all_levels, data = (ir.Constant(i32, v) for v in (0, 3, 1))
+        _call(builder, "llvm.prefetch.p0i8", [_PTR, i32, i32, i32],
+              [builder.inttoptr(args[0], _PTR), read, all_levels, data])
+        return context.get_dummy_value()
+    return types.void(types.intp), codegen
+
+
 # ---------------------------------------------------------------- layouts
 def round_up(n: int, multiple: int) -> int:
     """n rounded up to a whole number of `multiple`s (tiles pad every dimension so)."""
@@ -232,12 +244,29 @@ def zero_block():
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def prefetch_tile(address, stride):
+    """Prefetch the 16 rows of a tile (64 bytes each, `stride` bytes apart)."""
+    for row in range(16):
+        prefetch_line(address + row * stride)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def dot_block(a0, a1, b0, b1, k_tiles, a_stride=64, a_step=_TILE_BYTES):
     """Tiles 0-3 += A @ B over k_tiles x 32 inputs. A's tiles for the two 16-row halves start at
     a0, a1, rows `a_stride` bytes apart, each next 32 inputs `a_step` bytes on (by default the
     `TileRows` layout; a row-major bf16 matrix has its row bytes and 64); B's for the two 16-column
-    halves at b0, b1, each k tile the next KiB (`TileWeight` layout)."""
+    halves at b0, b1, each k tile the next KiB (`TileWeight` layout).
+
+    Tile loads, not the dot products, bound this loop (here a KiB tile load from L1 took about
+    twice as long as a tile dot product), and a load that misses L1 waits on the whole row
+    fetch; so the next step's four tiles are prefetched while this step's multiply (+11-18% over
+    30 layers' GEMMs at 128 tokens, +10% at 512)."""
     for k in range(k_tiles):
+        if k + 1 < k_tiles:
+            prefetch_tile(a0 + (k + 1) * a_step, a_stride)
+            prefetch_tile(a1 + (k + 1) * a_step, a_stride)
+            prefetch_tile(b0 + (k + 1) * _TILE_BYTES, 64)
+            prefetch_tile(b1 + (k + 1) * _TILE_BYTES, 64)
         tile_load(4, a0 + k * a_step, a_stride)
         tile_load(5, a1 + k * a_step, a_stride)
         tile_load(6, b0 + k * _TILE_BYTES, 64)
