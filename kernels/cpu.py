@@ -26,6 +26,7 @@ from numba import prange
 from kernels import cpu_attention
 from kernels.amx import Bf16Matmul
 from kernels.cpu_math import JIT, silu_times
+from kernels.cpu_memory import keep_freed_memory
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
 from kernels.reference import ReferenceKernels, rope_angles
 
@@ -188,6 +189,7 @@ class CpuKernels(ReferenceKernels):
     name = "cpu"
 
     def __init__(self, amx: bool | None = None, amx_min_tokens: int = 64):
+        keep_freed_memory()   # a step's intermediates reuse the last step's pages (kernels.cpu_memory)
         self.bf16 = Bf16Matmul.create(required=bool(amx)) if amx is not False else None
         self.amx_min_tokens = amx_min_tokens
         self._rope_table = _RopeTable()
