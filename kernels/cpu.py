@@ -145,14 +145,19 @@ def _silu_mul(gate_up, out):
             out[t, f] = silu_times(gate_up[t, f], gate_up[t, width + f])
 
 
-@numba.njit(**JIT)
+@numba.njit(parallel=True, **JIT)
 def _write_kv(k_cache, v_cache, k, v, slot_mapping):
-    """Copy [T, Hkv, D] rows into their cache slots; serial: T rows of a few hundred bytes."""
+    """Copy [T, Hkv, D] rows into their cache slots (a step's slots are distinct). Element loops:
+    k and v are strided views of the qkv product, which row assignment copies through a generic
+    path; this way, in parallel, a layer of a 512 / 2,048-token prefill takes 104 / 383 us instead
+    of 144 / 784 (a decode step's 1 token: 4 us instead of 2)."""
     block_tokens = k_cache.shape[1]
-    for t in range(k.shape[0]):
-        block, row = divmod(slot_mapping[t], block_tokens)
-        k_cache[block, row] = k[t]
-        v_cache[block, row] = v[t]
+    for t in prange(k.shape[0]):
+        block, row = slot_mapping[t] // block_tokens, slot_mapping[t] % block_tokens
+        for h in range(k.shape[1]):
+            for d in range(k.shape[2]):
+                k_cache[block, row, h, d] = k[t, h, d]
+                v_cache[block, row, h, d] = v[t, h, d]
 
 
 class _RopeTable:
