@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_decode_attention
 from kernels.amx import Bf16Matmul
 from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_memory import keep_freed_memory
@@ -262,4 +262,4 @@ class CpuKernels(ReferenceKernels):
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:
-        return cpu_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return cpu_decode_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

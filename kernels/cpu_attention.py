@@ -1,7 +1,7 @@
 """Paged causal GQA attention on the CPU: a Numba kernel that reads the cache through the block
 table, and tiles of GEMMs for prompts (float32 BLAS, or bf16 on AMX).
 
-Decode steps go to `_decode_partials` and short prefill chunks to `_paged_attention`; both read K
+Decode steps go to `kernels.cpu_decode_attention` and short prefill chunks to `_paged_attention`; both read K
 and V straight from their cache blocks (no gather copy), at large batch each row once for all the
 query heads that share it (GQA), at small batch with the heads split across the threads instead.
 The paged kernel re-reads the whole context per query, so a sequence with TILE_MIN_QUERIES queries and
@@ -321,119 +321,4 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
             keys = gather_context(k_cache, block_tables[b], length)
             values = gather_context(v_cache, block_tables[b], length)
             _attend_tiled(q[lo:hi], keys, values, length - (hi - lo), scale, out[lo:hi])
-    return out
-
-
-@numba.njit(parallel=True, **JIT)
-def _decode_partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks, totals,
-                     partial):
-    """Attention of each q[b] [H, D] over the context_lens[b] cached keys of sequence b, in parts:
-    split s of the keys leaves its max, its sum of exps and its unnormalised output in
-    peaks / totals [B, H, S] and partial [B, H, S, D], which `_merge_splits` combines.
-
-    A work item is one sequence, `kv_per_item` of its KV heads with their G query heads each, and
-    one of `splits` runs of its key blocks. It takes three passes over its keys instead of an
-    online softmax, each a plain loop LLVM vectorises along D: every score into a scratch row (each
-    K row read once for its G heads), then each row's max, exps and sum, then probabilities @ V.
-    At batch 1 over 1,024 keys that is 2x faster than one pass that rescales as it goes
-    (`_paged_attention`).
-    """
-    num_seqs, num_heads, head_dim = q.shape
-    block_tokens, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // kv_heads
-    items_per_seq = kv_heads // kv_per_item
-    for item in prange(num_seqs * items_per_seq * splits):
-        split = item % splits
-        b = item // (items_per_seq * splits)
-        kv0 = ((item // splits) % items_per_seq) * kv_per_item
-        h0, heads = kv0 * group, kv_per_item * group
-        length = context_lens[b]
-        blocks = -(-length // block_tokens)
-        per_split = -(-blocks // splits)
-        j0, j1 = split * per_split, min(blocks, (split + 1) * per_split)
-        key0 = j0 * block_tokens
-        count = max(min(length, j1 * block_tokens) - key0, 0)
-        q_scaled = np.empty((heads, head_dim), np.float32)
-        for h in range(heads):
-            for d in range(head_dim):
-                q_scaled[h, d] = q[b, h0 + h, d] * scale
-        probs = np.empty((heads, max(count, 1)), np.float32)
-        for j in range(j0, j1):
-            block, first = block_tables[b, j], j * block_tokens
-            for row in range(min(block_tokens, length - first)):
-                for h in range(heads):
-                    kh = kv0 + h // group
-                    acc = np.float32(0.0)
-                    for d in range(head_dim):
-                        acc += q_scaled[h, d] * k_cache[block, row, kh, d]
-                    probs[h, first - key0 + row] = acc
-        for h in range(heads):
-            if count == 0:   # a split past the end of a short context
-                peaks[b, h0 + h, split] = -np.inf
-                totals[b, h0 + h, split] = 0.0
-                continue
-            peak = row_max(probs[h], count)
-            total = np.float32(0.0)
-            for key in range(count):
-                e = fast_exp(probs[h, key] - peak)
-                probs[h, key] = e
-                total += e
-            peaks[b, h0 + h, split] = peak
-            totals[b, h0 + h, split] = total
-        acc_out = np.zeros((heads, head_dim), np.float32)
-        for j in range(j0, j1):
-            block, first = block_tables[b, j], j * block_tokens
-            for row in range(min(block_tokens, length - first)):
-                for h in range(heads):
-                    kh = kv0 + h // group
-                    p = probs[h, first - key0 + row]
-                    for d in range(head_dim):
-                        acc_out[h, d] += p * v_cache[block, row, kh, d]
-        for h in range(heads):
-            for d in range(head_dim):
-                partial[b, h0 + h, split, d] = acc_out[h, d]
-
-
-@numba.njit(**JIT)
-def _merge_splits(peaks, totals, partial, out):
-    """out[b, h] = the splits' outputs combined, each scaled by exp(its max - the largest max), as
-    their sums are (a split without keys has sum 0 and adds nothing). Serial: B H D values."""
-    for b in range(peaks.shape[0]):
-        for h in range(peaks.shape[1]):
-            peak = peaks[b, h, 0]
-            for split in range(1, peaks.shape[2]):
-                peak = max(peak, peaks[b, h, split])
-            total = np.float32(0.0)
-            for d in range(out.shape[2]):
-                out[b, h, d] = 0.0
-            for split in range(peaks.shape[2]):
-                factor = fast_exp(peaks[b, h, split] - peak) if totals[b, h, split] > 0 else np.float32(0.0)
-                total += factor * totals[b, h, split]
-                for d in range(out.shape[2]):
-                    out[b, h, d] += factor * partial[b, h, split, d]
-            inv = np.float32(1.0) / total
-            for d in range(out.shape[2]):
-                out[b, h, d] *= inv
-
-
-def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                     context_lens: np.ndarray, scale: float) -> np.ndarray:
-    """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence. Work items
-    sized to the threads: fewer sequences than twice the threads split their keys among them, all
-    heads in each item, so each cached row is read whole (batch 1 over 1,024 keys: 91 us against
-    118 for an item per KV head, in-process A/B after a GEMV evicted the cache; batch 2: 185
-    against 236); up to 4 per thread give each KV head an item of its own; more make one item per
-    sequence."""
-    num_seqs, num_heads, head_dim = q.shape
-    threads, kv_heads = numba.get_num_threads(), k_cache.shape[2]
-    few, many = num_seqs < 2 * threads, num_seqs >= 4 * threads
-    splits = threads if few else 1
-    kv_per_item = kv_heads if few or many else 1
-    peaks = np.empty((num_seqs, num_heads, splits), np.float32)
-    totals = np.empty_like(peaks)
-    partial = np.empty((num_seqs, num_heads, splits, head_dim), np.float32)
-    _decode_partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, np.float32(scale), peaks,
-                     totals, partial)
-    out = np.empty(q.shape, np.float32)
-    _merge_splits(peaks, totals, partial, out)
     return out
