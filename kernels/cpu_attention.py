@@ -261,8 +261,8 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
             for r in range(count):
                 visible = min(first + (r0 + r) // group + 1 - j0, width)
                 if visible > 0:
-                    if peak[r] == -np.inf:   # the row's first keys: exps against their max
-                        _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)
+                    if peak[r] == -np.inf:   # the row's first keys (nothing summed yet): exps against their max
+                        peak[r] = row_max(scores[r], visible) * scale
                     row_total = _block_exps(scores[r], probs[r], visible, scale2, peak[r] * LOG2E)
                     if row_total >= LAZY_LIMIT:   # a key far above the running max: rescale to it, redo
                         _raise_peak(peak, total, acc, r, row_max(scores[r], visible) * scale)

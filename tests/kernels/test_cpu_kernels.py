@@ -22,7 +22,7 @@ from numba.core.codegen import get_host_cpu_features
 from kernels import cpu_attention, cpu_memory, cpu_pool, cpu_target, get_kernels
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
-from kernels.cpu_math import coarse_exp2, fast_exp
+from kernels.cpu_math import coarse_exp2, fast_exp, row_max
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
 from refengine.engine.instance import Instance
@@ -81,6 +81,27 @@ def test_exp_helpers_meet_their_stated_accuracy():
     x2 = np.concatenate([RNG.uniform(-126, 127, 200_000), np.arange(-126, 128)]).astype(np.float32)
     np.testing.assert_array_less(np.abs(_apply(coarse_exp2, x2) / np.exp2(x2.astype(np.float64)) - 1), 3e-6)
     assert _apply(coarse_exp2, np.array([-500.0], np.float32))[0] == np.float32(2.0 ** -126)
+
+
+@numba.njit
+def _row_max(row, count):
+    return row_max(row, count)
+
+
+@pytest.mark.parametrize("width", [1, 7, 16, 37, 256, 1025])
+def test_row_max_is_exact(width):
+    """The integer-ordered max equals numpy's: mixed signs, all negative, infinities, several
+    counts; of signed zeros it picks +0 (numpy returns whichever zero comes first)."""
+    rows = [RNG.standard_normal(width).astype(np.float32) * 50, -np.abs(RNG.standard_normal(width)).astype(np.float32)]
+    zeros = np.full(width, -0.0, np.float32)
+    zeros[-1] = 0.0
+    infinite = RNG.standard_normal(width).astype(np.float32)
+    infinite[0], infinite[-1] = -np.inf, np.inf
+    for row in rows + [zeros, infinite]:
+        for count in {1, width // 2 + 1, width}:
+            assert _row_max(row, count) == row[:count].max(), row[:count]
+    assert not np.signbit(_row_max(zeros, width))
+    assert width == 1 or np.signbit(_row_max(zeros, width - 1))
 
 
 @pytest.mark.parametrize("tokens", [1, 300])
