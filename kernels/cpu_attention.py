@@ -178,20 +178,38 @@ def _queries_bf16(q, group, out):
                 out[h, i * group + g, d] = bf16_bits(q[i, head, d])
 
 
+@numba.njit(inline="always", **JIT)
+def _bf16_pair(low, high):
+    """Two float32 values as one 32-bit word of bf16s, `low` in the low half: one entry of the
+    pair format."""
+    return np.uint32(bf16_bits(low)) | (np.uint32(bf16_bits(high)) << np.uint32(16))
+
+
 @numba.njit(parallel=True, **JIT)
 def _context_tiles(k_cache, v_cache, block_table, length, keys, values):
     """The first `length` tokens of one sequence's paged caches [N, P, Hkv, D], read through the
     block table, -> per KV head the B tiles (`amx_tiles.TileWeight` pair layout) of
     - keys [Hkv, L / 16, D / 2, 16, 2], the keys as the 16 columns: for scores = queries @ keys.T;
     - values [Hkv, D / 16, L / 2, 16, 2], the head dims as the columns and the keys as the inner
-      dimension: for probabilities @ values."""
-    block_tokens = k_cache.shape[1]
-    for t in prange(length):
-        block, row = block_table[t // block_tokens], t % block_tokens
-        for h in range(k_cache.shape[2]):
-            for d in range(k_cache.shape[3]):
-                keys[h, t >> 4, d >> 1, t & 15, d & 1] = bf16_bits(k_cache[block, row, h, d])
-                values[h, d >> 4, t >> 1, d & 15, t & 1] = bf16_bits(v_cache[block, row, h, d])
+      dimension: for probabilities @ values.
+    Written a pair (one 32-bit word) at a time, two tokens per step: a key's dims d, d + 1, a value
+    dim's tokens t, t + 1 (2x faster than element by element; D is even, as RoPE needs). An odd
+    last token pairs with zeros."""
+    key_words = keys.view(np.uint32).reshape(keys.shape[:4])         # [Hkv, L / 16, D / 2, 16]
+    value_words = values.view(np.uint32).reshape(values.shape[:4])   # [Hkv, D / 16, L / 2, 16]
+    block_tokens, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    for pair in prange((length + 1) // 2):
+        t0 = 2 * pair
+        t1 = min(t0 + 1, length - 1)
+        b0, r0 = block_table[t0 // block_tokens], t0 % block_tokens
+        b1, r1 = block_table[t1 // block_tokens], t1 % block_tokens
+        for h in range(kv_heads):
+            for e in range(head_dim // 2):
+                key_words[h, t0 >> 4, e, t0 & 15] = _bf16_pair(k_cache[b0, r0, h, 2 * e], k_cache[b0, r0, h, 2 * e + 1])
+                key_words[h, t1 >> 4, e, t1 & 15] = _bf16_pair(k_cache[b1, r1, h, 2 * e], k_cache[b1, r1, h, 2 * e + 1])
+            for d in range(head_dim):
+                second = v_cache[b1, r1, h, d] if t1 > t0 else np.float32(0.0)
+                value_words[h, d >> 4, pair, d & 15] = _bf16_pair(v_cache[b0, r0, h, d], second)
 
 
 LAZY_EXPONENT = 60   # bf16 probabilities may reach 2^60 against a stale running max before a rescale
