@@ -13,7 +13,7 @@ import click
 from kernels import backend_for_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
-from refengine.bench.report import BENCHMARKS, markdown_table, update_section
+from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_percent, update_section
 from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
 from refengine.bench.serve_workload import LENGTH_SCALE
 from refengine.runtime.devices import parse_size
@@ -126,7 +126,14 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     else:
         bw = bandwidth.measure_copy_bandwidth()
     click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
+    before = CpuTimes.read()
     results = side_by_side.run(cases, options, rounds, progress=click.echo)
+    stolen = stolen_percent(before, CpuTimes.read())
+    steal_note = "" if stolen is None else (
+        f" CPU time stolen by the hypervisor during the run: {stolen:.0f}% of what the machine asked for"
+        f"{' (a shared VM under load: figures are low and noisy; same-run ratios still hold best)' if stolen >= 5 else ''}.")
+    if steal_note:
+        click.echo(steal_note.strip())
     bounds = {c: bandwidth.decode_bound_tokens_per_s(config, weight_bytes, c[1], c[2] + 1, bw)
               for c in cases if c[0] == "decode"}
     mode = cases[0][0]
@@ -141,7 +148,7 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
             f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
             f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
-            f"bandwidth ÷ (weights + cached K/V).\n\n{table}\n\n{targets}")
+            f"bandwidth ÷ (weights + cached K/V).{steal_note}\n\n{table}\n\n{targets}")
     # a CPU with AMX has its own sections, so that runs on CPUs with and without it both stay on record
     section = f"{kind}-amx" if any(engine.endswith("AMX") for engine in results) else kind
     place = "cpu with AMX" if section == "cpu-amx" else kind

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
@@ -21,6 +22,37 @@ def machine_description() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return f"{cpu}, {os.cpu_count()} cores{mem}{_gpu_description()}"
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Jiffies all CPUs spent busy, and that a hypervisor took for other guests while this one
+    wanted to run ("steal", /proc/stat's eighth column)."""
+
+    busy: int
+    stolen: int
+
+    @classmethod
+    def read(cls, stat: Path = Path("/proc/stat")) -> "CpuTimes | None":
+        """Now, or None where /proc/stat is missing or has no steal column (not Linux, old kernel)."""
+        try:
+            fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 8:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        return cls(user + nice + system + irq + softirq, steal)
+
+
+def stolen_percent(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    """Of the CPU time the machine wanted between two readings, the share a hypervisor gave to
+    other guests. On a shared VM this is why figures of the same code swing between runs: above a
+    few percent they are low and noisy, and only ratios measured side by side mean much."""
+    if before is None or after is None:
+        return None
+    stolen, busy = after.stolen - before.stolen, after.busy - before.busy
+    return 100.0 * stolen / (stolen + busy) if stolen + busy > 0 else 0.0
 
 
 def _gpu_description() -> str:

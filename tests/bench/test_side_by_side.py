@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refengine.bench import comparison_report, gguf_export, side_by_side, steps
+from refengine.bench import comparison_report, gguf_export, report, side_by_side, steps
 
 
 def test_synthetic_decode_step_matches_what_the_engine_builds(tiny_model):
@@ -66,3 +66,21 @@ def test_llama_cpp_engines_run_the_gguf_of_their_precision(monkeypatch, tmp_path
     for engine in ("llama.cpp F32", "llama.cpp F16", "llama.cpp Q4_1"):
         side_by_side._runners(engine, side_by_side.Options("cpu", False))
     assert asked == ["f32", "f16"]                                  # the shipped file serves Q4_1
+
+
+def test_stolen_cpu_time_is_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 20 900 3 1 4 30 0 0\ncpu0 50 2 10 450 1 0 2 15 0 0\n")
+    before = report.CpuTimes.read(stat)
+    assert before == report.CpuTimes(busy=100 + 5 + 20 + 1 + 4, stolen=30)
+    stat.write_text("cpu  200 5 40 900 3 1 4 70 0 0\n")
+    assert report.stolen_percent(before, report.CpuTimes.read(stat)) == pytest.approx(100 * 40 / (40 + 120))
+    assert report.stolen_percent(before, before) == 0.0
+
+
+def test_stolen_cpu_time_is_unknown_without_a_steal_column(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 20 900\n")
+    assert report.CpuTimes.read(stat) is None
+    assert report.CpuTimes.read(tmp_path / "missing") is None
+    assert report.stolen_percent(None, report.CpuTimes(1, 0)) is None
