@@ -8,6 +8,12 @@ model, in the `refengine.latency/1` format `scheduler/costmodel.py` reads, and c
 Decode points need a batch of long contexts; prefilling them first would dominate the run, so the
 profiler plants sequences that already "hold" their context (blocks reserved, contents arbitrary):
 a decode iteration's cost depends on the lengths, not on the values in the cache.
+
+A shared machine stalls now and then (another process, a hypervisor giving the CPU to another
+guest: 30% of it on one VM here), and one stalled point is enough to make the scheduler refuse
+every request: a batch-1 decode step profiled at 260 ms instead of ~50 failed the 250 ms TPOT SLO,
+so `serve` answered each request with 429. So each point is the median of REPEATS steps, and the
+table is made `stall_free` before it is used.
 """
 from __future__ import annotations
 
@@ -37,6 +43,20 @@ log = logging.getLogger("refengine.profile")
 # proportionally beyond the last point (§4.2.2).
 FULL_GRID = {"prefill": (16, 64, 256, 1024), "batch": (1, 4, 16, 32), "context": (128, 512, 1024)}
 QUICK_GRID = {"prefill": (16, 128), "batch": (1, 4), "context": (64, 256)}
+REPEATS = 5
+# how the tables are made, recorded in each file: a table made another way is measured again
+SOURCE = f"refengine bench profile: medians of {REPEATS} iterations per point, stall-free"
+
+
+def stall_free(latencies) -> np.ndarray:
+    """Each point capped by every point of at least as much work (along each axis, the minimum of
+    itself and all later points): more prompt tokens, a larger batch or a longer context never make
+    a step faster, while a stall only adds time, so a point above a larger one was stalled and the
+    larger one bounds it. Points in order, workload growing along every axis."""
+    out = np.asarray(latencies, dtype=float)
+    for axis in range(out.ndim):
+        out = np.flip(np.minimum.accumulate(np.flip(out, axis), axis=axis), axis)
+    return out
 
 
 def _median_step(instance: Instance, kind: StepKind, repeats: int) -> float:
@@ -68,26 +88,26 @@ def _decode_latency(model: LlamaModel, batch: int, context: int, repeats: int) -
     return _median_step(instance, StepKind.DECODE, repeats)
 
 
-def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = FULL_GRID, repeats: int = 3,
-                  progress: bool = True) -> LatencyTable:
-    """Measure prefill and decode latencies over `grid` (seconds) into a LatencyTable."""
+def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = FULL_GRID,
+                  repeats: int = REPEATS, progress: bool = True) -> LatencyTable:
+    """Measure prefill and decode latencies over `grid` (milliseconds) into a LatencyTable."""
     points = len(grid["prefill"]) + len(grid["batch"]) * len(grid["context"])
     with tqdm(total=points, desc=f"profiling {profile} on {hardware}", unit="point", disable=not progress) as bar:
         prefill = []
         for tokens in grid["prefill"]:
             prefill.append(_prefill_latency(model, tokens, repeats) * 1e3)
             bar.update()
-        rows = []
+        decode = []
         for context in grid["context"]:
-            latencies = []
+            decode.append([])
             for batch in grid["batch"]:
-                latencies.append(_decode_latency(model, batch, context, repeats) * 1e3)
+                decode[-1].append(_decode_latency(model, batch, context, repeats) * 1e3)
                 bar.update()
-            rows.append({"context": context, "batch": list(grid["batch"]), "latency": latencies})
+    rows = [{"context": context, "batch": list(grid["batch"]), "latency": latencies.tolist()}
+            for context, latencies in zip(grid["context"], stall_free(decode))]
     return LatencyTable.from_dict({
-        "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms",
-        "source": f"refengine bench profile: medians of {repeats} iterations per point",
-        "prefill": {"tokens": list(grid["prefill"]), "latency": prefill}, "decode": rows})
+        "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms", "source": SOURCE,
+        "prefill": {"tokens": list(grid["prefill"]), "latency": stall_free(prefill).tolist()}, "decode": rows})
 
 
 def machine_of(device: str) -> str:
@@ -122,16 +142,18 @@ def kernels_fingerprint(kind: str) -> str:
 
 def cached_table(load_model: Callable[[], LlamaModel], profile: str, hardware: str, directory: Path,
                  machine: str, grid: dict = FULL_GRID, progress: bool = True) -> LatencyTable:
-    """The table from `directory` if it was measured on `machine` or names no machine (written by
-    hand, e.g. pinned for a test), else measure it now on `load_model()` and save it (replacing one
-    from another machine, or one that cannot be read)."""
+    """The table from `directory` if it was measured on `machine` the current way (`SOURCE`) or
+    names no machine (written by hand, e.g. pinned for a test), else measure it now on
+    `load_model()` and save it (replacing one from another machine or method, or one that cannot
+    be read)."""
     path = directory / profile_filename(profile, hardware)
     if path.exists():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("machine", machine) == machine:
+            if "machine" not in saved or (saved["machine"] == machine and saved.get("source") == SOURCE):
                 return LatencyTable.from_dict(saved)
-            log.info("%s was measured on %s, not here (%s): measuring again", path, saved.get("machine"), machine)
+            log.info("%s was measured on %s (%s), not here (%s; %s): measuring again", path,
+                     saved.get("machine"), saved.get("source"), machine, SOURCE)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("cannot read %s (%s): measuring again", path, e)
     table = measure_table(load_model(), profile, hardware, grid, progress=progress)

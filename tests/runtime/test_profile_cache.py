@@ -1,9 +1,12 @@
-"""Latency tables are cached per machine: one measured on another machine, or unreadable, is measured again."""
+"""Latency tables are cached per machine: one measured on another machine or another way, or unreadable, is
+measured again; stalled points do not survive into a table."""
 from __future__ import annotations
 
 import json
 
-from refengine.runtime.profile import QUICK_GRID, cached_table, kernels_fingerprint, machine_of
+import numpy as np
+
+from refengine.runtime.profile import QUICK_GRID, SOURCE, cached_table, kernels_fingerprint, machine_of, stall_free
 from scheduler.costmodel import profile_filename
 
 
@@ -46,3 +49,41 @@ def test_a_kernel_change_changes_the_fingerprint(tmp_path, monkeypatch):
     before = kernels_fingerprint("cuda")
     (fake / "cpu.py").write_text("FAST = 2\n")
     assert kernels_fingerprint("cuda") != before
+
+
+def test_a_table_measured_the_old_way_is_measured_again(tiny_model, tmp_path):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return tiny_model
+
+    cached_table(load, "tiny", "cpu-reference", tmp_path, "Machine A, 2 cores", QUICK_GRID, progress=False)
+    path = tmp_path / profile_filename("tiny", "cpu-reference")
+    assert json.loads(path.read_text())["source"] == SOURCE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "source": "medians of 3 iterations per point"}))
+    cached_table(load, "tiny", "cpu-reference", tmp_path, "Machine A, 2 cores", QUICK_GRID, progress=False)
+    assert len(loads) == 2 and json.loads(path.read_text())["source"] == SOURCE
+
+
+def test_stalled_points_are_capped_by_larger_workloads():
+    """The decode table a VM with 30% stolen CPU time produced (contexts 128/512/1024 x batches
+    1/4/16/32, ms): batch 1 at 128 tokens stalled to 260 ms; a larger point bounds each stall."""
+    measured = [[260.4, 350.3, 191.7, 374.0],
+                [51.1, 129.5, 169.6, 230.5],
+                [50.7, 88.0, 266.9, 416.1]]
+    np.testing.assert_allclose(stall_free(measured), [[50.7, 88.0, 169.6, 230.5],
+                                                      [50.7, 88.0, 169.6, 230.5],
+                                                      [50.7, 88.0, 266.9, 416.1]])
+    np.testing.assert_allclose(stall_free([128.8, 97.5, 381.0, 2578.8]), [97.5, 97.5, 381.0, 2578.8])
+    monotone = [[10.0, 20.0], [15.0, 30.0]]
+    np.testing.assert_array_equal(stall_free(monotone), monotone)
+
+
+def test_measured_tables_are_stall_free(tiny_model):
+    from refengine.runtime.profile import measure_table
+    table = measure_table(tiny_model, "tiny", "cpu-reference", QUICK_GRID, repeats=1, progress=False).to_dict()
+    prefill = table["prefill"]["latency"]
+    decode = [row["latency"] for row in table["decode"]]
+    assert prefill == sorted(prefill)
+    np.testing.assert_array_equal(stall_free(decode), decode)
