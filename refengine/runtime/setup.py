@@ -22,7 +22,8 @@ from refengine.runtime.profile import cached_table, machine_of
 from refengine.store.cache import ModelFiles, model_home
 from refengine.store.model_store import ModelStore
 from scheduler.core import Scheduler
-from scheduler.costmodel import CostModel
+from scheduler.costmodel import CostModel, LatencyTable
+from scheduler.slo import SloPolicy
 from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
@@ -65,14 +66,27 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
         specs.append(ModelSpec(name, weights, files[weights].weights.stat().st_size,
                                config.kv_bytes_per_token, 16, config.max_position_embeddings))
     unique = {(t.profile, t.hardware): t for t in tables}
-    scheduler = Scheduler(specs, nodes, CostModel(unique.values()),
-                          scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo,
-                                           options.migration))
+    config = scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo, options.migration)
+    for table in unique.values():
+        _warn_if_slower_than_the_slo(table, config.slo)
+    scheduler = Scheduler(specs, nodes, CostModel(unique.values()), config)
     tiers = TierReports(store, catalogue)
     for change in tiers.changes():
         scheduler.handle(change, now)
     return RuntimeSetup(files, {w: Tokenizer(f) for w, f in files.items()}, store, {s.name: s for s in specs},
                         scheduler, tiers)
+
+
+def _warn_if_slower_than_the_slo(table: LatencyTable, slo: SloPolicy) -> None:
+    """Say at start-up when the profiled hardware cannot decode one sequence within the TPOT SLO: the
+    scheduler will then refuse (429) every request for those weights that brings no SLO of its own,
+    which otherwise looks like a broken server (a slow device, or a machine busy while profiling)."""
+    step = table.decode(1, table.decode_rows[0].context)
+    if step > slo.tpot_slo:
+        log.warning("%s on %s: one decode step takes %.0f ms (profiled), above the %.0f ms TPOT SLO; "
+                    "requests without their own SLO will be refused. Re-profile on a quiet machine "
+                    "(`python cli.py bench profile --force`) or pass an SLO per request.",
+                    table.profile, table.hardware, step * 1e3, slo.tpot_slo * 1e3)
 
 
 def _profiled_model(store: ModelStore, files: ModelFiles, kernels, device: str) -> LlamaModel:

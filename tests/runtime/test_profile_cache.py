@@ -87,3 +87,20 @@ def test_measured_tables_are_stall_free(tiny_model):
     decode = [row["latency"] for row in table["decode"]]
     assert prefill == sorted(prefill)
     np.testing.assert_array_equal(stall_free(decode), decode)
+
+
+def test_start_up_warns_when_one_decode_step_exceeds_the_tpot_slo(caplog):
+    from refengine.runtime.setup import _warn_if_slower_than_the_slo
+    from scheduler.costmodel import FORMAT, LatencyTable
+    from scheduler.slo import SloPolicy
+
+    def table(ms: float) -> LatencyTable:
+        return LatencyTable.from_dict({"format": FORMAT, "profile": "tiny", "hardware": "cpu-cpu", "unit": "ms",
+                                       "prefill": {"tokens": [16], "latency": [20.0]},
+                                       "decode": [{"context": 128, "batch": [1, 4], "latency": [ms, ms * 2]}]})
+
+    with caplog.at_level("WARNING", logger="refengine.runtime"):
+        _warn_if_slower_than_the_slo(table(50.0), SloPolicy(margin=0.05))
+        assert not caplog.records
+        _warn_if_slower_than_the_slo(table(260.0), SloPolicy(margin=0.05))
+    assert "260 ms (profiled), above the 238 ms TPOT SLO" in caplog.text and "tiny on cpu-cpu" in caplog.text
