@@ -13,7 +13,7 @@ import click
 from kernels import backend_for_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
-from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_percent, update_section
+from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_note, update_section
 from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
 from refengine.bench.serve_workload import LENGTH_SCALE
 from refengine.runtime.devices import parse_size
@@ -128,12 +128,8 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
     before = CpuTimes.read()
     results = side_by_side.run(cases, options, rounds, progress=click.echo)
-    stolen = stolen_percent(before, CpuTimes.read())
-    steal_note = "" if stolen is None else (
-        f" CPU time stolen by the hypervisor during the run: {stolen:.0f}% of what the machine asked for"
-        f"{' (a shared VM under load: figures are low and noisy; same-run ratios still hold best)' if stolen >= 5 else ''}.")
-    if steal_note:
-        click.echo(steal_note.strip())
+    steal = stolen_note(before)
+    click.echo(steal)
     bounds = {c: bandwidth.decode_bound_tokens_per_s(config, weight_bytes, c[1], c[2] + 1, bw)
               for c in cases if c[0] == "decode"}
     mode = cases[0][0]
@@ -148,7 +144,7 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
             f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
             f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
-            f"bandwidth ÷ (weights + cached K/V).{steal_note}\n\n{table}\n\n{targets}")
+            f"bandwidth ÷ (weights + cached K/V). {steal}\n\n{table}\n\n{targets}")
     # a CPU with AMX has its own sections, so that runs on CPUs with and without it both stay on record
     section = f"{kind}-amx" if any(engine.endswith("AMX") for engine in results) else kind
     place = "cpu with AMX" if section == "cpu-amx" else kind
@@ -184,6 +180,7 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
     kernels = get_kernels(backend_for_device(device, backend), device)
     gpu = device.startswith("cuda")
     prepare_rows = []
+    before = CpuTimes.read()
     with tempfile.TemporaryDirectory() as home, SOURCES[WEIGHTS].path() as gguf:
         def timed_prepare(label: str) -> None:
             started = time.perf_counter()
@@ -244,7 +241,7 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
                 "`posix_fadvise(POSIX_FADV_DONTNEED)` on the file about to be read (`fincore` shows no page of it "
                 "resident after the call; `/proc/sys/vm/drop_caches` would also work as root but drops every "
                 "other process's cache too). "
-                f"Load average at the end of the run: {lb.load_average()}.")
+                f"Load average at the end of the run: {lb.load_average()}. {stolen_note(before)}")
         body = "\n\n".join([markdown_table(["what", "seconds"], prepare_rows), markdown_table(header, rows), note])
         update_section(f"load-{device.partition(':')[0]}", f"Model store: prepare and load ({device})", body)
 
@@ -264,6 +261,7 @@ def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, w
     from refengine.store.prepare import prepare
     kernels = get_kernels(backend_for_device(device, backend), device)
     prompt = list(range(100, 100 + prompt_len))
+    before = CpuTimes.read()
     with tempfile.TemporaryDirectory() as home:
         files = prepare(WEIGHTS, home=Path(home), progress=False)
         resident = load_llama(files, kernels)
@@ -288,7 +286,7 @@ def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, w
         body = (markdown_table(header, table)
                 + f"\n\nA {prompt_len}-token prompt, one prefill step, backend `{kernels.name}`; disk rows start "
                   "from a dropped page cache (`posix_fadvise(DONTNEED)`) and an empty host cache. "
-                  f"Load average at the end of the run: {load_average()}.")
+                  f"Load average at the end of the run: {load_average()}. {stolen_note(before)}")
         update_section(f"coldstart-{device.partition(':')[0]}", f"Cold-start time to first token ({device})", body)
 
 

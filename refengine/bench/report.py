@@ -55,6 +55,15 @@ def stolen_percent(before: CpuTimes | None, after: CpuTimes | None) -> float | N
     return 100.0 * stolen / (stolen + busy) if stolen + busy > 0 else 0.0
 
 
+def stolen_note(before: CpuTimes | None) -> str:
+    """A sentence for a benchmark's notes on the CPU time stolen since `before` ("" where unknown)."""
+    stolen = stolen_percent(before, CpuTimes.read())
+    if stolen is None:
+        return ""
+    warning = " (a shared VM under load: figures are low and noisy; same-run ratios hold best)" if stolen >= 5 else ""
+    return f"CPU time stolen by the hypervisor during the run: {stolen:.0f}% of what the machine asked for{warning}."
+
+
 def _gpu_description() -> str:
     """", GPU: <name>" when CuPy sees a GPU (imported only if already loaded: a CPU run stays CPU-only)."""
     import sys

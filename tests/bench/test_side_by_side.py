@@ -84,3 +84,12 @@ def test_stolen_cpu_time_is_unknown_without_a_steal_column(tmp_path):
     assert report.CpuTimes.read(stat) is None
     assert report.CpuTimes.read(tmp_path / "missing") is None
     assert report.stolen_percent(None, report.CpuTimes(1, 0)) is None
+
+
+def test_stolen_note_warns_from_five_percent(monkeypatch):
+    readings = iter([report.CpuTimes(busy=100, stolen=0), report.CpuTimes(busy=190, stolen=10)])
+    monkeypatch.setattr(report.CpuTimes, "read", classmethod(lambda cls, stat=None: next(readings)))
+    note = report.stolen_note(report.CpuTimes.read())
+    assert note.startswith("CPU time stolen by the hypervisor during the run: 10% ") and "noisy" in note
+    monkeypatch.setattr(report.CpuTimes, "read", classmethod(lambda cls, stat=None: None))
+    assert report.stolen_note(None) == ""
