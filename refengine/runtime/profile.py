@@ -44,8 +44,14 @@ log = logging.getLogger("refengine.profile")
 FULL_GRID = {"prefill": (16, 64, 256, 1024), "batch": (1, 4, 16, 32), "context": (128, 512, 1024)}
 QUICK_GRID = {"prefill": (16, 128), "batch": (1, 4), "context": (64, 256)}
 REPEATS = 5
-# how the tables are made, recorded in each file: a table made another way is measured again
-SOURCE = f"refengine bench profile: medians of {REPEATS} iterations per point, stall-free"
+
+
+def _source(repeats: int) -> str:
+    """How a table was made, recorded in its file."""
+    return f"refengine bench profile: medians of {repeats} iterations per point, stall-free"
+
+
+SOURCE = _source(REPEATS)   # a cached table made another way is measured again
 
 
 def stall_free(latencies) -> np.ndarray:
@@ -90,7 +96,7 @@ def _decode_latency(model: LlamaModel, batch: int, context: int, repeats: int) -
 
 def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = FULL_GRID,
                   repeats: int = REPEATS, progress: bool = True) -> LatencyTable:
-    """Measure prefill and decode latencies over `grid` (milliseconds) into a LatencyTable."""
+    """Measure prefill and decode latencies over `grid` into a LatencyTable (stall-free)."""
     points = len(grid["prefill"]) + len(grid["batch"]) * len(grid["context"])
     with tqdm(total=points, desc=f"profiling {profile} on {hardware}", unit="point", disable=not progress) as bar:
         prefill = []
@@ -106,7 +112,7 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
     rows = [{"context": context, "batch": list(grid["batch"]), "latency": latencies.tolist()}
             for context, latencies in zip(grid["context"], stall_free(decode))]
     return LatencyTable.from_dict({
-        "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms", "source": SOURCE,
+        "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms", "source": _source(repeats),
         "prefill": {"tokens": list(grid["prefill"]), "latency": stall_free(prefill).tolist()}, "decode": rows})
 
 
