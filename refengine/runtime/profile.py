@@ -109,11 +109,16 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
             for batch in grid["batch"]:
                 decode[-1].append(_decode_latency(model, batch, context, repeats) * 1e3)
                 bar.update()
+    capped_prefill, capped_decode = stall_free(prefill), stall_free(decode)
+    stalled = int((capped_prefill < prefill).sum() + (capped_decode < np.asarray(decode)).sum())
+    if stalled:
+        log.info("%s on %s: %d of %d points stalled (slower than a larger workload) and were capped",
+                 profile, hardware, stalled, points)
     rows = [{"context": context, "batch": list(grid["batch"]), "latency": latencies.tolist()}
-            for context, latencies in zip(grid["context"], stall_free(decode))]
+            for context, latencies in zip(grid["context"], capped_decode)]
     return LatencyTable.from_dict({
         "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms", "source": _source(repeats),
-        "prefill": {"tokens": list(grid["prefill"]), "latency": stall_free(prefill).tolist()}, "decode": rows})
+        "prefill": {"tokens": list(grid["prefill"]), "latency": capped_prefill.tolist()}, "decode": rows})
 
 
 def machine_of(device: str) -> str:

@@ -104,3 +104,15 @@ def test_start_up_warns_when_one_decode_step_exceeds_the_tpot_slo(caplog):
         assert not caplog.records
         _warn_if_slower_than_the_slo(table(260.0), SloPolicy(margin=0.05))
     assert "260 ms (profiled), above the 238 ms TPOT SLO" in caplog.text and "tiny on cpu-cpu" in caplog.text
+
+
+def test_a_stalled_point_is_capped_and_reported(tiny_model, monkeypatch, caplog):
+    from refengine.runtime import profile
+    prefill = {16: 0.030, 128: 0.020}                      # the 16-token point stalled
+    monkeypatch.setattr(profile, "_prefill_latency", lambda model, tokens, repeats: prefill[tokens])
+    monkeypatch.setattr(profile, "_decode_latency", lambda model, batch, context, repeats: 0.001 * batch * context)
+    with caplog.at_level("INFO", logger="refengine.profile"):
+        table = profile.measure_table(tiny_model, "tiny", "cpu-reference", QUICK_GRID, progress=False).to_dict()
+    assert table["prefill"]["latency"] == [20.0, 20.0]
+    assert [row["latency"] for row in table["decode"]] == [[64.0, 256.0], [256.0, 1024.0]]
+    assert "1 of 6 points stalled" in caplog.text
