@@ -1,5 +1,9 @@
 """Benchmark figures into docs/BENCHMARKS.md: each command owns one marked section and rewrites it,
-so re-running a benchmark replaces its old rows instead of appending stale ones."""
+so re-running a benchmark replaces its old rows instead of appending stale ones.
+
+Each section names the machine, and the notes say how loaded it was: on a shared VM the share of
+CPU time the hypervisor stole during the run (`stolen_note`) explains figures that swing 3x
+between runs of the same code."""
 from __future__ import annotations
 
 import datetime
