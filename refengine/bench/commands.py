@@ -129,7 +129,8 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     before = CpuTimes.read()
     results = side_by_side.run(cases, options, rounds, progress=click.echo)
     steal = stolen_note(before)
-    click.echo(steal)
+    if steal:
+        click.echo(steal)
     bounds = {c: bandwidth.decode_bound_tokens_per_s(config, weight_bytes, c[1], c[2] + 1, bw)
               for c in cases if c[0] == "decode"}
     mode = cases[0][0]
