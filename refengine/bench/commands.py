@@ -127,7 +127,8 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
         bw = bandwidth.measure_copy_bandwidth()
     click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
     before = CpuTimes.read()
-    results = side_by_side.run(cases, options, rounds, progress=click.echo)
+    by_round = side_by_side.run(cases, options, rounds, progress=click.echo)
+    results = side_by_side.medians(by_round)
     steal = stolen_note(before)
     if steal:
         click.echo(steal)
@@ -136,7 +137,7 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     mode = cases[0][0]
     table = report.decode_table(results, bounds) if mode == "decode" else report.prefill_table(results)
     click.echo(table)
-    targets = report.targets_table(results, bounds, kind)
+    targets = report.targets_table(results, bounds, kind, by_round)
     click.echo(targets)
     if not write:
         return
@@ -144,8 +145,9 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     body = (f"Command: `python cli.py bench {mode} --device {device} --peers"
             f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
-            f"on CPU). Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; bound = batch × "
-            f"bandwidth ÷ (weights + cached K/V). {steal}\n\n{table}\n\n{targets}")
+            f"on CPU); a target's ratio is that of the medians, and beside it the lowest and highest of "
+            f"the same ratio within one round. Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; "
+            f"bound = batch × bandwidth ÷ (weights + cached K/V). {steal}\n\n{table}\n\n{targets}")
     # a CPU with AMX has its own sections, so that runs on CPUs with and without it both stay on record
     section = f"{kind}-amx" if any(engine.endswith("AMX") for engine in results) else kind
     place = "cpu with AMX" if section == "cpu-amx" else kind

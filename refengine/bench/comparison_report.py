@@ -5,7 +5,7 @@ from pathlib import Path
 
 from refengine.bench.plots import tokens_vs_batch
 from refengine.bench.report import markdown_table
-from refengine.bench.side_by_side import Results
+from refengine.bench.side_by_side import Results, Rounds
 
 # (what, numerator engine, denominator engine or "bound", case, target ratio), per device kind
 TARGETS = {
@@ -43,9 +43,10 @@ def prefill_table(results: Results) -> str:
     return markdown_table(["prompt tokens"] + engines, rows)
 
 
-def targets_table(results: Results, bounds: dict[tuple, float], kind: str) -> str:
-    """Each of the issue's targets with the measured ratio; rows whose engines or cases did not run are left
-    out ("" when none ran)."""
+def targets_table(results: Results, bounds: dict[tuple, float], kind: str, rounds: Rounds | None = None) -> str:
+    """Each of the issue's targets with the measured ratio (of the medians; with `rounds`, also its
+    lowest and highest within one round); rows whose engines or cases did not run are left out
+    ("" when none ran)."""
     rows = []
     for what, ours, peer, case, target in TARGETS[kind]:
         mine = results.get(ours, {}).get(case)
@@ -54,10 +55,22 @@ def targets_table(results: Results, bounds: dict[tuple, float], kind: str) -> st
             continue
         ratio = mine / theirs
         verdict = "—" if target is None else ("met" if ratio >= target else "**missed**")
-        shown = f"{100 * ratio:.0f}% of bound" if peer == "bound" else f"{ratio:.2f}×"
         goal = "" if target is None else (f"≥ {100 * target:.0f}%" if peer == "bound" else f"≥ {target:g}×")
-        rows.append([what, f"{_fmt(mine)} vs {_fmt(theirs)}", shown, goal, verdict])
-    return markdown_table(["target", "tok/s", "ratio", "wanted", "verdict"], rows) if rows else ""
+        row = [what, f"{_fmt(mine)} vs {_fmt(theirs)}", _ratio(ratio, peer)]
+        if rounds is not None:
+            mine_by_round = rounds[ours][case]
+            theirs_by_round = [theirs] * len(mine_by_round) if peer == "bound" else rounds[peer][case]
+            each = [m / t for m, t in zip(mine_by_round, theirs_by_round)]
+            row.append(f"{_ratio(min(each), peer)} – {_ratio(max(each), peer)}")
+        rows.append(row + [goal, verdict])
+    if not rows:
+        return ""
+    head = ["target", "tok/s", "ratio"] + (["ratio within a round (lowest – highest)"] if rounds is not None else [])
+    return markdown_table(head + ["wanted", "verdict"], rows)
+
+
+def _ratio(ratio: float, peer: str) -> str:
+    return f"{100 * ratio:.0f}% of bound" if peer == "bound" else f"{ratio:.2f}×"
 
 
 def plot(results: Results, bounds: dict[tuple, float], path: Path, title: str) -> None:

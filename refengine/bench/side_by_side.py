@@ -9,8 +9,10 @@ exact shape, for a GPU machine where the real ones cannot travel):
 
 Fairness on a small shared CPU: each engine runs each round in a fresh process (OpenMP pools,
 BLAS threading and JIT caches of one engine cannot slow another), the engines take turns round by
-round, and the figure quoted is the median over rounds. On a GPU every engine shares one process,
-as the GPU does the work.
+round, and the figure quoted is the median over rounds. A target's ratio is also taken within each
+round, where its two engines ran minutes apart at most: on a shared VM whose speed drifts between
+rounds, the range of those ratios shows whether a verdict holds in every round or rests on one. On
+a GPU every engine shares one process, as the GPU does the work.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Callable
 
 Case = tuple  # ("decode", batch, context) or ("prefill", tokens)
 Results = dict[str, dict[Case, float]]    # engine -> case -> tokens/s
+Rounds = dict[str, dict[Case, list[float]]]    # engine -> case -> tokens/s of each round, in order
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,10 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
 
 # ---------------------------------------------------------------- every engine, every round
 def run(cases: list[Case], options: Options, rounds: int, engines: list[str] | None = None,
-        progress: Callable[[str], None] = print) -> Results:
-    """Median tokens/s over `rounds` of each engine on each case, engines taking turns."""
+        progress: Callable[[str], None] = print) -> Rounds:
+    """Tokens/s of each engine on each case in each of `rounds` rounds, engines taking turns."""
     engines = engines or engines_for(options.device)
-    samples: dict[str, dict[Case, list[float]]] = {e: {c: [] for c in cases} for e in engines}
+    samples: Rounds = {e: {c: [] for c in cases} for e in engines}
     for r in range(rounds):
         for engine in engines:
             figures = _in_fresh_process(engine, cases, options)
@@ -111,7 +114,12 @@ def run(cases: list[Case], options: Options, rounds: int, engines: list[str] | N
                 samples[engine][case].append(value)
             progress(f"round {r + 1}/{rounds} {engine}: " +
                      ", ".join(f"{_label(c)} {v:.1f}" for c, v in figures.items()))
-    return {e: {c: statistics.median(v) for c, v in by_case.items()} for e, by_case in samples.items()}
+    return samples
+
+
+def medians(rounds: Rounds) -> Results:
+    """The figure quoted for each engine and case: its median over the rounds."""
+    return {e: {c: statistics.median(v) for c, v in by_case.items()} for e, by_case in rounds.items()}
 
 
 def _in_fresh_process(engine: str, cases: list[Case], options: Options) -> dict[Case, float]:

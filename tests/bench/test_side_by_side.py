@@ -26,10 +26,11 @@ def test_rounds_take_turns_and_quote_the_median(monkeypatch):
         return {case: next(figures) for case in cases}
 
     monkeypatch.setattr(side_by_side, "_in_fresh_process", fake)
-    results = side_by_side.run([("decode", 1, 128)], side_by_side.Options("cpu", True), rounds=3,
-                               engines=["ours", "peer"], progress=lambda _: None)
+    rounds = side_by_side.run([("decode", 1, 128)], side_by_side.Options("cpu", True), rounds=3,
+                              engines=["ours", "peer"], progress=lambda _: None)
     assert calls == ["ours", "peer"] * 3
-    assert results == {"ours": {("decode", 1, 128): 20.0}, "peer": {("decode", 1, 128): 2.0}}
+    assert rounds == {"ours": {("decode", 1, 128): [10.0, 30.0, 20.0]}, "peer": {("decode", 1, 128): [1.0, 2.0, 3.0]}}
+    assert side_by_side.medians(rounds) == {"ours": {("decode", 1, 128): 20.0}, "peer": {("decode", 1, 128): 2.0}}
 
 
 def test_targets_say_met_or_missed_and_skip_what_did_not_run():
@@ -41,6 +42,19 @@ def test_targets_say_met_or_missed_and_skip_what_did_not_run():
     assert "12% of bound" in table and "**missed**" in table        # 900 / 7,500 against ≥ 20%
     cpu = comparison_report.targets_table(results, bounds, "cpu")
     assert cpu == ""                                                # no CPU engine ran
+
+
+def test_targets_show_the_range_of_the_ratio_within_a_round():
+    """The verdict is on the medians' ratio (20 / 2 = 10×); each round's own ratio (10, 15, 6.67)
+    shows whether it held in every round."""
+    rounds = {"refengine cuda graph": {("decode", 1, 128): [10.0, 30.0, 20.0]},
+              "transformers cuda eager": {("decode", 1, 128): [1.0, 2.0, 3.0]}}
+    bounds = {("decode", 1, 128): 100.0}
+    table = comparison_report.targets_table(side_by_side.medians(rounds), bounds, "cuda", rounds)
+    lines = table.splitlines()
+    assert "ratio within a round (lowest – highest)" in lines[0]
+    assert "| batch-1 decode vs transformers eager | 20.0 vs 2.0 | 10.00× | 6.67× – 15.00× | ≥ 10× | met |" in lines
+    assert "| batch-1 decode vs bandwidth bound | 20.0 vs 100 | 20% of bound | 10% of bound – 30% of bound | ≥ 20% | met |" in lines
 
 
 def test_plot_writes_a_png(tmp_path):
