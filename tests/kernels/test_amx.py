@@ -64,8 +64,9 @@ def test_bf16_matmul_accumulates_in_float32(tokens, outputs, inputs):
 @pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100, 2100])
 @pytest.mark.parametrize("outputs,inputs", [(64, 576), (50, 70), (3072, 576), (576, 1536)])
 def test_tile_kernel_equals_float32_products_of_the_rounded_inputs(tokens, outputs, inputs):
-    """`amx_tiles.matmul` across tile, pair and work-item edges (2100 tokens: two chunks of 64
-    token blocks), with padded rows, outputs and inputs; the result is contiguous when O fills tiles."""
+    """`amx_tiles.matmul` across tile, pair and work-item edges (2100 tokens: five chunks of 16
+    token blocks, the last one partial), with padded rows, outputs and inputs; the result is
+    contiguous when O fills tiles."""
     x, w = randn(tokens, inputs), randn(outputs, inputs)
     out = amx_tiles.matmul(TileRows.convert(x), TileWeight.pack(amx.to_bf16(w)))
     rounded = amx.from_bf16(amx.to_bf16(x)).astype(np.float64) @ amx.from_bf16(amx.to_bf16(w)).astype(np.float64).T
@@ -214,10 +215,11 @@ def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max()
 
 
 @needs_amx
-@pytest.mark.parametrize("tokens,features,inputs", [(33, 40, 70), (100, 1536, 576), (64, 96, 64)])
+@pytest.mark.parametrize("tokens,features,inputs", [(33, 40, 70), (100, 1536, 576), (64, 96, 64), (600, 96, 64)])
 def test_swiglu_tiles_equal_silu_of_the_two_gemms(tokens, features, inputs):
     """The gate/up GEMM with SiLU in its epilogue (`Bf16Matmul.swiglu`) against silu(gate) * up of
-    the plain tile GEMMs, rounded to bf16; F not a multiple of 16 or 32 leaves zero padding."""
+    the plain tile GEMMs, rounded to bf16; F not a multiple of 16 or 32 leaves zero padding; 600
+    tokens span two token chunks of a work item."""
     gemm = amx.Bf16Matmul.create(required=True)
     x, gate_up = randn(tokens, inputs), randn(2 * features, inputs) * 0.2
     act = gemm.swiglu(x, gate_up)
