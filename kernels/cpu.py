@@ -6,7 +6,8 @@ Why each op is written the way it is (2 cores, memory-bound at small batch):
   the whole step), float32 or, from `amx_min_tokens` rows, bf16 on our AMX tile kernel
   (`kernels.amx`), where the gate/up GEMM applies SiLU itself (`mlp`).
 - The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
-  temporaries and walk the data several times.
+  temporaries and walk the data several times; a layer's RoPE of q and k and its KV write are one
+  (`rope_write_kv`).
 - Attention reads the paged cache in place through the block table (no gather copy), each K/V row
   once for the G query heads of its group (GQA); long prompts switch to BLAS tiles
   (`kernels.cpu_attention`).
@@ -122,18 +123,42 @@ def _skinny_matmul(x, w, out, gated):
 
 
 # ---------------------------------------------------------------- elementwise
+@numba.njit(inline="always", **JIT)
+def _rotate_into(x, t, h, cos_row, sin_row, out_row):
+    """Head h of token t of x [T, H, D] -> out_row [D], rotate_half pairs (j, j + D/2) turned by
+    the angles of the token's position (cos_row/sin_row [D/2])."""
+    half = out_row.shape[0] // 2
+    for j in range(half):
+        x1, x2 = x[t, h, j], x[t, h, j + half]
+        out_row[j] = x1 * cos_row[j] - x2 * sin_row[j]
+        out_row[j + half] = x2 * cos_row[j] + x1 * sin_row[j]
+
+
 @numba.njit(parallel=True, **JIT)
 def _rope(x, positions, cos, sin, out):
-    """[T, H, D] -> out [T, H, D], rotate_half pairs (j, j + D/2) by the angle table row of each
-    token's position (cos/sin [>max position, D/2])."""
-    num_heads, half = x.shape[1], x.shape[2] // 2
+    """[T, H, D] -> out [T, H, D], by the angle table rows of each token's position (cos/sin
+    [>max position, D/2])."""
     for t in prange(x.shape[0]):
-        p = positions[t]
-        for h in range(num_heads):
-            for j in range(half):
-                x1, x2 = x[t, h, j], x[t, h, j + half]
-                out[t, h, j] = x1 * cos[p, j] - x2 * sin[p, j]
-                out[t, h, j + half] = x2 * cos[p, j] + x1 * sin[p, j]
+        c, s = cos[positions[t]], sin[positions[t]]
+        for h in range(x.shape[1]):
+            _rotate_into(x, t, h, c, s, out[t, h])
+
+
+@numba.njit(parallel=True, **JIT)
+def _rope_write_kv(q, k, v, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping):
+    """q [T, H, D] -> q_out rotated; k [T, Hkv, D] rotated straight into its cache slots [N, P, Hkv, D],
+    v copied beside it (a step's slots are distinct). One pass per token instead of three kernels
+    and a rotated-keys array: a layer at 1 token 32 -> 15 us, at 512 tokens 482 -> 392 us."""
+    block_tokens = k_cache.shape[1]
+    for t in prange(q.shape[0]):
+        c, s = cos[positions[t]], sin[positions[t]]
+        for h in range(q.shape[1]):
+            _rotate_into(q, t, h, c, s, q_out[t, h])
+        block, row = slot_mapping[t] // block_tokens, slot_mapping[t] % block_tokens
+        for h in range(k.shape[1]):
+            _rotate_into(k, t, h, c, s, k_cache[block, row, h])
+            for d in range(v.shape[2]):
+                v_cache[block, row, h, d] = v[t, h, d]
 
 
 @numba.njit(parallel=True, **JIT)
@@ -253,6 +278,13 @@ class CpuKernels(ReferenceKernels):
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
                  slot_mapping: np.ndarray) -> None:
         _write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+    def rope_write_kv(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, theta: float,
+                      k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray) -> np.ndarray:
+        cos, sin = self._rope_table.get(positions, q.shape[-1], theta)
+        out = np.empty(q.shape, np.float32)
+        _rope_write_kv(q, k, v, positions, cos, sin, out, k_cache, v_cache, slot_mapping)
+        return out
 
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,

@@ -213,6 +213,13 @@ class GpuKernels:
             (k_cache, v_cache, k, v, self._index(slot_mapping), np.int32(num_tokens), np.int32(kv_heads),
              np.int32(head_dim), *map(np.int64, _element_strides(k)), *map(np.int64, _element_strides(v))))
 
+    def rope_write_kv(self, q: Array, k: Array, v: Array, positions: np.ndarray, theta: float,
+                      k_cache: Array, v_cache: Array, slot_mapping: np.ndarray) -> Array:
+        """q rotated, k rotated and stored with v, as the three kernels (one fused launch would save
+        two per layer, the second of the fusions docs/benchmarks_gpu.md plans)."""
+        self.write_kv(k_cache, v_cache, self.rope(k, positions, theta), v, slot_mapping)
+        return self.rope(q, positions, theta)
+
     def decode_splits(self, batch: int, kv_heads: int, max_context: int) -> int:
         """Blocks per (sequence, KV head) in decode attention: enough for about two per SM, since a
         batch-1 step would otherwise read each layer's cache with Hkv blocks, but no split shorter

@@ -83,6 +83,15 @@ def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     v_cache[blocks, rows] = v
 
 
+def rope_write_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, theta: float,
+                  k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray) -> np.ndarray:
+    """The attention's inputs of one layer: q [T, H, D] rotated (returned), k [T, Hkv, D] rotated and
+    stored with v at the tokens' cache slots. One op so that a backend may fuse it: the CPU writes the
+    rotated keys straight into their slots; on a GPU it would be one launch instead of three."""
+    write_kv(k_cache, v_cache, rope(k, positions, theta), v, slot_mapping)
+    return rope(q, positions, theta)
+
+
 def gather_context(cache: np.ndarray, block_table: np.ndarray, length: int) -> np.ndarray:
     """[N, P, Hkv, D], block table [M] -> the first `length` cached tokens [length, Hkv, D]."""
     num_blocks = -(-length // cache.shape[1])
@@ -284,5 +293,6 @@ class ReferenceKernels:
     silu_mul = staticmethod(silu_mul)
     mlp = staticmethod(mlp)
     write_kv = staticmethod(write_kv)
+    rope_write_kv = staticmethod(rope_write_kv)
     prefill_attention = staticmethod(prefill_attention)
     decode_attention = staticmethod(decode_attention)

@@ -130,6 +130,28 @@ def test_write_kv_matches_reference():
     np.testing.assert_array_equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", HEAD_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 37, 600])
+def test_rope_write_kv_matches_reference(tokens, heads, kv_heads, head_dim):
+    """q, k and v as column slices of one qkv product, slots scattered over the pool, positions
+    past the first angle table (4096 rows); the rotated q as the reference's, the caches exactly
+    as the reference leaves them (other slots untouched)."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    q = qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].reshape(tokens, kv_heads, head_dim)
+    positions = RNG.integers(0, 9000, tokens).astype(np.int64)
+    blocks = -(-tokens // 16) + 3
+    slots = RNG.permutation(blocks * 16)[:tokens].astype(np.int64)
+    k_cache, v_cache = randn(blocks, 16, kv_heads, head_dim), randn(blocks, 16, kv_heads, head_dim)
+    expected_k, expected_v = k_cache.copy(), v_cache.copy()
+    rotated = CPU.rope_write_kv(q, k, v, positions, 100000.0, k_cache, v_cache, slots)
+    expected = ref.rope_write_kv(q, k, v, positions, 100000.0, expected_k, expected_v, slots)
+    np.testing.assert_allclose(rotated, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k_cache, expected_k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(v_cache, expected_v)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 4, 9, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 1, 300])
 @pytest.mark.parametrize("outputs", [960, 49, 50, 51])
 def test_float32_linear_matches_reference(tokens, outputs):

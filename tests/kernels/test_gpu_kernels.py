@@ -142,6 +142,20 @@ def test_write_kv_skips_padding_slots(kern, rng):
     assert np.array_equal(cupy.asnumpy(gpu_k), k_cache) and np.array_equal(cupy.asnumpy(gpu_v), v_cache)
 
 
+def test_rope_write_kv(kern, rng):
+    """The model's one call for q, k and v of a layer (column slices of the qkv product)."""
+    k_cache, v_cache, _ = paged_cache(rng, [64], 3, 64)
+    packed = normal(rng, 20, 15 * 64)
+    positions, slots = rng.integers(0, 8192, 20), rng.permutation(k_cache.shape[0] * BLOCK_TOKENS)[:20]
+    views = [kern.asarray(packed)[:, a * 64:b * 64].reshape(20, b - a, 64) for a, b in ((0, 9), (9, 12), (12, 15))]
+    gpu_k, gpu_v = kern.asarray(k_cache), kern.asarray(v_cache)
+    got = kern.rope_write_kv(*views, positions, 1e5, gpu_k, gpu_v, slots)
+    q, k, v = (packed[:, a * 64:b * 64].reshape(20, b - a, 64) for a, b in ((0, 9), (9, 12), (12, 15)))
+    expected = ref.rope_write_kv(q, k, v, positions, 1e5, k_cache, v_cache, slots)
+    assert rel_err(got, expected) < 1e-6
+    assert rel_err(gpu_k, k_cache) < 1e-6 and np.array_equal(cupy.asnumpy(gpu_v), v_cache)
+
+
 def test_move_blocks(kern, rng):
     src, dst = normal(rng, 2, 10, BLOCK_TOKENS, 3, 64), normal(rng, 2, 6, BLOCK_TOKENS, 3, 64)
     src_ids, dst_ids = np.array([7, 2, 9]), np.array([0, 1, 2])
