@@ -24,8 +24,8 @@ stays in L2) for up to CHUNK_BLOCKS 32-token blocks. Consecutive items share the
 step through the output groups, so a thread keeps its chunk of A (590 KiB at 512 tokens) in L2
 while the B panels stream past; with all 2,048 tokens of a long prompt in one item, A (2.3 MiB)
 came from L3 for every group instead (its GEMMs 1.02-1.17x, whole step within the noise).
-`swiglu` is the same kernel for the MLP's
-gate|up weight, applying SiLU to each output block before it leaves the core.
+`swiglu` is the same kernel for the MLP's gate|up weight, applying SiLU to each output block
+before it leaves the core.
 
 Linux hands the tile state to a process only once asked (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)`, `request_tile_permission`); a tile instruction before that kills it (SIGILL).

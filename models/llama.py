@@ -163,7 +163,8 @@ class LlamaModel:
             q = qkv[:, :q_width].reshape(num_tokens, cfg.num_attention_heads, cfg.head_dim)
             k = qkv[:, q_width:q_width + kv_width].reshape(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
             v = qkv[:, q_width + kv_width:].reshape(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
-            q = kern.rope_write_kv(q, k, v, step.positions, cfg.rope_theta, k_cache[i], v_cache[i], step.slot_mapping)
+            q = kern.rope_write_kv(q, k, v, step.positions, cfg.rope_theta,
+                                   k_cache[i], v_cache[i], step.slot_mapping)
             if step.is_prefill:
                 attn = kern.prefill_attention(q, k_cache[i], v_cache[i], step.block_tables,
                                               step.query_start, step.context_lens, self.scale)
