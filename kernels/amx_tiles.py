@@ -24,6 +24,12 @@ stays in L2) for up to CHUNK_BLOCKS 32-token blocks. Consecutive items share the
 step through the output groups, so a thread keeps its chunk of A (590 KiB at 512 tokens) in L2
 while the B panels stream past; with all 2,048 tokens of a long prompt in one item, A (2.3 MiB)
 came from L3 for every group instead (its GEMMs 1.02-1.17x, whole step within the noise).
+A chunk is also at most 1/threads of the tokens, so that each thread (the prange hands out items
+in contiguous runs) multiplies token rows of its own: the rows it writes are then the rows the
+next kernels' threads read (the norm, the bf16 conversion and the next GEMM split tokens the same
+way), from their own L2. With all of 512 tokens in one chunk, the threads split the outputs and
+the next GEMM read half its A from the other core (512-token AMX step 1.04-1.07x, 128 tokens
+1.03x, alternating A/Bs; the down GEMM after SwiGLU 1.05x by medians, 1.15x by minimums).
 `swiglu` is the same kernel for the MLP's gate|up weight, applying SiLU to each output block
 before it leaves the core.
 
@@ -300,18 +306,25 @@ def store_block(c, row_bytes):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _work_item(item, token_blocks, pairs):
+def _chunk_blocks(token_blocks):
+    """32-token blocks per work item: CHUNK_BLOCKS, or fewer so that every thread has a chunk of
+    its own (see the module docstring)."""
+    return min(CHUNK_BLOCKS, -(-token_blocks // numba.get_num_threads()))
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _work_item(item, token_blocks, pairs, chunk_blocks):
     """Work item -> (its 32-token blocks, its 32-output blocks), for a prange over
-    `_work_items(token_blocks, pairs)` items."""
+    `_work_items(token_blocks, pairs, chunk_blocks)` items."""
     groups = -(-pairs // GROUP_PAIRS)
     chunk, group = item // groups, item % groups      # chunk-major: see the module docstring
-    return (range(chunk * CHUNK_BLOCKS, min((chunk + 1) * CHUNK_BLOCKS, token_blocks)),
+    return (range(chunk * chunk_blocks, min((chunk + 1) * chunk_blocks, token_blocks)),
             range(group * GROUP_PAIRS, min((group + 1) * GROUP_PAIRS, pairs)))
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _work_items(token_blocks, pairs):
-    return -(-pairs // GROUP_PAIRS) * -(-token_blocks // CHUNK_BLOCKS)
+def _work_items(token_blocks, pairs, chunk_blocks):
+    return -(-pairs // GROUP_PAIRS) * -(-token_blocks // chunk_blocks)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
@@ -331,9 +344,10 @@ def _tile_matmul(a, b, out, config):
     token_blocks, pairs = out.shape[0] // 32, out.shape[1] // 32
     row_bytes = out.shape[1] * 4
     block_bytes = k_tiles * _TILE_BYTES          # one 16-row block of a, or 16-output block of b
-    for item in prange(_work_items(token_blocks, pairs)):
+    chunk_blocks = _chunk_blocks(token_blocks)
+    for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)
-        blocks, outputs = _work_item(item, token_blocks, pairs)
+        blocks, outputs = _work_item(item, token_blocks, pairs, chunk_blocks)
         for block in blocks:
             for pair in outputs:
                 _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)
@@ -349,10 +363,11 @@ def _tile_swiglu(a, b, act, config):
     k_tiles = a.shape[1]
     token_blocks, pairs = a.shape[0] // 2, b.shape[0] // 2
     block_bytes = k_tiles * _TILE_BYTES
-    for item in prange(_work_items(token_blocks, pairs)):
+    chunk_blocks = _chunk_blocks(token_blocks)
+    for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)
         scratch = np.empty((32, 32), np.float32)
-        blocks, outputs = _work_item(item, token_blocks, pairs)
+        blocks, outputs = _work_item(item, token_blocks, pairs, chunk_blocks)
         for block in blocks:
             for pair in outputs:
                 _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)

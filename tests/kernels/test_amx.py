@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 
+import numba
 import numpy as np
 import pytest
 
@@ -72,6 +73,23 @@ def test_tile_kernel_equals_float32_products_of_the_rounded_inputs(tokens, outpu
     rounded = amx.from_bf16(amx.to_bf16(x)).astype(np.float64) @ amx.from_bf16(amx.to_bf16(w)).astype(np.float64).T
     assert out.shape == (tokens, outputs) and (out.flags.c_contiguous or outputs % 32)
     np.testing.assert_allclose(out, rounded, rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens", [33, 100, 600])
+def test_tile_kernels_give_the_same_bits_on_one_thread_and_on_all(tokens):
+    """Work items split the tokens by thread count (one thread: chunks of 16 token blocks; two:
+    half the blocks each), which moves only which thread computes a block, never its sum."""
+    x, w, gate_up = randn(tokens, 576), randn(96, 576), randn(192, 576) * 0.2
+    rows, weight, gated = TileRows.convert(x), TileWeight.pack(amx.to_bf16(w)), TileWeight.pack_gated(amx.to_bf16(gate_up))
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        alone = amx_tiles.matmul(rows, weight).copy(), amx_tiles.swiglu(rows, gated).tiles
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(amx_tiles.matmul(rows, weight), alone[0])
+    assert np.array_equal(amx_tiles.swiglu(rows, gated).tiles, alone[1])
 
 
 def test_tile_layouts_place_each_element():
