@@ -179,14 +179,19 @@ class GpuKernels:
         num_tokens, heads, head_dim = x.shape
         stride_t, stride_h = _element_strides(x)
         out = cupy.empty((num_tokens, heads, head_dim), dtype=cupy.float32)
-        key = (head_dim, float(theta))
-        if key not in self._inv_freq:  # constant per model: safe to bake into a captured graph
-            self._inv_freq[key] = cupy.asarray(rope_inverse_frequencies(head_dim, theta))
         self._kernel(self._elementwise, "rope")(
             _grid(num_tokens * heads * (head_dim // 2)), (THREADS,),
-            (x, self._index(positions), self._inv_freq[key], out, np.int32(num_tokens), np.int32(heads),
-             np.int32(head_dim), np.int64(stride_t), np.int64(stride_h)))
+            (x, self._index(positions), self._inverse_frequencies(head_dim, theta), out, np.int32(num_tokens),
+             np.int32(heads), np.int32(head_dim), np.int64(stride_t), np.int64(stride_h)))
         return out
+
+    def _inverse_frequencies(self, head_dim: int, theta: float) -> cupy.ndarray:
+        """RoPE's [D/2] float64 inverse frequencies on the device, uploaded once: constant per model,
+        so safe to bake into a captured graph."""
+        key = (head_dim, float(theta))
+        if key not in self._inv_freq:
+            self._inv_freq[key] = cupy.asarray(rope_inverse_frequencies(head_dim, theta))
+        return self._inv_freq[key]
 
     @_on_device
     def silu_mul(self, gate_up: Array) -> Array:
@@ -213,12 +218,22 @@ class GpuKernels:
             (k_cache, v_cache, k, v, self._index(slot_mapping), np.int32(num_tokens), np.int32(kv_heads),
              np.int32(head_dim), *map(np.int64, _element_strides(k)), *map(np.int64, _element_strides(v))))
 
+    @_on_device
     def rope_write_kv(self, q: Array, k: Array, v: Array, positions: np.ndarray, theta: float,
                       k_cache: Array, v_cache: Array, slot_mapping: np.ndarray) -> Array:
-        """q rotated, k rotated and stored with v, as the three kernels (one fused launch would save
-        two per layer, the second of the fusions docs/benchmarks_gpu.md plans)."""
-        self.write_kv(k_cache, v_cache, self.rope(k, positions, theta), v, slot_mapping)
-        return self.rope(q, positions, theta)
+        """q [T, H, D] rotated (returned, contiguous); k [T, Hkv, D] rotated and stored with v in the
+        caches, slot -1 storing nothing: one launch instead of rope, rope and write_kv (q, k, v are
+        views of the qkv product, any row and head strides)."""
+        num_tokens, heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        out = cupy.empty((num_tokens, heads, head_dim), dtype=cupy.float32)
+        strides = (_element_strides(a) for a in (q, k, v))
+        self._kernel(self._elementwise, "rope_write_kv")(
+            _grid(num_tokens * (heads + kv_heads) * (head_dim // 2)), (THREADS,),
+            (q, k, v, self._index(positions), self._inverse_frequencies(head_dim, theta), out, k_cache, v_cache,
+             self._index(slot_mapping), np.int32(num_tokens), np.int32(heads), np.int32(kv_heads),
+             np.int32(head_dim), *(np.int64(n) for pair in strides for n in pair)))
+        return out
 
     def decode_splits(self, batch: int, kv_heads: int, max_context: int) -> int:
         """Blocks per (sequence, KV head) in decode attention: enough for about two per SM, since a

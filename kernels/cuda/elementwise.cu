@@ -76,10 +76,21 @@ extern "C" __global__ void add_rms_norm(const float* __restrict__ residual, cons
     rms_norm_row(residual, delta, weight, summed, normed, E, eps);
 }
 
+// Rotates the pair (j, j + half) of one head's row src into dst by position * inv_freq: the angle
+// and its sine and cosine in double (inv_freq being reference.rope_angles' own float64 values, so
+// long positions keep their precision), then rounded to float.
+__device__ __forceinline__ void rotate_pair(const float* src, float* dst, int j, int half, int position,
+                                            double inv_freq) {
+    double sin_angle, cos_angle;
+    sincos((double)position * inv_freq, &sin_angle, &cos_angle);
+    const float c = (float)cos_angle, s = (float)sin_angle;
+    const float x1 = src[j], x2 = src[j + half];
+    dst[j] = x1 * c - x2 * s;
+    dst[j + half] = x2 * c + x1 * s;
+}
+
 // x [T, H, D] with element strides (stride_t, stride_h, 1) -> out [T, H, D] contiguous; one thread
-// per rotated pair (j, j + D/2). The angle position * inv_freq[j] and its sine and cosine are
-// computed in double, inv_freq [D/2] being reference.rope_angles' own float64 values, so long
-// positions keep their precision; then rounded to float.
+// per rotated pair (j, j + D/2).
 extern "C" __global__ void rope(const float* __restrict__ x, const int* __restrict__ positions,
                                 const double* __restrict__ inv_freq, float* __restrict__ out,
                                 int T, int H, int D, long long stride_t, long long stride_h) {
@@ -90,14 +101,41 @@ extern "C" __global__ void rope(const float* __restrict__ x, const int* __restri
     const long long th = i / half;
     const int h = (int)(th % H);
     const long long t = th / H;
-    double sin_angle, cos_angle;
-    sincos((double)positions[t] * inv_freq[j], &sin_angle, &cos_angle);
-    const float c = (float)cos_angle, s = (float)sin_angle;
-    const float* src = x + t * stride_t + h * stride_h;
-    const float x1 = src[j], x2 = src[j + half];
-    float* dst = out + th * D;
-    dst[j] = x1 * c - x2 * s;
-    dst[j + half] = x2 * c + x1 * s;
+    rotate_pair(x + t * stride_t + h * stride_h, out + th * D, j, half, positions[t], inv_freq[j]);
+}
+
+// A layer's RoPE and KV write in one launch (reference.rope_write_kv): q [T, H, D] -> q_out [T, H, D]
+// rotated and contiguous; k rotated straight into k_cache [N, P, Hkv, D] at each token's slot, v
+// copied beside it (a negative slot writes nothing). q, k, v have element strides (stride_t,
+// stride_h, 1): views of the qkv product. One thread per pair (j, j + D/2) of each of the H + Hkv
+// heads of a token; thread pairs of a key head also carry the two value elements at j, j + D/2.
+extern "C" __global__ void rope_write_kv(const float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, const int* __restrict__ positions,
+                                         const double* __restrict__ inv_freq, float* __restrict__ q_out,
+                                         float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                         const int* __restrict__ slots, int T, int H, int Hkv, int D,
+                                         long long q_stride_t, long long q_stride_h,
+                                         long long k_stride_t, long long k_stride_h,
+                                         long long v_stride_t, long long v_stride_h) {
+    const int half = D / 2;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * (H + Hkv) * half) return;
+    const int j = (int)(i % half);
+    const long long th = i / half;
+    const int h = (int)(th % (H + Hkv));
+    const long long t = th / (H + Hkv);
+    if (h < H) {
+        rotate_pair(q + t * q_stride_t + h * q_stride_h, q_out + (t * H + h) * D, j, half, positions[t], inv_freq[j]);
+        return;
+    }
+    const int slot = slots[t];
+    if (slot < 0) return;
+    const int kh = h - H;
+    const long long row = ((long long)slot * Hkv + kh) * D;
+    rotate_pair(k + t * k_stride_t + kh * k_stride_h, k_cache + row, j, half, positions[t], inv_freq[j]);
+    const float* value = v + t * v_stride_t + kh * v_stride_h;
+    v_cache[row + j] = value[j];
+    v_cache[row + j + half] = value[j + half];
 }
 
 // gate_up [T, 2F] (gate | up side by side) -> out [T, F] = silu(gate) * up

@@ -104,9 +104,8 @@ def op_breakdown(model: LlamaModel, batch: int, context: int) -> dict[str, float
     attn_in = kern.asarray(rng.standard_normal((batch, heads, head_dim), dtype=np.float32))
     ops = {
         "linear qkv": lambda: kern.linear(hidden, layer.qkv),
-        "rope q": lambda: kern.rope(q, step.positions, config.rope_theta),
-        "rope k": lambda: kern.rope(k, step.positions, config.rope_theta),
-        "write_kv": lambda: kern.write_kv(k_cache, v_cache, k, v, step.slot_mapping),
+        "rope_write_kv": lambda: kern.rope_write_kv(q, k, v, step.positions, config.rope_theta, k_cache, v_cache,
+                                                    step.slot_mapping),
         "decode_attention": lambda: kern.decode_attention(attn_in, k_cache, v_cache, step.block_tables,
                                                           step.context_lens, model.scale),
         "linear o": lambda: kern.linear(attn_in.reshape(batch, -1), layer.o),
