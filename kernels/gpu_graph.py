@@ -15,7 +15,7 @@ How, without the model knowing:
 - The graph is captured by running `model.forward` itself on a copy of the step whose index arrays
   are those static device buffers: `GpuKernels` passes device index arrays through untouched and
   runs skinny products on its GEMV kernel, since CuPy refuses cuBLAS inside stream capture.
-- Padding rows (B < Bb) get slot -1 (write_kv skips them) and context length 0 (attention writes
+- Padding rows (B < Bb) get slot -1 (the KV write skips them) and context length 0 (attention writes
   zeros), so they touch no sequence's cache.
 - Captured intermediates come from a private memory pool that lives as long as this object: a replay
   writes to the very addresses of the capture, so no other array may ever be handed those blocks.
