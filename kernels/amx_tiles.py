@@ -306,10 +306,10 @@ def store_block(c, row_bytes):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _chunk_blocks(token_blocks):
-    """32-token blocks per work item: CHUNK_BLOCKS, or fewer so that every thread has a chunk of
-    its own (see the module docstring)."""
-    return min(CHUNK_BLOCKS, -(-token_blocks // numba.get_num_threads()))
+def _chunk_blocks(token_blocks, threads):
+    """32-token blocks per work item: CHUNK_BLOCKS, or fewer so that each of the `threads` has a
+    chunk of its own (see the module docstring)."""
+    return min(CHUNK_BLOCKS, -(-token_blocks // threads))
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
@@ -338,13 +338,13 @@ def _product_block(a_base, b_base, block, pair, block_bytes, k_tiles):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _tile_matmul(a, b, out, config):
+def _tile_matmul(a, b, out, config, threads):
     """out [T, O] (T, O padded to 32) = A @ B with a [T/16, I/32, 16, 32] and b [O/16, I/2, 16, 2]."""
     k_tiles = a.shape[1]
     token_blocks, pairs = out.shape[0] // 32, out.shape[1] // 32
     row_bytes = out.shape[1] * 4
     block_bytes = k_tiles * _TILE_BYTES          # one 16-row block of a, or 16-output block of b
-    chunk_blocks = _chunk_blocks(token_blocks)
+    chunk_blocks = _chunk_blocks(token_blocks, threads)
     for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)
         blocks, outputs = _work_item(item, token_blocks, pairs, chunk_blocks)
@@ -356,14 +356,14 @@ def _tile_matmul(a, b, out, config):
 
 
 @numba.njit(parallel=True, **JIT)   # fast-math as every other SiLU here
-def _tile_swiglu(a, b, act, config):
+def _tile_swiglu(a, b, act, config, threads):
     """act (A-tile layout, [T/16, F/32, 16, 32] bf16) = silu(gate) * up of A @ B, with b the
     interleaved gate|up of `TileWeight.pack_gated`: each 32 x 32 float32 block (16 gate and their 16
     up outputs for 32 tokens) goes through a 4 KiB scratch, never to memory."""
     k_tiles = a.shape[1]
     token_blocks, pairs = a.shape[0] // 2, b.shape[0] // 2
     block_bytes = k_tiles * _TILE_BYTES
-    chunk_blocks = _chunk_blocks(token_blocks)
+    chunk_blocks = _chunk_blocks(token_blocks, threads)
     for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)
         scratch = np.empty((32, 32), np.float32)
@@ -389,7 +389,7 @@ def matmul(x: TileRows, weight: TileWeight) -> np.ndarray:
     unless the outputs were padded)."""
     _check_inputs(x, weight)
     out = np.empty((x.tiles.shape[0] * 16, weight.tiles.shape[0] * 16), np.float32)
-    _tile_matmul(x.tiles, weight.tiles, out, TILE_CONFIG)
+    _tile_matmul(x.tiles, weight.tiles, out, TILE_CONFIG, numba.get_num_threads())
     return out[:x.rows, :weight.outputs]
 
 
@@ -398,5 +398,5 @@ def swiglu(x: TileRows, gate_up: TileWeight) -> TileRows:
     packed by `TileWeight.pack_gated`."""
     _check_inputs(x, gate_up)
     act = TileRows.empty(x.rows, gate_up.outputs)
-    _tile_swiglu(x.tiles, gate_up.tiles, act.tiles, TILE_CONFIG)
+    _tile_swiglu(x.tiles, gate_up.tiles, act.tiles, TILE_CONFIG, numba.get_num_threads())
     return act

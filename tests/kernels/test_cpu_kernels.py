@@ -18,8 +18,10 @@ import numba
 import numpy as np
 import pytest
 from numba.core.codegen import get_host_cpu_features
+from numba.core.registry import CPUDispatcher
 
-from kernels import cpu_attention, cpu_memory, cpu_pool, cpu_target, get_kernels
+from kernels import (amx, amx_tiles, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_memory, cpu_pool,
+                     cpu_target, get_kernels)
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
 from kernels.cpu_math import coarse_exp2, fast_exp, row_max
@@ -253,6 +255,29 @@ def test_tiny_model_greedy_tokens_match_reference():
     expected = _greedy_outputs(get_kernels("reference"))
     assert _greedy_outputs(CpuKernels(amx=False)) == expected
     assert _greedy_outputs(get_kernels("cpu")) == expected   # steps here stay below the AMX threshold
+
+
+
+def test_every_kernel_compiled_here_is_cached_on_disk():
+    """`cache=True` pays only if Numba can save the machine code: a kernel that reads a ctypes
+    pointer or a large global array (`numba.get_num_threads()` called inside a kernel is one) is
+    compiled afresh by every process, with nothing but a warning. So: run the tiny model (with the
+    AMX GEMMs and bf16 attention where this CPU has them) and find each compiled kernel on disk."""
+    has_amx = amx.unavailable_reason() is None
+    _greedy_outputs(CpuKernels(amx=has_amx, amx_min_tokens=16))
+    if has_amx:
+        k_cache, v_cache, tables, _ = paged([600], 9, 3, 64)
+        cpu_attention.prefill_attention(randn(600, 9, 64), k_cache, v_cache, tables, np.array([0, 600], np.int32),
+                                        np.array([600], np.int32), 0.125, amx.Bf16Matmul.create())
+    modules = (amx, amx_tiles, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_pool)
+    kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
+    group = TINY.num_attention_heads // TINY.num_key_value_heads
+    kernels.append(cpu_decode_attention._partials_kernel(TINY.head_dim, group, 16))   # the tiny model's shape
+    assert len(kernels) > 10
+    for kernel in kernels:
+        for signature in kernel.signatures:
+            assert kernel._cache.load_overload(signature, kernel.targetctx) is not None, \
+                f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__} is not cached"
 
 
 def test_kernels_run_beside_a_busy_python_thread():
