@@ -227,12 +227,12 @@ class GpuKernels:
         num_tokens, heads, head_dim = q.shape
         kv_heads = k.shape[1]
         out = cupy.empty((num_tokens, heads, head_dim), dtype=cupy.float32)
-        strides = (_element_strides(a) for a in (q, k, v))
+        strides = (*_element_strides(q), *_element_strides(k), *_element_strides(v))
         self._kernel(self._elementwise, "rope_write_kv")(
             _grid(num_tokens * (heads + kv_heads) * (head_dim // 2)), (THREADS,),
             (q, k, v, self._index(positions), self._inverse_frequencies(head_dim, theta), out, k_cache, v_cache,
              self._index(slot_mapping), np.int32(num_tokens), np.int32(heads), np.int32(kv_heads),
-             np.int32(head_dim), *(np.int64(n) for pair in strides for n in pair)))
+             np.int32(head_dim), *map(np.int64, strides)))
         return out
 
     def decode_splits(self, batch: int, kv_heads: int, max_context: int) -> int:

@@ -87,7 +87,7 @@ def rope_write_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.nda
                   k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray) -> np.ndarray:
     """The attention's inputs of one layer: q [T, H, D] rotated (returned), k [T, Hkv, D] rotated and
     stored with v at the tokens' cache slots. One op so that a backend may fuse it: the CPU writes the
-    rotated keys straight into their slots; on a GPU it would be one launch instead of three."""
+    rotated keys straight into their slots, the GPU does all of it in one launch instead of three."""
     write_kv(k_cache, v_cache, rope(k, positions, theta), v, slot_mapping)
     return rope(q, positions, theta)
 
