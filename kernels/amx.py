@@ -24,6 +24,7 @@ import numpy as np
 from numba import prange
 
 from kernels import amx_tiles
+from kernels.amx_instructions import request_tile_permission
 from kernels.amx_tiles import TileRows, TileWeight
 from kernels.cpu_math import bf16_bits
 from kernels.cpu_pool import cpu_info
@@ -57,7 +58,7 @@ def unavailable_reason() -> str | None:
     """Why the AMX route cannot run here, or None if it can."""
     if not cpu_has_amx_bf16():
         return "this CPU does not report amx_bf16 in /proc/cpuinfo"
-    if not amx_tiles.request_tile_permission():
+    if not request_tile_permission():
         return "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     return None
 

@@ -32,130 +32,21 @@ the next GEMM read half its A from the other core (512-token AMX step 1.04-1.07x
 1.03x, alternating A/Bs; the down GEMM after SwiGLU 1.05x by medians, 1.15x by minimums).
 `swiglu` is the same kernel for the MLP's gate|up weight, applying SiLU to each output block
 before it leaves the core.
-
-Linux hands the tile state to a process only once asked (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-XFEATURE_XTILEDATA)`, `request_tile_permission`); a tile instruction before that kills it (SIGILL).
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import prange
 
+from kernels.amx_instructions import (TILE_BYTES, TILE_CONFIG, prefetch_line, tile_config, tile_dot, tile_load,
+                                     tile_release, tile_store, tile_zero)
 from kernels.cpu_math import JIT, bf16_bits, silu_times
 
 GROUP_PAIRS = 3      # 32-output blocks per work item (1-9 tried: 3 was best)
 CHUNK_BLOCKS = 16    # 32-token blocks per work item (8, 16, 32 tried at 2,048 tokens: 16 was best)
-_TILE_BYTES = 1024   # 16 rows x 64 bytes, every tile here
-
-# palette 1; each of the 8 tiles 16 rows of 64 bytes (bytes 16-31: bytes per row, 48-55: rows)
-TILE_CONFIG = np.zeros(64, np.uint8)
-TILE_CONFIG[0] = 1
-TILE_CONFIG[16:32].view(np.uint16)[:] = 64
-TILE_CONFIG[48:56] = 16
-
-
-def request_tile_permission() -> bool:
-    """Ask Linux for the AMX tile state for this process (idempotent); False if refused."""
-    sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
-    try:
-        return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-# ---------------------------------------------------------------- the tile instructions, from Numba
-_I8, _I64, _PTR = ir.IntType(8), ir.IntType(64), ir.PointerType(ir.IntType(8))
-
-
-def _call(builder, name: str, arg_types: list, args: list) -> None:
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), arg_types), name)
-    builder.call(fn, args)
-
-
-def _literals(*values) -> bool:
-    """Tile numbers are immediates: the intrinsics type only on literal ints (Numba retries so)."""
-    return all(isinstance(v, types.IntegerLiteral) for v in values)
-
-
-@intrinsic
-def tile_config(typingctx, address):
-    """ldtilecfg: this thread's tile shapes from the 64-byte config at `address`."""
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.ldtilecfg", [_PTR], [builder.inttoptr(args[0], _PTR)])
-        return context.get_dummy_value()
-    return types.void(types.intp), codegen
-
-
-@intrinsic
-def tile_release(typingctx):
-    """tilerelease: back to the initial state, so context switches save no tile data."""
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.tilerelease", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
-@intrinsic
-def tile_zero(typingctx, tile):
-    if not _literals(tile):
-        return None
-    number = tile.literal_value
-
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.tilezero", [_I8], [ir.Constant(_I8, number)])
-        return context.get_dummy_value()
-    return types.void(tile), codegen
-
-
-def _tile_memory(name: str):
-    """tileloadd / tilestored: tile <-> 16 rows at `address`, `stride` bytes apart."""
-    def typer(typingctx, tile, address, stride):
-        if not _literals(tile):
-            return None
-        number = tile.literal_value
-
-        def codegen(context, builder, signature, args):
-            _call(builder, name, [_I8, _PTR, _I64], [ir.Constant(_I8, number), builder.inttoptr(args[1], _PTR), args[2]])
-            return context.get_dummy_value()
-        return types.void(tile, types.intp, types.intp), codegen
-    typer.__name__ = typer.__qualname__ = name.rsplit(".", 1)[-1]
-    return intrinsic(typer)
-
-
-tile_load = _tile_memory("llvm.x86.tileloadd64")
-tile_store = _tile_memory("llvm.x86.tilestored64")
-
-
-@intrinsic
-def tile_dot(typingctx, acc, a, b):
-    """tdpbf16ps: float32 tile `acc` += bf16 tile `a` (16 x 32) @ tile `b` (32 x 16, pair format)."""
-    if not _literals(acc, a, b):
-        return None
-    numbers = [ir.Constant(_I8, t.literal_value) for t in (acc, a, b)]
-
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.tdpbf16ps", [_I8, _I8, _I8], numbers)
-        return context.get_dummy_value()
-    return types.void(acc, a, b), codegen
-
-
-@intrinsic
-def prefetch_line(typingctx, address):
-    """prefetcht0: start bringing the cache line at `address` into L1, without waiting for it."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        read, all_levels, data = (ir.Constant(i32, v) for v in (0, 3, 1))
-        _call(builder, "llvm.prefetch.p0i8", [_PTR, i32, i32, i32],
-              [builder.inttoptr(args[0], _PTR), read, all_levels, data])
-        return context.get_dummy_value()
-    return types.void(types.intp), codegen
 
 
 # ---------------------------------------------------------------- layouts
@@ -261,7 +152,7 @@ def prefetch_tile(address, stride):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def dot_block(a0, a1, b0, b1, k_tiles, a_stride=64, a_step=_TILE_BYTES):
+def dot_block(a0, a1, b0, b1, k_tiles, a_stride=64, a_step=TILE_BYTES):
     """Tiles 0-3 += A @ B over k_tiles x 32 inputs. A's tiles for the two 16-row halves start at
     a0, a1, rows `a_stride` bytes apart, each next 32 inputs `a_step` bytes on (by default the
     `TileRows` layout; a row-major bf16 matrix has its row bytes and 64); B's for the two 16-column
@@ -275,12 +166,12 @@ def dot_block(a0, a1, b0, b1, k_tiles, a_stride=64, a_step=_TILE_BYTES):
         if k + 1 < k_tiles:
             prefetch_tile(a0 + (k + 1) * a_step, a_stride)
             prefetch_tile(a1 + (k + 1) * a_step, a_stride)
-            prefetch_tile(b0 + (k + 1) * _TILE_BYTES, 64)
-            prefetch_tile(b1 + (k + 1) * _TILE_BYTES, 64)
+            prefetch_tile(b0 + (k + 1) * TILE_BYTES, 64)
+            prefetch_tile(b1 + (k + 1) * TILE_BYTES, 64)
         tile_load(4, a0 + k * a_step, a_stride)
         tile_load(5, a1 + k * a_step, a_stride)
-        tile_load(6, b0 + k * _TILE_BYTES, 64)
-        tile_load(7, b1 + k * _TILE_BYTES, 64)
+        tile_load(6, b0 + k * TILE_BYTES, 64)
+        tile_load(7, b1 + k * TILE_BYTES, 64)
         tile_dot(0, 4, 6)
         tile_dot(1, 4, 7)
         tile_dot(2, 5, 6)
@@ -343,7 +234,7 @@ def _tile_matmul(a, b, out, config, threads):
     k_tiles = a.shape[1]
     token_blocks, pairs = out.shape[0] // 32, out.shape[1] // 32
     row_bytes = out.shape[1] * 4
-    block_bytes = k_tiles * _TILE_BYTES          # one 16-row block of a, or 16-output block of b
+    block_bytes = k_tiles * TILE_BYTES          # one 16-row block of a, or 16-output block of b
     chunk_blocks = _chunk_blocks(token_blocks, threads)
     for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)
@@ -362,7 +253,7 @@ def _tile_swiglu(a, b, act, config, threads):
     up outputs for 32 tokens) goes through a 4 KiB scratch, never to memory."""
     k_tiles = a.shape[1]
     token_blocks, pairs = a.shape[0] // 2, b.shape[0] // 2
-    block_bytes = k_tiles * _TILE_BYTES
+    block_bytes = k_tiles * TILE_BYTES
     chunk_blocks = _chunk_blocks(token_blocks, threads)
     for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
         tile_config(config.ctypes.data)

@@ -23,8 +23,8 @@ import numpy as np
 from numba import prange
 
 from kernels.amx import Bf16Matmul
-from kernels.amx_tiles import (TILE_CONFIG, dot_block, load_block, round_up, store_block, tile_config, tile_release,
-                                zero_block)
+from kernels.amx_instructions import TILE_CONFIG, tile_config, tile_release
+from kernels.amx_tiles import dot_block, load_block, round_up, store_block, zero_block
 from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import gemm_nt
 from kernels.reference import gather_context
