@@ -65,6 +65,8 @@ def generate(model: str, prompt: str | None, prompts_file: Path | None, chat: bo
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt and --prompts-file")
     texts = [prompt] if prompt is not None else [l for l in prompts_file.read_text().splitlines() if l.strip()]
+    if not texts:
+        raise click.UsageError(f"{prompts_file} holds no prompts (one per line)")
     if system and not chat:
         raise click.UsageError("--system needs --chat")
     try:

@@ -21,8 +21,41 @@ def backend_for_device(device: str, backend: str | None = None) -> str:
     return DEVICE_BACKENDS[kind]
 
 
+class BackendUnavailable(ValueError):
+    """A backend this machine cannot run on the device asked for: its library or the device is missing."""
+
+
+def check_device(device: str, backend: str | None = None) -> None:
+    """Fail in one line, before any weights move, when this machine cannot run `backend` (default:
+    the device's own) on `device`, or lacks the device.
+
+    Only CUDA can be missing: a cuda:N device, or the cuda backend, needs CuPy (the `cuda12` or
+    `cuda13` extra) and that GPU. CuPy is imported here and nowhere on a CPU-only path.
+    """
+    chosen = backend_for_device(device, backend)
+    kind, _, index = device.partition(":")
+    if chosen == "cuda" and kind != "cuda":
+        raise BackendUnavailable(f"the cuda backend runs on cuda or cuda:N, not {device!r}")
+    if kind != "cuda":
+        return
+    if not (index or "0").isdigit():
+        raise BackendUnavailable(f"bad device {device!r}; write cuda or cuda:N")
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable(f"{device} needs CuPy: pip install -e '.[cuda12]' or '.[cuda13]' "
+                                 "(the one matching this machine's CUDA)") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise BackendUnavailable(f"{device}: CuPy finds no usable CUDA GPU here ({e})") from None
+    if int(index or 0) >= count:
+        raise BackendUnavailable(f"{device}: this machine has {count} CUDA GPU(s)")
+
+
 def get_kernels(backend: str = "reference", device: str = "cpu") -> Kernels:
-    """Return the backend named `backend`; a clear error names the ones that exist."""
+    """Return the backend named `backend`; a clear error names the ones that exist, or says why
+    this machine cannot run it."""
     if backend == "reference":
         from kernels.reference import ReferenceKernels
         return ReferenceKernels()
@@ -30,6 +63,7 @@ def get_kernels(backend: str = "reference", device: str = "cpu") -> Kernels:
         from kernels.cpu import CpuKernels
         return CpuKernels()
     if backend == "cuda":
+        check_device(device, backend)
         from kernels.gpu import GpuKernels
         return GpuKernels(device)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

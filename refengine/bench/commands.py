@@ -1,16 +1,18 @@
 """`python cli.py bench ...`: engine throughput and load times, printed and written to docs/BENCHMARKS.md."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from kernels import backend_for_device, get_kernels
+from kernels import backend_for_device, check_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_note, update_section
@@ -32,8 +34,20 @@ def bench() -> None:
     """Measure the engine (medians) and record the figures in docs/BENCHMARKS.md."""
 
 
-_device = click.option("--device", default="cpu", show_default=True)
 _backend = click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]))
+
+
+def _on_device(command: Callable) -> Callable:
+    """--device and --backend, checked together before the command starts: a device this machine
+    cannot run (CUDA without CuPy or a GPU) is one line, not a traceback from inside a load."""
+    @functools.wraps(command)
+    def checked(device: str, backend: str | None, **options):
+        try:
+            check_device(device, backend)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--device/--backend") from None
+        return command(device=device, backend=backend, **options)
+    return click.option("--device", default="cpu", show_default=True)(_backend(checked))
 _write = click.option("--write/--no-write", default=True, show_default=True, help="Update docs/BENCHMARKS.md.")
 _peers = click.option("--peers", is_flag=True,
                       help="Side by side with llama.cpp and transformers (CPU) or transformers eager and CUDA "
@@ -46,8 +60,7 @@ _random_weights = click.option("--random-weights", is_flag=True,
 
 
 @bench.command()
-@_device
-@_backend
+@_on_device
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
               help="Sequences per step [default: 1, 8, 32; with --peers 1, 8, 32, 64].")
 @click.option("--prompt-len", default=128, show_default=True)
@@ -87,8 +100,7 @@ def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_le
 
 
 @bench.command()
-@_device
-@_backend
+@_on_device
 @click.option("--length", "lengths", multiple=True, type=click.IntRange(min=1),
               help="Prompt tokens [default: 128, 512, 1024; with --peers 128, 512, 2048].")
 @_peers
@@ -168,8 +180,7 @@ def _store_for(device: str, budget: int, direct: bool = True):
 
 
 @bench.command()
-@_device
-@_backend
+@_on_device
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--direct/--no-direct", default=True, show_default=True, help="O_DIRECT reads where the file system allows")
 @_write
@@ -250,8 +261,7 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
 
 
 @bench.command()
-@_device
-@_backend
+@_on_device
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--prompt-len", default=16, show_default=True)
 @_write
@@ -294,8 +304,7 @@ def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, w
 
 
 @bench.command()
-@_device
-@_backend
+@_on_device
 @click.option("--force", is_flag=True, help="Measure again even if a cached table exists.")
 def profile(device: str, backend: str | None, force: bool) -> None:
     """Measure the scheduler's per-iteration latency table for this device (cached in the model home)."""

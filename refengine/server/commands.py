@@ -12,6 +12,7 @@ from typing import AsyncIterator, Callable
 
 import click
 
+from kernels import BackendUnavailable, check_device
 from models.catalogue import Catalogue, UnknownModelError
 from refengine.runtime.devices import DeviceSpec, parse_devices, parse_size
 
@@ -79,6 +80,11 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
         catalogue = build_catalogue(models, replicas)
     except (ValueError, UnknownModelError) as e:
         raise click.BadParameter(str(e), param_hint="--models") from None
+    try:
+        for device in devices:
+            check_device(device, backend)
+    except BackendUnavailable as e:
+        raise click.BadParameter(str(e), param_hint="--devices/--backend") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     runtime = LiveRuntime(RuntimeOptions(catalogue=catalogue, devices=device_specs(devices, cpu_memory, gpu_memory),
                                          host_cache_bytes=host_cache, keep_alive_s=keep_alive, scheduler=scheduler,

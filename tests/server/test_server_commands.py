@@ -98,7 +98,9 @@ def recorded(monkeypatch):
     return seen
 
 
-def test_serve_wires_the_options(recorded):
+def test_serve_wires_the_options(recorded, monkeypatch):
+    checked = []
+    monkeypatch.setattr("refengine.server.commands.check_device", lambda *device: checked.append(device))
     result = CliRunner().invoke(serve, ["--replicas", "3", "--devices", "cpu*2,cuda:0", "--cpu-memory", "4GiB",
                                         "--keep-alive", "2.5", "--scheduler", "exclusive", "--port", "8123",
                                         "--backend", "reference", "--host-cache", "512MiB"])
@@ -110,6 +112,7 @@ def test_serve_wires_the_options(recorded):
     assert runtime.options.keep_alive_s == 2.5 and runtime.options.scheduler == "exclusive"
     assert runtime.options.backend == "reference" and runtime.options.host_cache_bytes == 512 << 20
     assert runtime.calls == ["prepare", "start", "serving", "stop"]
+    assert checked == [("cpu:0", "reference"), ("cpu:1", "reference"), ("cuda:0", "reference")]
     assert recorded["config"].port == 8123 and recorded["config"].host == "127.0.0.1"
     assert result.output.strip().splitlines() == [
         "refengine: 4 models on cpu:0,cpu:1,cuda:0 (exclusive, keep-alive 2.5 s) at http://127.0.0.1:8123/v1"]
@@ -122,6 +125,15 @@ def test_serve_wires_the_options(recorded):
 def test_serve_refuses_bad_flags(recorded, args, complaint):
     result = CliRunner().invoke(serve, args)
     assert result.exit_code == 2 and complaint in result.output and "runtime" not in recorded
+
+
+def test_serve_refuses_a_gpu_this_machine_cannot_run_before_any_work(recorded, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)      # CuPy not installed
+    result = CliRunner().invoke(serve, ["--devices", "cpu,cuda:0"])
+    assert result.exit_code == 2 and "cuda:0 needs CuPy: pip install -e '.[cuda12]'" in result.output
+    result = CliRunner().invoke(serve, ["--backend", "cuda"])
+    assert result.exit_code == 2 and "the cuda backend runs on cuda or cuda:N, not 'cpu:0'" in result.output
+    assert "runtime" not in recorded
 
 
 def test_serve_fails_in_one_line_on_a_damaged_model_cache(recorded, monkeypatch):
