@@ -22,6 +22,7 @@ from tqdm import tqdm
 from refengine.sim import plots
 from refengine.sim.experiment import RunSpec, run, run_many
 from refengine.sim.report import summary_table
+from refengine.sim.workload import slinfer_trace
 from scheduler import PRESETS
 
 DEFAULT_SYSTEMS = "slinfer,sllm,sllm+c,sllm+c+s"
@@ -64,18 +65,18 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="Comma-separated scheduler presets.")
 @click.option("--size", type=click.Choice(["3b", "7b", "8b", "13b"]), default="7b",
               show_default=True, help="Model size (every model is a replica of it, §6.1).")
-@click.option("--models", type=int, default=128, show_default=True, help="Number of models.")
+@click.option("--models", type=click.IntRange(1), default=128, show_default=True, help="Number of models.")
 @click.option("--cpus", type=click.IntRange(0), default=4, show_default=True)
 @click.option("--gpus", type=click.IntRange(0), default=4, show_default=True)
 @click.option("--workload", type=click.Choice(["slinfer", "azure", "pareto"]), default="slinfer",
               show_default=True, help="The paper's trace, Azure LLM arrivals, or BurstGPT-like.")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path),
               help="SLINFER workload JSON (default ../shared/traces/slinfer_workload_128.json).")
-@click.option("--rps", type=float, default=1.0, show_default=True, help="Pareto workload rate.")
+@click.option("--rps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Pareto workload rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--duration", type=float, help="Only arrivals before this many seconds.")
-@click.option("--watermark", type=float, help="Override the KV watermark w (§4.3.2).")
-@click.option("--keep-alive", type=float, help="Override the keep-alive (s).")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), help="Only arrivals before this many seconds.")
+@click.option("--watermark", type=click.FloatRange(0), help="Override the KV watermark w (§4.3.2).")
+@click.option("--keep-alive", type=click.FloatRange(0), help="Override the keep-alive (s).")
 @click.option("--shadow", type=click.Choice(["edf", "full"]), help="Shadow-validation fidelity.")
 @click.option("--migration", is_flag=True, default=None,
               help="Preemption migrates requests live where cheaper (ServerlessLLM).")
@@ -113,6 +114,13 @@ def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, dura
         raise click.ClickException(f"trace file {trace} does not exist")
     if workload == "slinfer" and (models % 16 or not 16 <= models <= 128):
         raise click.ClickException("the SLINFER trace has 16..128 models in steps of 16")
+    if workload == "slinfer":
+        try:        # read once here, so a damaged trace is one line before any run starts
+            slinfer_trace(models, trace)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+    if cpus + gpus == 0:
+        raise click.UsageError("a cluster needs at least one node: give --cpus or --gpus above 0")
     names = _systems(systems)
     loadings = _loadings(loading)
     if log_path is not None and len(names) * len(loadings) != 1:

@@ -55,16 +55,23 @@ def slinfer_trace(n_models: int = 128, path: str | Path | None = None) -> Worklo
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"trace {path} not found; pass --trace PATH") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"trace {path} is not JSON: {e}") from None
     per_group = n_models // 16
     models, requests = [], []
-    for index, fn in enumerate(data["functions"]):
-        if index % 8 >= per_group:
-            continue
-        name = f"fn{index:03d}"
-        models.append(name)
-        lengths = zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"])
-        for k, (t, i, o) in enumerate(lengths):
-            requests.append(TraceRequest(f"{name}-{k}", name, float(t), int(i), int(o)))
+    try:
+        for index, fn in enumerate(data["functions"]):
+            if index % 8 >= per_group:
+                continue
+            name = f"fn{index:03d}"
+            models.append(name)
+            lengths = zip(fn["arrival_s"], fn["input_tokens"], fn["output_tokens"], strict=True)
+            for k, (t, i, o) in enumerate(lengths):
+                requests.append(TraceRequest(f"{name}-{k}", name, float(t), int(i), int(o)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"trace {path} is not a SLINFER workload (a 'functions' list, each with "
+                         f"'arrival_s', 'input_tokens' and 'output_tokens' lists of equal length): "
+                         f"{type(e).__name__}: {e}") from None
     return Workload(f"slinfer-{n_models}", tuple(models), _sorted(requests),
                     60.0 * data.get("minutes", 30))
 
@@ -108,6 +115,8 @@ def pareto(rps: float, n_models: int = 64, duration: float = 600.0, seed: int = 
     seed; alpha = 0.55 gives the top model about half of the requests, as in the artifact's
     segments (48–57 %).
     """
+    if rps <= 0 or n_models < 1:
+        raise ValueError(f"a Pareto workload needs rps > 0 and at least one model, got {rps} and {n_models}")
     rng = random.Random(seed)
     models = [f"m{i:03d}" for i in range(n_models)]
     weights = [((k + 1) / n_models) ** (-1.0 / alpha) for k in range(n_models)]

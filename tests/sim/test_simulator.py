@@ -1,6 +1,7 @@
 """End-to-end: short replays of the paper's trace, JSON-lines replay, and the `simulate` command."""
 import io
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -73,8 +74,32 @@ def test_simulate_with_overrides(tmp_path):
     (["--models", "30"], "16..128"),
     (["--systems", "vllm"], "unknown system"),
     (["--log", "x.jsonl"], "exactly one system"),
+    (["--cpus", "0", "--gpus", "0"], "at least one node"),
+    (["--workload", "pareto", "--models", "0"], "'--models': 0 is not in the range x>=1"),
+    (["--workload", "pareto", "--rps", "0"], "'--rps': 0.0 is not in the range x>0"),
+    (["--duration", "-5"], "'--duration'"),
+    (["--keep-alive", "-1"], "'--keep-alive'"),
+    (["--watermark", "-0.1"], "'--watermark'"),
 ])
 def test_simulate_rejects_bad_input_clearly(args, message):
     result = CliRunner().invoke(simulate, args + ["--no-plots"])
     assert result.exit_code != 0
     assert message in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not json", "is not JSON"),
+    ('{"minutes": 30}', "is not a SLINFER workload .* KeyError: 'functions'"),
+    ('{"functions": [{"arrival_s": [1, 2], "input_tokens": [3], "output_tokens": [4]}]}',
+     "is not a SLINFER workload .*ValueError: zip\\(\\) argument 2 is shorter"),
+    ('{"functions": [{"arrival_s": ["soon"], "input_tokens": [3], "output_tokens": [4]}]}',
+     "is not a SLINFER workload .*ValueError: could not convert string to float: 'soon'"),
+])
+def test_a_damaged_trace_is_one_line_naming_it_before_any_run(tmp_path, text, message):
+    trace = tmp_path / "trace.json"
+    trace.write_text(text)
+    result = CliRunner().invoke(simulate, ["--trace", str(trace), "--models", "16", "--no-plots",
+                                           "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "simulating" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and re.search(f"Error: trace {re.escape(str(trace))} {message}", lines[0])
