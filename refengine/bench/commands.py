@@ -18,7 +18,7 @@ from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_note, update_section
 from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
 from refengine.bench.serve_workload import LENGTH_SCALE
-from refengine.runtime.devices import parse_size
+from refengine.runtime.devices import parse_devices, parse_size
 from refengine.store.model_store import READ_THREADS
 from refengine.store.packed import CHUNK_BYTES
 
@@ -347,6 +347,11 @@ def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tup
         parse_size(host_cache)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--host-cache") from None
+    try:
+        for device in parse_devices(devices):
+            check_device(device, backend)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--devices/--backend") from None
     config = ServeBench(tuple(models), tuple(schedulers), tuple(sorted(loads)), duration, devices=devices,
                         backend=backend, keep_alive_s=keep_alive, host_cache=host_cache, seed=seed,
                         length_scale=length_scale)
