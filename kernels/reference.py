@@ -153,6 +153,7 @@ class SamplingSettings:
     top_k: int = 0  # 0 = no limit
     frequency_penalty: float = 0.0   # OpenAI's: minus this per earlier occurrence in the output
     presence_penalty: float = 0.0    # OpenAI's: minus this once a token has occurred in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's: (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -162,15 +163,24 @@ class SamplingSettings:
     def penalized(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the model's logits change before the pick (so a greedy pick is not their argmax)."""
+        return self.penalized or bool(self.logit_bias)
+
 
 def sample(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator,
            output_ids: Sequence[int] = ()) -> int:
-    """[V] -> one token id. Penalties for the tokens already in `output_ids`, then temperature,
-    top-k, top-p (nucleus), and one draw from `rng` (or the argmax, at temperature 0).
+    """[V] -> one token id. The logit bias, penalties for the tokens already in `output_ids`, then
+    temperature, top-k, top-p (nucleus), and one draw from `rng` (or the argmax, at temperature 0).
 
     Each request owns its `rng` (seeded from the request's seed), so its draws do not depend on
     which other requests share the batch: the same seed gives the same text, batched or not.
     """
+    if settings.logit_bias:
+        logits = logits.astype(np.float32, copy=True)
+        ids, bias = zip(*settings.logit_bias)
+        logits[list(ids)] += np.asarray(bias, dtype=np.float32)
     if settings.penalized and len(output_ids):
         logits = penalize(logits, output_ids, settings.frequency_penalty, settings.presence_penalty)
     if settings.greedy:
@@ -188,6 +198,18 @@ def penalize(logits: np.ndarray, output_ids: Sequence[int], frequency: float, pr
     out = logits.astype(np.float32, copy=True)
     out[ids] -= (counts * frequency + presence).astype(np.float32)
     return out
+
+
+def top_logprobs(logits: np.ndarray, token_id: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """[V] raw logits -> (log-probability of `token_id`, the k likeliest (id, log-probability), most
+    likely first, ties by lower id). Computed in float64 from the model's own logits, before any
+    bias, penalty or temperature (vLLM's default), so they say what the model thinks, whatever
+    the request then did with it."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    log_total = float(np.log(np.exp(shifted).sum()))
+    top = _sorted_prefix(logits, k) if k else np.empty(0, dtype=np.int64)
+    return (float(shifted[token_id]) - log_total,
+            tuple((int(i), float(shifted[i]) - log_total) for i in top))
 
 
 def sampling_candidates(logits: np.ndarray, settings: SamplingSettings) -> tuple[np.ndarray, np.ndarray]:

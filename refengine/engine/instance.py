@@ -22,17 +22,17 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
 from kernels.interface import Array
-from kernels.reference import sample
+from kernels.reference import sample, top_logprobs
 from models.llama import LlamaModel, StepInputs
 from refengine.engine.kv_cache import PagedKVCache, ResizeReport
 from refengine.engine.sequence import (FinishReason, RequestError, SamplingParams, Sequence, SequenceState,
                                        SequenceStatus)
-from refengine.engine.step_result import FinishedSequence, StepKind, StepResult, TokenOutput
+from refengine.engine.step_result import FinishedSequence, StepKind, StepResult, TokenLogprobs, TokenOutput
 from refengine.engine.text_stream import Detokenizer, TextStream
 
 
@@ -75,6 +75,8 @@ class Instance:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must lie in [0, {vocab})")
         needed = self.kv.blocks_for(len(prompt_ids) + params.max_tokens)
         if self.fixed_pool and needed > self.kv.num_blocks:
             raise RequestError(f"the request needs {needed} KV blocks but this instance's cache has "
@@ -182,12 +184,12 @@ class Instance:
         inputs, logits = self._forward(scheduled, kind)
         completed = [i for i, (seq, _) in enumerate(scheduled)
                      if seq.num_uncached_tokens == 0 and not seq.catching_up]
-        new_ids = self._sample([scheduled[i][0] for i in completed], logits, completed)
+        picks = self._sample([scheduled[i][0] for i in completed], logits, completed)
         tokens, finished = [], []
-        for i, token_id in zip(completed, new_ids):
+        for i, (token_id, logprobs) in zip(completed, picks):
             seq = scheduled[i][0]
-            text, reason = self._append(seq, int(token_id))
-            tokens.append(TokenOutput(seq.seq_id, int(token_id), text))
+            text, reason = self._append(seq, token_id)
+            tokens.append(TokenOutput(seq.seq_id, token_id, text, logprobs))
             if reason is not None:
                 finished.append(self._finish(seq, reason))
             elif seq.status is SequenceStatus.WAITING:
@@ -260,16 +262,21 @@ class Instance:
             context_lens=np.asarray([s + n for s, n in zip(starts, counts)], dtype=np.int32),
         )
 
-    def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> Iterable[int]:
-        """Greedy batches stay on the device (only the ids come back); sampled or penalized ones go
-        to the host."""
+    def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> list[tuple[int, TokenLogprobs | None]]:
+        """Each sequence's next token, and its log-probabilities where asked for. Greedy batches
+        stay on the device (only the ids come back); any other pick needs the logits on the host."""
         if not seqs:
             return []
         kern = self.model.kernels
-        if all(seq.params.settings.greedy and not seq.params.settings.penalized for seq in seqs):
-            return kern.argmax(logits)[rows]
+        if not any(seq.params.needs_host_logits for seq in seqs):
+            return [(int(t), None) for t in kern.argmax(logits)[rows]]
         host = kern.to_numpy(logits)
-        return [sample(host[row], seq.params.settings, seq.rng, seq.output_ids) for seq, row in zip(seqs, rows)]
+        picks = []
+        for seq, row in zip(seqs, rows):
+            token_id = sample(host[row], seq.params.settings, seq.rng, seq.output_ids)
+            wanted = seq.params.logprobs
+            picks.append((token_id, None if wanted is None else TokenLogprobs(*top_logprobs(host[row], token_id, wanted))))
+        return picks
 
     def _append(self, seq: Sequence, token_id: int) -> tuple[str, FinishReason | None]:
         """Record a new token; return the text it releases and why the sequence ends, if it does."""

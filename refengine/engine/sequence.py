@@ -11,6 +11,9 @@ from kernels.reference import SamplingSettings
 from refengine.engine.text_stream import TextStream
 
 
+MAX_LOGPROBS = 20    # alternatives reported per token: OpenAI's top_logprobs limit
+
+
 class RequestError(ValueError):
     """A request the engine refuses, with a one-line message fit for a user (CLI or HTTP 400)."""
 
@@ -45,6 +48,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # trace replay and benchmarks force an exact output length
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit before the pick)
+    logprobs: int | None = None   # report each new token's log-probability and this many alternatives
 
     def validate(self, prompt_len: int, max_model_len: int) -> None:
         if prompt_len == 0:
@@ -68,11 +73,22 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise RequestError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def needs_host_logits(self) -> bool:
+        """Whether picking this request's token needs its logits on the host: a draw, a bias or
+        penalty, or log-probabilities to report. Otherwise a greedy pick stays on the device."""
+        return not self.settings.greedy or self.settings.adjusts_logits or self.logprobs is not None
 
     @property
     def settings(self) -> SamplingSettings:
         return SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+                                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                                logit_bias=self.logit_bias)
 
 
 @dataclass(eq=False)

@@ -14,10 +14,20 @@ class StepKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """What the model thought of one new token: its log-probability and the likeliest alternatives
+    (natural log, from the raw logits: before bias, penalties and temperature)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]     # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
 class TokenOutput:
     seq_id: int
     token_id: int
     text: str            # the text this token made safe to show (may be "" or several characters)
+    logprobs: TokenLogprobs | None = None  # only when the request asked for them
 
 
 @dataclass(frozen=True)

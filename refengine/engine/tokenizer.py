@@ -5,6 +5,7 @@ strings written in text are matched as single tokens, as in transformers and lla
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import tokenizers
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 
 from refengine.store.cache import ModelFiles
 
@@ -25,6 +26,18 @@ def _raise_exception(message: str) -> None:
 # Same settings as transformers' `apply_chat_template`, so templates written for it render the same.
 _TEMPLATES = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 _TEMPLATES.globals["raise_exception"] = _raise_exception
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's) writes each byte as one printable character: the printable Latin-1
+    bytes as themselves, the other 68 (controls, space, soft hyphen...) as U+0100 onwards in byte
+    order. This is its inverse: vocabulary character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -47,6 +60,24 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token can hold part of a character
+        (an emoji spans several tokens), so bytes, not text, are what add up exactly; OpenAI's
+        logprobs report them for that reason."""
+        added = self._added_tokens.get(token_id)
+        if added is not None:
+            return added.encode()
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in the vocabulary")
+        if isinstance(self.backend.decoder, ByteLevel):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.decode([token_id]).encode()
+
+    @functools.cached_property
+    def _added_tokens(self) -> dict[int, str]:
+        return {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation ([{"role": ..., "content": ...}, ...]) as the prompt text."""

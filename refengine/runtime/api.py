@@ -12,6 +12,7 @@ from typing import AsyncIterator, Protocol
 
 from models.catalogue import Catalogue
 from refengine.engine.sequence import SamplingParams
+from refengine.engine.step_result import TokenLogprobs
 from refengine.engine.tokenizer import Tokenizer
 
 
@@ -49,6 +50,7 @@ class SloOverride:
 class TokenChunk:
     token_id: int
     text: str                       # text this token released (may be "")
+    logprobs: TokenLogprobs | None = None   # when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,7 @@ class LiveRuntime:
                 sequences.append(req.id)
                 req.output_ids.append(token.token_id)
                 req.first_token_at = req.first_token_at or now
-                req.events.put_nowait(TokenChunk(token.token_id, token.text))
+                req.events.put_nowait(TokenChunk(token.token_id, token.text, token.logprobs))
             for done in result.finished:
                 req = self._requests.pop(inst.forget(done.seq_id), None)
                 if req is None:

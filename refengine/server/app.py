@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from refengine.runtime.api import Runtime
 from refengine.server.errors import CLIENT_CLOSED, APIError, install_error_handlers
 from refengine.server.generation import Choice, Delta, Generation
+from refengine.server.logprobs import LogprobsWriter, ScoredToken
 from refengine.server.metrics import Metrics, RequestCounter
 from refengine.server.responses import Envelope
 from refengine.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -111,6 +112,7 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
     """Both completion endpoints: prompts -> choices -> generation -> SSE stream or one JSON body."""
     request.state.model = body.model if body.model in runtime.catalogue else "unknown"
     tokenizer = runtime.tokenizer(body.model)
+    body.check_token_ids(tokenizer.vocab_size)
     prompts = await asyncio.to_thread(body.prompt_ids, tokenizer)
     context = runtime.context_length(body.model)
     defaults = runtime.catalogue[body.model].default_sampling
@@ -124,12 +126,15 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
         # Waiting for the first delta before answering lets errors the runtime raises before any token
         # (bad request, overloaded) keep their HTTP status, streamed or not.
         first = await until_disconnected(request, generation.next())
+        writer = LogprobsWriter(tokenizer, body.shape.chat)
         if body.stream:
             streaming = True
-            return event_stream(generation, first, envelope, body.include_usage, request.state)
-        texts = await until_disconnected(request, collect(generation, first))
+            return event_stream(generation, first, envelope, writer, body.include_usage, request.state)
+        texts, scored = await until_disconnected(request, collect(generation, first))
         return JSONResponse(envelope.response(
-            [body.shape.choice(c.index, texts[c.index], generation.finished[c.index].reason) for c in choices],
+            [body.shape.choice(c.index, texts[c.index], generation.finished[c.index].reason,
+                               writer.render(c.index, scored[c.index]) if body.requested_logprobs is not None else None)
+             for c in choices],
             generation.usage()))
     except ClientDisconnected:
         request.state.status = CLIENT_CLOSED
@@ -139,14 +144,17 @@ async def complete(runtime: Runtime, metrics: Metrics, body: GenerationRequest, 
             await generation.aclose()
 
 
-async def collect(generation: Generation, first: Delta) -> dict[int, str]:
-    """The whole text of every choice (a non-streaming response)."""
+async def collect(generation: Generation, first: Delta) -> tuple[dict[int, str], dict[int, list[ScoredToken]]]:
+    """The whole text of every choice, and its scored tokens (a non-streaming response)."""
     texts: dict[int, str] = defaultdict(str)
+    scored: dict[int, list[ScoredToken]] = defaultdict(list)
     delta: Delta | None = first
     while delta is not None:
         texts[delta.index] += delta.text
+        if delta.scored is not None:
+            scored[delta.index].append(delta.scored)
         delta = await generation.next()
-    return texts
+    return texts, scored
 
 
 def slo_header(request: Request, name: str) -> float | None:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from refengine.engine.sequence import SamplingParams
 from refengine.runtime.api import Finished, GenerationEvent, Runtime, SloOverride, TokenChunk
+from refengine.server.logprobs import ScoredToken
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None = None
+    scored: ScoredToken | None = None      # the new token and its log-probabilities, when asked for
 
 
 class StreamEndedEarly(RuntimeError):
@@ -76,7 +78,8 @@ class Generation:
         if isinstance(event, Exception):
             raise event
         if isinstance(event, TokenChunk):
-            return Delta(index, event.text)
+            scored = None if event.logprobs is None else (event.token_id, event.logprobs)
+            return Delta(index, event.text, scored=scored)
         self.finished[index] = event
         self._on_finished(event, self._tpot(index, event))
         return Delta(index, "", event.reason)

@@ -18,17 +18,19 @@ class Shape:
     id_prefix: str
     chat: bool
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        """One choice of a whole response; `logprobs` as `LogprobsWriter` renders them, if asked for."""
         body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": index, **body, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, **body, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, first: bool) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None, first: bool,
+              logprobs: dict | None = None) -> dict:
         """A stream chunk's choice. A chat stream names the role in each choice's first chunk, and its
         closing chunk carries the finish reason with an empty delta, as OpenAI's does."""
         if not self.chat:
-            return self.choice(index, text, finish_reason)
+            return self.choice(index, text, finish_reason, logprobs)
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
 CHAT = Shape(object="chat.completion", chunk_object="chat.completion.chunk", id_prefix="chatcmpl-", chat=True)

@@ -2,19 +2,23 @@
 
 Ranges follow OpenAI's API reference (temperature in [0, 2], top_p in (0, 1]) so a bad value is
 refused with the name of the offending field before any work; the engine's `SamplingParams.validate`
-still checks what only the runtime knows (prompt length against the model's context). Fields
-OpenAI documents but refengine does not implement (logprobs, tools, logit_bias, ...) are ignored, as
-vLLM does. Extensions, marked as such, are vLLM's `top_k` and `ignore_eos` (trace replay needs exact
-output lengths) and `slo`, which OpenAI has no field for.
+still checks what only the runtime knows (prompt length against the model's context).
+
+A field that would change what comes back, and that refengine does not implement, is refused with
+a 400 rather than ignored: tools and functions, a `response_format` other than text, `echo`. A
+client that asked for them would otherwise take plain text for what it asked. Fields that only
+label or route a request (`user`, `metadata`, `store`, ...) are ignored. `logprobs` and `logit_bias`
+are implemented. Extensions, marked as such, are vLLM's `top_k` and `ignore_eos` (trace replay needs
+exact output lengths) and `slo`, which OpenAI has no field for.
 """
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from models.catalogue import SamplingDefaults
-from refengine.engine.sequence import SamplingParams
+from refengine.engine.sequence import MAX_LOGPROBS, SamplingParams
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import SloOverride
 from refengine.server.errors import APIError
@@ -52,11 +56,29 @@ class GenerationRequest(BaseModel):
     seed: int | None = None
     stop: StopString | list[StopString] | None = None
     ignore_eos: bool = False                                   # extension (vLLM)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None   # token id -> bias
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     slo: SloRequest | None = None                              # extension (refengine)
 
     shape: ClassVar[Shape]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _keys_are_token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and not all(key.isdigit() for key in bias):
+            raise ValueError("keys must be token ids, written as decimal strings")
+        return bias
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids in the request must exist in the model's vocabulary."""
+        if any(int(key) >= vocab_size for key in self.logit_bias or ()):
+            raise APIError(400, f"logit_bias token ids must lie in [0, {vocab_size})", param="logit_bias")
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives to report per token (0: only the token's own), None: no logprobs."""
+        return None
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
         """The token ids of each prompt (chat: one, rendered through the model's chat template)."""
@@ -87,7 +109,9 @@ class GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             seed=None if self.seed is None else self.seed + choice,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos,
+            logit_bias=tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items()),
+            logprobs=self.requested_logprobs)
 
     def slo_override(self, ttft_header: float | None, tpot_header: float | None) -> SloOverride | None:
         """The body's `slo` field wins over the X-SLO-* headers, field by field."""
@@ -102,25 +126,54 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
 
     def flat(self, index: int) -> dict[str, str]:
         """{"role", "content": str} as chat templates expect; text parts are joined with newlines
-        (as vLLM does), anything else (images, audio) is refused."""
+        (as vLLM does), anything else (images, audio) is refused. OpenAI's `developer` is its newer
+        name for `system`, which is the role chat templates know."""
+        role = "system" if self.role == "developer" else self.role
         if self.content is None or isinstance(self.content, str):
-            return {"role": self.role, "content": self.content or ""}
+            return {"role": role, "content": self.content or ""}
         for part in self.content:
             if part.type != "text" or part.text is None:
                 raise ValueError(f"messages[{index}].content: only text parts are supported, got type {part.type!r}")
-        return {"role": self.role, "content": "\n".join(part.text for part in self.content)}
+        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"]        # JSON mode and JSON schemas need constrained decoding: refused
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None        # refused unless empty
+    functions: list[dict] | None = None    # (tools' deprecated name)
 
     shape: ClassVar[Shape] = CHAT
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools: list[dict] | None) -> list[dict] | None:
+        if tools:
+            raise ValueError("refengine does not call tools or functions; send the request without them")
+        return tools
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def output_limit(self, room: int) -> int:
         return self.max_completion_tokens or self.max_tokens or room
@@ -141,8 +194,13 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str | TokenIds | list[str] | list[TokenIds]
     echo: Literal[False] = False  # refused rather than silently ignored: it changes the text returned
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None   # OpenAI allows 5; vLLM more
 
     shape: ClassVar[Shape] = COMPLETION
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
         if isinstance(self.prompt, str) or (self.prompt and all(isinstance(t, int) for t in self.prompt)):

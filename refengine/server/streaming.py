@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from refengine.server.errors import CLIENT_CLOSED, to_api_error
 from refengine.server.generation import Delta, Generation
+from refengine.server.logprobs import LogprobsWriter
 from refengine.server.responses import Envelope
 
 DONE = b"data: [DONE]\n\n"
@@ -80,23 +81,25 @@ class EventStreamResponse(StreamingResponse):
                 await self._body.aclose()
 
 
-def event_stream(generation: Generation, first: Delta, envelope: Envelope, include_usage: bool,
-                 state: State) -> EventStreamResponse:
-    """The response that streams `generation` from its first delta on; it owns and closes it."""
-    return EventStreamResponse(_events(generation, first, envelope, include_usage, state))
+def event_stream(generation: Generation, first: Delta, envelope: Envelope, writer: LogprobsWriter,
+                 include_usage: bool, state: State) -> EventStreamResponse:
+    """The response that streams `generation` from its first delta on; it owns and closes it.
+    A token that asked for log-probabilities gets a chunk even while its text is held back."""
+    return EventStreamResponse(_events(generation, first, envelope, writer, include_usage, state))
 
 
-async def _events(generation: Generation, first: Delta, envelope: Envelope, include_usage: bool,
-                  state: State) -> AsyncIterator[bytes]:
+async def _events(generation: Generation, first: Delta, envelope: Envelope, writer: LogprobsWriter,
+                  include_usage: bool, state: State) -> AsyncIterator[bytes]:
     started: set[int] = set()   # choices whose first chunk (naming the role) has gone out
     completed = False
     try:
         try:
             delta: Delta | None = first
             while delta is not None:
-                if delta.text or delta.finish_reason or delta.index not in started:
+                if delta.text or delta.finish_reason or delta.scored or delta.index not in started:
+                    logprobs = None if delta.scored is None else writer.render(delta.index, [delta.scored])
                     choice = envelope.shape.delta(delta.index, delta.text, delta.finish_reason,
-                                                  first=delta.index not in started)
+                                                  first=delta.index not in started, logprobs=logprobs)
                     started.add(delta.index)
                     yield sse(envelope.chunk([choice]))
                 delta = await generation.next()

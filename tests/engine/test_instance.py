@@ -205,3 +205,33 @@ def test_penalties_out_of_range_are_refused(tiny_model):
     for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3.0}):
         with pytest.raises(RequestError, match="penalty must be in"):
             inst.add_request([1, 2, 3], greedy(**bad))
+
+
+def test_logprobs_come_with_the_same_tokens_and_only_when_asked(tiny_model, prompts, expected):
+    inst = Instance(tiny_model, num_blocks=64)
+    plain, scored = inst.add_request(prompts[2], greedy()), inst.add_request(prompts[2], greedy(logprobs=3))
+    outputs = [t for result in run_to_end(inst) for t in result.tokens]
+    assert plain.output_ids == scored.output_ids == expected[2]
+    assert all(t.logprobs is None for t in outputs if t.seq_id == plain.seq_id)
+    mine = [t for t in outputs if t.seq_id == scored.seq_id]
+    assert len(mine) == 12
+    for t in mine:      # greedy: the token is the likeliest, and the list is sorted
+        assert len(t.logprobs.top) == 3 and t.logprobs.top[0] == (t.token_id, t.logprobs.logprob)
+        assert t.logprobs.logprob <= 0 and [lp for _, lp in t.logprobs.top] == sorted((lp for _, lp in t.logprobs.top), reverse=True)
+
+
+def test_logit_bias_steers_the_pick(tiny_model, prompts):
+    inst = Instance(tiny_model, num_blocks=64)
+    forced = inst.add_request(prompts[1], greedy(max_tokens=6, logit_bias=((7, 100.0),)))
+    run_to_end(inst)
+    assert forced.output_ids == [7] * 6
+
+
+@pytest.mark.parametrize("params,message", [(greedy(logit_bias=((10_000, 1.0),)), "logit_bias token ids"),
+                                            (greedy(logit_bias=((5, 150.0),)), "logit_bias values"),
+                                            (greedy(logprobs=21), "logprobs must be in")])
+def test_bad_logprobs_and_bias_are_refused(tiny_model, params, message):
+    inst = Instance(tiny_model, num_blocks=16)
+    with pytest.raises(RequestError, match=message):
+        inst.add_request([1, 2, 3], params)
+    assert inst.kv.num_free_blocks == 16 and not inst.has_work

@@ -87,3 +87,23 @@ def test_incremental_skip_special_tokens(tokenizer: Tokenizer) -> None:
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
     ids = tokenizer.encode("hi<|im_end|>")
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == "hi"
+
+
+def test_token_bytes_add_up_to_the_text_even_inside_a_character(tokenizer: Tokenizer, cases: list[dict]) -> None:
+    """An emoji spans several byte-level tokens, none of them text alone; their bytes still add up."""
+    texts = [c["text"] for c in cases] + ["é😀 naïve\n\t© <|im_end|> 123"]
+    for text in texts:
+        assert b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode(text)) == text.encode(), text
+    assert tokenizer.token_bytes(3575) == b" capital" and tokenizer.token_bytes(2) == b"<|im_end|>"
+    parts = [tokenizer.token_bytes(i) for i in tokenizer.encode("😀")]
+    assert len(parts) > 1 and all(_not_text(p) for p in parts)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tokenizer.token_bytes(tokenizer.vocab_size + 5)
+
+
+def _not_text(part: bytes) -> bool:
+    try:
+        part.decode()
+    except UnicodeDecodeError:
+        return True
+    return False

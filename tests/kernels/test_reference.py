@@ -220,3 +220,26 @@ def test_penalties_steer_greedy_and_sampled_draws_away_from_repeats():
     assert ref.sample(logits, ref.SamplingSettings(frequency_penalty=-1.5), rng, [4]) == 4   # negative: repeat
     settings = ref.SamplingSettings(temperature=1.0, top_k=1, frequency_penalty=0.6)
     assert ref.sample(logits, settings, rng, [2, 2]) == 0
+
+
+def test_logit_bias_is_added_before_the_pick():
+    logits = randn(30)
+    best = int(np.argmax(logits))
+    rng = np.random.default_rng(0)
+    forced = int(np.argmin(logits))
+    assert ref.sample(logits, ref.SamplingSettings(logit_bias=((forced, 100.0),)), rng) == forced
+    banned = ref.SamplingSettings(temperature=1.0, logit_bias=((best, -100.0),))
+    assert best not in {ref.sample(logits, banned, rng) for _ in range(200)}
+    assert ref.SamplingSettings(logit_bias=((1, 0.5),)).adjusts_logits and not ref.SamplingSettings().adjusts_logits
+
+
+@pytest.mark.parametrize("vocab,k", [(7, 0), (50, 3), (49152, 20)])
+def test_top_logprobs_are_the_log_softmax_of_the_raw_logits(vocab, k):
+    logits = (randn(vocab) * 4).astype(np.float32)
+    token = int(np.random.default_rng(vocab).integers(vocab))
+    exact = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    logprob, top = ref.top_logprobs(logits, token, k)
+    assert logprob == pytest.approx(exact[token], abs=1e-9)
+    order = np.argsort(-logits, kind="stable")[:k]
+    assert [i for i, _ in top] == order.tolist()
+    np.testing.assert_allclose([lp for _, lp in top], exact[order], atol=1e-9)

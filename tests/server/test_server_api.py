@@ -211,3 +211,26 @@ def test_metrics_parse(client, http):
                  "refengine_cold_starts", "refengine_preemptions", "refengine_drops"):
         assert name in families, name
     assert 0 < samples[("refengine_host_cache_used_bytes", ())] <= samples[("refengine_host_cache_budget_bytes", ())]
+
+
+def test_completion_logprobs_streamed_equal_whole_for_every_choice(client):
+    kwargs = dict(model=MODEL, prompt=["Hello", "Once upon a time"], max_tokens=5, temperature=0, logprobs=2, n=2)
+    whole = {c.index: c.logprobs for c in client.completions.create(**kwargs).choices}
+    streamed = {i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in whole}
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            for key, values in (c.logprobs.model_dump() if c.logprobs else {}).items():
+                streamed[c.index][key] += values
+    for index, logprobs in whole.items():
+        assert streamed[index] == logprobs.model_dump()
+        assert len(logprobs.tokens) == 5 and all(len(top) <= 2 for top in logprobs.top_logprobs)
+        lengths = [len(t) for t in logprobs.tokens]
+        assert logprobs.text_offset == [sum(lengths[:k]) for k in range(5)]   # each choice counts its own
+
+
+def test_logit_bias_reaches_the_engine_and_steers_it(client, runtime):
+    response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                         logit_bias={"42": 100}, logprobs=0)
+    assert runtime.requests[-1].params.logit_bias == ((42, 100.0),)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == 4 and len(set(logprobs.tokens)) == 1 and logprobs.top_logprobs == [{}] * 4

@@ -67,6 +67,16 @@ BAD_BODIES = [  # (path, body, param, code)
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages", None),
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", None),
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x " * 600}]}, None, "context_length_exceeded"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "Hi"}]}, "messages", None),
+    (CHAT, {"model": MODEL, "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+    (CHAT, {"model": MODEL, "messages": USER, "functions": [{"name": "f"}]}, "functions", None),
+    (CHAT, {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, "response_format", None),
+    (CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, "top_logprobs", None),
+    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": -1}, "logprobs", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logit_bias": {"the": 5}}, "logit_bias", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logit_bias": {str(10**7): 1}}, "logit_bias", None),
 ]
 
 

@@ -6,6 +6,8 @@ grace; later ones are warm (grace 0).
 """
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -76,3 +78,43 @@ def test_completion_equals_engine_greedy(served, expected, stream):
     else:
         text = client.completions.create(**kwargs).choices[0].text
     assert text == expected["completion"].text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_add_up_to_the_text(served, expected, stream):
+    """Each token's bytes, in order, are the answer's bytes, then the end-of-sequence token that
+    ended it (counted in usage like every output token, though it adds no text); greedy tokens are
+    their own top choice."""
+    client, runtime, _ = served
+    kwargs = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": QUESTION}],
+                  max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=5)
+    if stream:
+        chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        text, entries = choice.message.content, choice.logprobs.content
+    assert text == expected["chat"].text and len(entries) == MAX_TOKENS
+    assert entries[-1].token == "<|im_end|>"
+    assert b"".join(bytes(e.bytes) for e in entries[:-1]) == text.encode()
+    for e in entries:
+        assert len(e.top_logprobs) == 5 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+    assert runtime.idle()
+
+
+def test_completion_logprobs_match_the_golden_logits(served, golden_dir, prepared_model):
+    """The alternatives after the golden prompt are the golden top logits, in order, and their
+    log-probabilities differ as those logits do (a log-softmax only shifts them)."""
+    from refengine.engine.tokenizer import Tokenizer
+    client, _, _ = served
+    case = next(c for c in json.loads((golden_dir / "greedy.json").read_text())["cases"] if c["kind"] == "raw")
+    choice = client.completions.create(model=DEFAULT_MODEL, prompt=case["prompt_text"], max_tokens=2,
+                                       temperature=0, logprobs=5).choices[0]
+    tokenizer = Tokenizer(prepared_model)
+    golden = case["top10_step0"]
+    top = choice.logprobs.top_logprobs[0]
+    assert list(top) == [tokenizer.token_bytes(i).decode() for i in golden["ids"][:5]]
+    shifts = [lp - choice.logprobs.token_logprobs[0] for lp in top.values()]
+    assert shifts == pytest.approx([v - golden["values"][0] for v in golden["values"][:5]], abs=2e-3)
+    assert choice.logprobs.text_offset == [0, len(choice.logprobs.tokens[0])]
