@@ -5,7 +5,8 @@ refused with the name of the offending field before any work; the engine's `Samp
 still checks what only the runtime knows (prompt length against the model's context).
 
 A field that would change what comes back, and that refengine does not implement, is refused with
-a 400 rather than ignored: tools and functions, a `response_format` other than text, `echo`. A
+a 400 rather than ignored: tools and functions, a `response_format` other than text, audio,
+`echo`, `suffix`, `best_of` above 1. A
 client that asked for them would otherwise take plain text for what it asked. Fields that only
 label or route a request (`user`, `metadata`, `store`, ...) are ignored. `logprobs` and `logit_bias`
 are implemented. Extensions, marked as such, are vLLM's `top_k` and `ignore_eos` (trace replay needs
@@ -154,6 +155,9 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None        # refused unless empty
     functions: list[dict] | None = None    # (tools' deprecated name)
+    tool_choice: Literal["none", "auto"] | None = None     # "required" or a named tool: refused
+    modalities: list[Literal["text"]] | None = None        # audio output: refused
+    audio: None = None
 
     shape: ClassVar[Shape] = CHAT
 
@@ -194,6 +198,8 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str | TokenIds | list[str] | list[TokenIds]
     echo: Literal[False] = False  # refused rather than silently ignored: it changes the text returned
+    suffix: None = None           # insertion (fill in the middle): refused
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None   # server-side reranking: refused above 1
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None   # OpenAI allows 5; vLLM more
 
     shape: ClassVar[Shape] = COMPLETION
