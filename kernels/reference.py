@@ -202,14 +202,15 @@ def penalize(logits: np.ndarray, output_ids: Sequence[int], frequency: float, pr
 
 def top_logprobs(logits: np.ndarray, token_id: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
     """[V] raw logits -> (log-probability of `token_id`, the k likeliest (id, log-probability), most
-    likely first, ties by lower id). Computed in float64 from the model's own logits, before any
-    bias, penalty or temperature (vLLM's default), so they say what the model thinks, whatever
-    the request then did with it."""
-    shifted = logits.astype(np.float64) - float(logits.max())
-    log_total = float(np.log(np.exp(shifted).sum()))
+    likely first, ties by lower id). From the model's own logits, before any bias, penalty or
+    temperature (vLLM's default), so they say what the model thinks, whatever the request then did
+    with it."""
+    peak = float(logits.max())
+    # exp in float32 (vectorised), summed in float64: ~1e-7 off in the log, at a fifth of the cost
+    log_total = float(np.log(np.exp(logits - np.float32(peak), dtype=np.float32).sum(dtype=np.float64)))
     top = _sorted_prefix(logits, k) if k else np.empty(0, dtype=np.int64)
-    return (float(shifted[token_id]) - log_total,
-            tuple((int(i), float(shifted[i]) - log_total) for i in top))
+    return (float(logits[token_id]) - peak - log_total,
+            tuple((int(i), float(logits[i]) - peak - log_total) for i in top))
 
 
 def sampling_candidates(logits: np.ndarray, settings: SamplingSettings) -> tuple[np.ndarray, np.ndarray]:

@@ -239,7 +239,7 @@ def test_top_logprobs_are_the_log_softmax_of_the_raw_logits(vocab, k):
     token = int(np.random.default_rng(vocab).integers(vocab))
     exact = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
     logprob, top = ref.top_logprobs(logits, token, k)
-    assert logprob == pytest.approx(exact[token], abs=1e-9)
+    assert logprob == pytest.approx(exact[token], abs=1e-6)
     order = np.argsort(-logits, kind="stable")[:k]
     assert [i for i, _ in top] == order.tolist()
-    np.testing.assert_allclose([lp for _, lp in top], exact[order], atol=1e-9)
+    np.testing.assert_allclose([lp for _, lp in top], exact[order], atol=1e-6)
