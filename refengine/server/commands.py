@@ -15,6 +15,7 @@ import click
 from kernels import BackendUnavailable, check_device
 from models.catalogue import Catalogue, UnknownModelError
 from refengine.runtime.devices import DeviceSpec, parse_devices, parse_size
+from refengine.store.prepare import source_for
 
 
 def build_catalogue(models: str | None, replicas: int) -> Catalogue:
@@ -78,6 +79,8 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
 
     try:
         catalogue = build_catalogue(models, replicas)
+        for weights in sorted(catalogue.weights):   # weights nothing can prepare: refused before any work
+            source_for(weights)
     except (ValueError, UnknownModelError) as e:
         raise click.BadParameter(str(e), param_hint="--models") from None
     try:

@@ -136,6 +136,13 @@ def test_serve_refuses_a_gpu_this_machine_cannot_run_before_any_work(recorded, m
     assert "runtime" not in recorded
 
 
+def test_serve_refuses_a_catalogue_whose_weights_nothing_can_prepare(recorded, tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"name": "chat-a", "weights": "llama-70b"}]}))
+    result = CliRunner().invoke(serve, ["--models", str(path)])
+    assert result.exit_code == 2 and "unknown model 'llama-70b'" in result.output and "runtime" not in recorded
+
+
 def test_serve_fails_in_one_line_on_a_damaged_model_cache(recorded, monkeypatch):
     from refengine.store.cache import ModelCacheError
     message = "tensors.bin is corrupt (bytes 0-16 fail their checksum); run `python cli.py prepare --force`"
