@@ -40,6 +40,7 @@ def test_generate_runs_a_prompts_file_as_one_batch(home, tmp_path):
     (["bench", "decode", "--device", "tpu"], "unknown device 'tpu'"),
     (["bench", "load", "--device", "cuda:0"], "cuda:0 needs CuPy"),
     (["bench", "prefill", "--backend", "cuda"], "the cuda backend runs on cuda or cuda:N"),
+    (["bench", "migrate", "--backend", "cuda"], "the cuda backend runs on cuda or cuda:N"),
 ])
 def test_bad_flags_are_one_line(args, complaint, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)

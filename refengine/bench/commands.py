@@ -384,6 +384,10 @@ def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write:
     from refengine.bench import migrate_bench
     from refengine.store.cache import model_home
     from refengine.store.prepare import prepare
+    try:
+        check_device("cpu", backend)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--backend") from None
     backend = backend_for_device("cpu", backend)
     prepare(progress=False)
     load_before = os.getloadavg()
