@@ -82,6 +82,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return to_api_error(exc).response()
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":     # FastAPI reads only JSON bodies: say so, not "not an object"
+            return APIError(400, f"the request body must be JSON, sent with Content-Type: application/json "
+                                 f"(got {kind or 'no Content-Type'})").response()
         return validation_error(exc).response()
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:

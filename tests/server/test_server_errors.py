@@ -106,6 +106,15 @@ def test_malformed_json_is_400(http, raw):
     assert_error(response, 400)
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_says_how_to_send_it(http, content_type):
+    """curl -d sends a form by default: the message names the header to set."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
+    error = assert_error(http.post(COMPLETIONS, content=body, headers=headers), 400)
+    assert "Content-Type: application/json" in error["message"] and (content_type or "no Content-Type") in error["message"]
+
+
 @pytest.mark.parametrize("header,value", [("X-SLO-TTFT", "abc"), ("X-SLO-TPOT", "-1"), ("X-SLO-TTFT", "0")])
 def test_bad_slo_header_is_400(http, header, value):
     response = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "x"}, headers={header: value})
