@@ -32,7 +32,8 @@ class LogprobsWriter:
         return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        return {"token": self._text(token_id), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
+        raw = self.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def _chat(self, tokens: list[ScoredToken]) -> dict:
         content = [self._entry(token_id, scored.logprob)
