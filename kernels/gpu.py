@@ -3,8 +3,9 @@
 Why it is built this way:
 - Every op has a numpy twin in `kernels.reference` and a parity test on random inputs
   (`tests/kernels/test_gpu_kernels.py`). The CUDA C lives in `kernels/cuda/*.cu`, compiled once per
-  process by NVRTC through `cupy.RawModule`; the attention templates are instantiated for the head
-  dim D and group size G a model has.
+  process by NVRTC through `cupy.RawModule` as `kernels.cuda_sources` says (which CI compiles
+  without a GPU); the attention templates are instantiated for the head dim D and group size G a
+  model has.
 - `linear` runs our GEMV kernel (`gemv.cu`) for up to `GEMV_MAX_ROWS` rows (decode steps, short
   prompts) and cuBLAS above. For skinny products the GEMV streams the weights at memory speed with
   one launch, and unlike cuBLAS through CuPy it may run inside CUDA-graph stream capture: a decode
@@ -23,21 +24,17 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import cupy
 import numpy as np
 
+from kernels import cuda_sources
+from kernels.cuda_sources import GEMV_SHAPES, CudaSource
 from kernels.interface import Array
 
-CUDA_DIR = Path(__file__).with_name("cuda")
 THREADS = 256                 # block size of the elementwise kernels and the GEMV
 GEMV_MAX_ROWS = 64            # linear: our GEMV up to this many rows of x, cuBLAS above
-# gemv.cu's (BT, ROWS): rows of x and output features per warp; the first tile that covers B wins.
-# Measured on an H200: one feature per warp streams the weights fastest up to 8 rows of x; at 16
-# the x loads dominate, and 4 features per warp reuse each of them 4 times (twice as fast there).
-GEMV_SHAPES = ((1, 1), (2, 1), (4, 1), (8, 1), (16, 4))
 GEMV_WARPS = THREADS // 32
 PREFILL_ROWS = 32             # query-head rows per prefill block (attention.cu's PREFILL_ROWS)
 ATTENTION_THREADS = 128       # attention.cu's DECODE_WARPS * 32 and PREFILL_WARPS * 32
@@ -57,10 +54,10 @@ def _grid(n: int, per_block: int = THREADS) -> tuple[int]:
     return (max(1, -(-n // per_block)),)
 
 
-def _compile(source: str, templates: Sequence[str] = ()) -> cupy.RawModule:
+def _compile(source: CudaSource) -> cupy.RawModule:
     """A source of kernels/cuda/, its templates instantiated as named (C++ name expressions)."""
-    return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=("-std=c++17",),
-                          name_expressions=list(templates))
+    return cupy.RawModule(code=source.code(), options=cuda_sources.NVRTC_OPTIONS,
+                          name_expressions=list(source.templates))
 
 
 def _on_device(method: Callable) -> Callable:
@@ -80,8 +77,8 @@ class GpuKernels:
     def __init__(self, device: str = "cuda:0"):
         self.device = cupy.cuda.Device(_device_index(device))
         self.num_sms = int(self.device.attributes["MultiProcessorCount"])
-        self._elementwise = _compile("elementwise.cu")
-        self._gemv = _compile("gemv.cu", [f"gemv<{tile}, {rows}>" for tile, rows in GEMV_SHAPES])
+        self._elementwise = _compile(cuda_sources.ELEMENTWISE)
+        self._gemv = _compile(cuda_sources.GEMV)
         self._attention: dict[tuple[int, int], cupy.RawModule] = {}
         self._uploads: OrderedDict[tuple, cupy.ndarray] = OrderedDict()
         self._inv_freq: dict[tuple[int, float], cupy.ndarray] = {}
@@ -169,7 +166,7 @@ class GpuKernels:
         tile, per_warp = next((shape for shape in GEMV_SHAPES if shape[0] >= rows), GEMV_SHAPES[-1])
         out = cupy.empty((rows, features), dtype=cupy.float32)
         grid = (-(-rows // tile), -(-features // (per_warp * GEMV_WARPS)))
-        self._kernel(self._gemv, f"gemv<{tile}, {per_warp}>")(
+        self._kernel(self._gemv, cuda_sources.gemv_name(tile, per_warp))(
             grid, (THREADS,), (x, weight, out, np.int32(rows), np.int32(cols), np.int32(features)))
         return out
 
@@ -256,7 +253,7 @@ class GpuKernels:
         out = cupy.empty_like(q)
         part_acc = cupy.empty((batch, heads, splits, head_dim), dtype=cupy.float32) if splits > 1 else out
         part_ml = cupy.empty((batch, heads, splits, 2), dtype=cupy.float32) if splits > 1 else out
-        self._kernel(module, f"decode_attention<{head_dim}, {heads // kv_heads}>")(
+        self._kernel(module, cuda_sources.decode_attention_name(head_dim, heads // kv_heads))(
             (splits, kv_heads, batch), (ATTENTION_THREADS,),
             (q, k_cache, v_cache, tables, self._index(context_lens), out, part_acc, part_ml,
              self._counters(batch * kv_heads), np.int32(tables.shape[1]), np.int32(block_tokens),
@@ -287,7 +284,7 @@ class GpuKernels:
         tile_seq, tile_q0 = _query_tiles(np.asarray(query_start), PREFILL_ROWS // group)
         tables = self._index(block_tables)
         out = cupy.empty_like(q)
-        kernel = self._kernel(module, f"prefill_attention<{head_dim}, {group}>")
+        kernel = self._kernel(module, cuda_sources.prefill_attention_name(head_dim, group))
         kernel((len(tile_seq), kv_heads), (ATTENTION_THREADS,),
                (q, k_cache, v_cache, tables, self._index(query_start), self._index(context_lens),
                 self._index(tile_seq), self._index(tile_q0), out, np.int32(tables.shape[1]),
@@ -299,11 +296,8 @@ class GpuKernels:
         """attention.cu instantiated for (D, G), compiled on first use."""
         key = (head_dim, group)
         if key not in self._attention:
-            if head_dim not in (64, 128):
-                raise ValueError(f"the attention kernels take head dim 64 or 128, not {head_dim}")
-            module = _compile("attention.cu", [f"decode_attention<{head_dim}, {group}>",
-                                               f"prefill_attention<{head_dim}, {group}>"])
-            prefill = self._kernel(module, f"prefill_attention<{head_dim}, {group}>")
+            module = _compile(cuda_sources.attention(head_dim, group))
+            prefill = self._kernel(module, cuda_sources.prefill_attention_name(head_dim, group))
             prefill.max_dynamic_shared_size_bytes = _prefill_shared_bytes(head_dim)  # opt in above 48 KiB
             self._attention[key] = module
         return self._attention[key]

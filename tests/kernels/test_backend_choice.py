@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from kernels import BackendUnavailable, backend_for_device, check_device, get_kernels
+from kernels import BackendUnavailable, backend_for_device, check_device, cuda_sources, get_kernels
 
 
 def test_each_device_gets_its_own_backend_unless_one_is_named():
@@ -61,3 +61,8 @@ def test_a_missing_gpu_is_one_line(monkeypatch):
     check_device("cuda:0")
     with pytest.raises(BackendUnavailable, match="cuda:1: this machine has 1 CUDA GPU"):
         check_device("cuda:1")
+
+
+def test_the_cuda_attention_kernels_refuse_a_head_dim_they_have_no_template_for():
+    with pytest.raises(ValueError, match="head dim 64 or 128, not 96"):
+        cuda_sources.attention(96, 3)
