@@ -65,3 +65,19 @@ def test_bad_generation_settings_are_one_line(home, args, complaint):
     result = CliRunner().invoke(cli, ["generate", "--prompt", "hi", *args])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {complaint}")
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["decode", "--prompt-len", "0"], "0 is not in the range x>=1"),
+    (["decode", "--new-tokens", "-3"], "-3 is not in the range x>=1"),
+    (["coldstart", "--repeats", "0"], "0 is not in the range x>=1"),
+    (["decode", "--prompt-len", "8000", "--new-tokens", "200"], "needs 8200 tokens in one sequence; the model's context is 8192"),
+    (["prefill", "--length", "128", "--length", "9000"], "needs 9001 tokens in one sequence"),
+    (["decode", "--peers", "--context", "8192"], "--context: needs 8209 tokens"),
+    (["coldstart", "--prompt-len", "8192"], "--prompt-len: needs 8193 tokens"),
+    (["migrate", "--context", "8100"], "--context: needs 8196 tokens"),
+])
+def test_bench_sizes_beyond_the_model_are_one_line(home, args, complaint):
+    result = CliRunner().invoke(cli, ["bench", *args, "--no-write"])
+    assert result.exit_code == 2 and complaint in result.output, result.output
+    assert isinstance(result.exception, SystemExit)

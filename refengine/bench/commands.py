@@ -14,6 +14,7 @@ import click
 
 from kernels import backend_for_device, check_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
+from models.config import LlamaConfig
 from refengine.bench import bandwidth, engine_bench
 from refengine.bench.report import BENCHMARKS, CpuTimes, markdown_table, stolen_note, update_section
 from refengine.bench.serve_bench import DEFAULT_LOADS, SCHEDULERS, ServeBench, run as run_serve_bench
@@ -48,6 +49,14 @@ def _on_device(command: Callable) -> Callable:
             raise click.BadParameter(str(e), param_hint="--device/--backend") from None
         return command(device=device, backend=backend, **options)
     return click.option("--device", default="cpu", show_default=True)(_backend(checked))
+def _fits_context(option: str, tokens: int, context: int) -> None:
+    """Refuse a size the model cannot hold before any timing: positions past its context are not
+    the model's any more, and the engine would refuse such a request anyway."""
+    if tokens > context:
+        raise click.BadParameter(f"needs {tokens} tokens in one sequence; the model's context is {context}",
+                                 param_hint=option)
+
+
 _write = click.option("--write/--no-write", default=True, show_default=True, help="Update docs/BENCHMARKS.md.")
 _peers = click.option("--peers", is_flag=True,
                       help="Side by side with llama.cpp and transformers (CPU) or transformers eager and CUDA "
@@ -63,8 +72,8 @@ _random_weights = click.option("--random-weights", is_flag=True,
 @_on_device
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
               help="Sequences per step [default: 1, 8, 32; with --peers 1, 8, 32, 64].")
-@click.option("--prompt-len", default=128, show_default=True)
-@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @_peers
 @click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1), default=(128, 1024),
               show_default=True, help="With --peers: tokens each sequence already holds.")
@@ -80,6 +89,7 @@ def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_le
     batches = batches or (1, 8, 32)
     name, loaded = _load(device, backend)
     model = loaded.model
+    _fits_context("--prompt-len/--new-tokens", prompt_len + new_tokens, model.config.max_position_embeddings)
     bw = bandwidth.measure_copy_bandwidth()
     click.echo(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {loaded.model.weights.nbytes() / 1e6:.0f} MB")
     rows = []
@@ -115,6 +125,7 @@ def prefill(device: str, backend: str | None, lengths: tuple[int, ...], peers: b
                              random_weights, write)
     lengths = lengths or (128, 512, 1024)
     name, loaded = _load(device, backend)
+    _fits_context("--length", max(lengths) + 1, loaded.model.config.max_position_embeddings)
     rows = []
     for length in lengths:
         result = engine_bench.measure_prefill(loaded.model, length)
@@ -132,6 +143,8 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     options = side_by_side.Options(device, random_weights)
     config, weight_bytes = side_by_side.model_shape(options)
+    longest = max(c[2] + options.repeats + 1 if c[0] == "decode" else c[1] + 1 for c in cases)
+    _fits_context("--context" if cases[0][0] == "decode" else "--length", longest, config.max_position_embeddings)
     if kind == "cuda":
         from refengine.bench.gpu_bench import copy_bandwidth
         bw = copy_bandwidth()
@@ -181,7 +194,7 @@ def _store_for(device: str, budget: int, direct: bool = True):
 
 @bench.command()
 @_on_device
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--direct/--no-direct", default=True, show_default=True, help="O_DIRECT reads where the file system allows")
 @_write
 def load(device: str, backend: str | None, repeats: int, direct: bool, write: bool) -> None:
@@ -262,8 +275,8 @@ def load(device: str, backend: str | None, repeats: int, direct: bool, write: bo
 
 @bench.command()
 @_on_device
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--prompt-len", default=16, show_default=True)
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1))
 @_write
 def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, write: bool) -> None:
     """Cold-request time to first token: from disk or the host cache, with and without execute-while-load."""
@@ -278,6 +291,7 @@ def coldstart(device: str, backend: str | None, repeats: int, prompt_len: int, w
     with tempfile.TemporaryDirectory() as home:
         files = prepare(WEIGHTS, home=Path(home), progress=False)
         resident = load_llama(files, kernels)
+        _fits_context("--prompt-len", prompt_len + 1, resident.config.max_position_embeddings)
         cs.first_token(resident, prompt)                     # compile the kernels before timing anything
         store = _store_for(device, 2 * files.packed.stat().st_size)
         cases = {("model already loaded (prefill only)", "–"): cs.resident_case(resident, prompt),
@@ -389,7 +403,8 @@ def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--backend") from None
     backend = backend_for_device("cpu", backend)
-    prepare(progress=False)
+    config = LlamaConfig.from_json(prepare(progress=False).config)
+    _fits_context("--context", max(contexts) + migrate_bench.MAX_TOKENS, config.max_position_embeddings)
     load_before = os.getloadavg()
     runs = migrate_bench.run(model_home(), backend, contexts, repeats, progress=click.echo)
     load_after = os.getloadavg()

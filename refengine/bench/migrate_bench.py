@@ -38,6 +38,7 @@ PINNED_TABLE = {"format": FORMAT, "unit": "s",
                 "source": "pinned so that placement follows from batch sizes alone",
                 "prefill": {"tokens": [1, 100_000], "latency": [0.001, 100.0]},
                 "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
+MAX_TOKENS = 96      # the moved request's output: long enough to migrate mid-stream
 PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
 MOVED, BURST = f"{DEFAULT_MODEL}-r1", DEFAULT_MODEL
 TEXT = ("The river runs past the old mill, under the stone bridge and out across the meadows, where "
@@ -104,7 +105,7 @@ async def _one(options: RuntimeOptions, context: int, max_tokens: int, burst_aft
                    finished.cold_start_grace_s, tuple(tokens))
 
 
-def run(model_home: Path, backend: str, contexts: tuple[int, ...], repeats: int, max_tokens: int = 96,
+def run(model_home: Path, backend: str, contexts: tuple[int, ...], repeats: int, max_tokens: int = MAX_TOKENS,
         burst_after: int = 4, progress=print) -> list[MoveRun]:
     """Both modes at each context, `repeats` times, modes and contexts taking turns; a first run of
     each mode warms the kernels up and is not kept."""
