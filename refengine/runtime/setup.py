@@ -15,6 +15,7 @@ from models.config import LlamaConfig
 from models.llama import LlamaModel
 from refengine.engine.loader import ensure_prepared, with_decode_graphs
 from refengine.engine.tokenizer import Tokenizer
+from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
                                           measure_host_to_device)
 from refengine.runtime.options import RuntimeOptions, scheduler_config
@@ -27,6 +28,11 @@ from scheduler.slo import SloPolicy
 from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 log = logging.getLogger("refengine.runtime")
+
+
+class ModelTooLarge(ValueError):
+    """No device may hold a catalogue model: its requests could never be placed, and would only be
+    refused one by one as overloaded, so the runtime refuses to start instead."""
 
 
 @dataclass
@@ -44,6 +50,8 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
     profile each (weights, hardware); build the scheduler and tell it where each model is."""
     catalogue = options.catalogue
     files = {w: ensure_prepared(w, options.home) for w in catalogue.weights}
+    specs = [_model_spec(name, catalogue[name].weights, files[catalogue[name].weights]) for name in catalogue.names]
+    _check_every_model_fits(specs, options.devices)
     store = ModelStore(options.home, options.host_cache_bytes, allocate=host_allocator(options.devices))
     disk_to_host = measure_disk_to_host(store, files.values())
     profiles = (options.home or model_home()) / "profiles"
@@ -59,12 +67,6 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
         nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
                               bandwidths=bandwidths))
         log.info("%s: weights load at %s", device.name, describe(bandwidths))
-    specs = []
-    for name in catalogue.names:
-        weights = catalogue[name].weights
-        config = LlamaConfig.from_json(files[weights].config)
-        specs.append(ModelSpec(name, weights, files[weights].weights.stat().st_size,
-                               config.kv_bytes_per_token, 16, config.max_position_embeddings))
     unique = {(t.profile, t.hardware): t for t in tables}
     config = scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo, options.migration)
     for table in unique.values():
@@ -75,6 +77,23 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
         scheduler.handle(change, now)
     return RuntimeSetup(files, {w: Tokenizer(f) for w, f in files.items()}, store, {s.name: s for s in specs},
                         scheduler, tiers)
+
+
+def _model_spec(name: str, weights: str, files: ModelFiles) -> ModelSpec:
+    config = LlamaConfig.from_json(files.config)
+    return ModelSpec(name, weights, files.weights.stat().st_size, config.kv_bytes_per_token, 16,
+                     config.max_position_embeddings)
+
+
+def _check_every_model_fits(specs: list[ModelSpec], devices: list[DeviceSpec]) -> None:
+    """Each model's weights and one KV block must fit the memory some device may use."""
+    largest = max(d.memory_bytes for d in devices)
+    for spec in specs:
+        need = spec.weight_bytes + spec.block_bytes
+        if need > largest:
+            budgets = ", ".join(f"{d.name} {d.memory_bytes / 2**20:.0f} MiB" for d in devices)
+            raise ModelTooLarge(f"{spec.name} needs {need / 2**20:.0f} MiB (weights and one KV block), more than "
+                                f"any device may use ({budgets}); raise --cpu-memory or --gpu-memory")
 
 
 def _warn_if_slower_than_the_slo(table: LatencyTable, slo: SloPolicy) -> None:

@@ -74,6 +74,7 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
 
     from refengine.runtime.live import LiveRuntime
     from refengine.runtime.options import RuntimeOptions
+    from refengine.runtime.setup import ModelTooLarge
     from refengine.server.app import GracefulServer, create_app, runtime_lifespan
     from refengine.store.cache import ModelCacheError
 
@@ -94,7 +95,7 @@ def serve(models: str | None, replicas: int, devices: list[str], cpu_memory: int
                                          backend=backend))
     try:
         runtime.prepare()       # weights, tiers and profiles before the server: a bad cache is one line
-    except ModelCacheError as e:
+    except (ModelCacheError, ModelTooLarge) as e:
         raise click.ClickException(str(e)) from None
 
     @asynccontextmanager

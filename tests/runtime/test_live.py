@@ -117,6 +117,17 @@ def test_unknown_model_and_bad_params_fail_before_any_work(model_home):
     assert asyncio.run(scenario()).instances == []
 
 
+def test_a_model_no_device_can_hold_stops_the_start_before_any_profiling(model_home, monkeypatch):
+    """Such a model's requests could only be refused as overloaded, one by one; say so at start-up."""
+    from refengine.runtime import setup
+    monkeypatch.setattr(setup, "measure_disk_to_host", lambda *a: pytest.fail("measured the tiers"))
+    rt = LiveRuntime(RuntimeOptions(Catalogue.default(), [DeviceSpec("cpu:0", 100 << 20), DeviceSpec("cpu:1", 200 << 20)],
+                                    backend="reference", home=model_home))
+    with pytest.raises(setup.ModelTooLarge, match=r"smollm2-135m-instruct needs 514 MiB \(weights and one KV block\), "
+                                                   r"more than any device may use \(cpu:0 100 MiB, cpu:1 200 MiB\)"):
+        rt.prepare()
+
+
 def test_a_request_s_own_slo_reaches_the_scheduler(model_home):
     """RELAXED gives every request a minute; a request asking for its first token within 0.1 ms is
     one no placement can promise, so the scheduler drops it before creating anything."""

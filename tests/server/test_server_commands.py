@@ -143,10 +143,15 @@ def test_serve_refuses_a_catalogue_whose_weights_nothing_can_prepare(recorded, t
     assert result.exit_code == 2 and "unknown model 'llama-70b'" in result.output and "runtime" not in recorded
 
 
-def test_serve_fails_in_one_line_on_a_damaged_model_cache(recorded, monkeypatch):
+@pytest.mark.parametrize("error,message", [
+    ("ModelCacheError", "tensors.bin is corrupt (bytes 0-16 fail their checksum); run `python cli.py prepare --force`"),
+    ("ModelTooLarge", "smollm2-135m-instruct needs 514 MiB (weights and one KV block), more than any device may use "
+                      "(cpu:0 100 MiB); raise --cpu-memory or --gpu-memory")])
+def test_serve_fails_in_one_line_when_the_runtime_cannot_start(recorded, monkeypatch, error, message):
+    from refengine.runtime.setup import ModelTooLarge
     from refengine.store.cache import ModelCacheError
-    message = "tensors.bin is corrupt (bytes 0-16 fail their checksum); run `python cli.py prepare --force`"
-    monkeypatch.setattr(StubRuntime, "failure", ModelCacheError(message))
+    failure = {"ModelCacheError": ModelCacheError, "ModelTooLarge": ModelTooLarge}[error](message)
+    monkeypatch.setattr(StubRuntime, "failure", failure)
     result = CliRunner().invoke(serve, [])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: {message}"
