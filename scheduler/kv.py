@@ -8,7 +8,7 @@ maximum context (4096), so a live instance can always take one full-length reque
 Watermark hysteresis with w = 0.25: M_recommend = M_require · (1 + w); scale up early, straight to
 M_recommend, as soon as M_cur < M_require; scale down lazily, only when M_recommend · (1 + w) <
 M_cur. Compromise (§4.3.4): if M_recommend does not fit the node's free optimistic budget, settle
-for anything ≥ M_require that does.
+for all the budget has (M_cur + free), which is ≥ M_require whenever admission placed the request.
 
 Invariants: demands are in blocks, rounded up per sequence (paged KV); the floor applies to every
 live instance, idle ones included, so a keep-alive instance can take a request without resizing.
@@ -39,6 +39,11 @@ class OutputEstimator:
         self.means[model] = (1 - self.alpha) * self.mean(model) + self.alpha * output_tokens
 
 
+def floor_blocks(model: ModelSpec) -> int:
+    """L_min in blocks: what every live instance keeps, idle or not (one full-context request)."""
+    return model.blocks_for(model.max_context)
+
+
 def required_blocks(model: ModelSpec, requests: Iterable[Request], config: SchedulerConfig,
                     outputs: OutputEstimator) -> int:
     """M_require in blocks for an instance holding `requests` (§4.3.1)."""
@@ -49,7 +54,7 @@ def required_blocks(model: ModelSpec, requests: Iterable[Request], config: Sched
         o_bar = outputs.mean(model.name)
         total = sum(model.blocks_for(math.ceil(r.input_tokens + max(r.generated, o_bar)))
                     for r in requests)
-    return max(total, model.blocks_for(model.max_context))
+    return max(total, floor_blocks(model))
 
 
 def recommended_blocks(required: int, watermark: float) -> int:
@@ -58,10 +63,15 @@ def recommended_blocks(required: int, watermark: float) -> int:
 
 
 def scale_up_target(current: int, required: int, watermark: float, free_blocks: int) -> int | None:
-    """New KV target if the instance must grow, else None: early scale-up with compromise."""
+    """New KV target if the instance must grow, else None: early scale-up with compromise.
+
+    The node can give the instance at most `current + free_blocks` in all (its own target is
+    already in the budget `free_blocks` is left of); a target beyond that would wait in the
+    reservation station forever, with the instance's requests behind it."""
     if current >= required:
         return None
-    return min(recommended_blocks(required, watermark), required + max(free_blocks, 0))
+    target = min(recommended_blocks(required, watermark), current + max(free_blocks, 0))
+    return target if target > current else None
 
 
 def scale_down_target(current: int, required: int, watermark: float) -> int | None:

@@ -24,6 +24,7 @@ from refengine.store.cache import ModelFiles, model_home
 from refengine.store.model_store import ModelStore
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable
+from scheduler.kv import floor_blocks
 from scheduler.slo import SloPolicy
 from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
@@ -86,14 +87,16 @@ def _model_spec(name: str, weights: str, files: ModelFiles) -> ModelSpec:
 
 
 def _check_every_model_fits(specs: list[ModelSpec], devices: list[DeviceSpec]) -> None:
-    """Each model's weights and one KV block must fit the memory some device may use."""
+    """Each model's smallest instance must fit the memory some device may use: its weights and the
+    KV the scheduler keeps for any live instance (one request of the full context, `kv.floor_blocks`)."""
     largest = max(d.memory_bytes for d in devices)
     for spec in specs:
-        need = spec.weight_bytes + spec.block_bytes
+        need = spec.weight_bytes + floor_blocks(spec) * spec.block_bytes
         if need > largest:
             budgets = ", ".join(f"{d.name} {d.memory_bytes / 2**20:.0f} MiB" for d in devices)
-            raise ModelTooLarge(f"{spec.name} needs {need / 2**20:.0f} MiB (weights and one KV block), more than "
-                                f"any device may use ({budgets}); raise --cpu-memory or --gpu-memory")
+            raise ModelTooLarge(f"{spec.name} needs {need / 2**20:.0f} MiB (weights, and KV for one request of "
+                                f"its {spec.max_context}-token context), more than any device may use "
+                                f"({budgets}); raise --cpu-memory or --gpu-memory")
 
 
 def _warn_if_slower_than_the_slo(table: LatencyTable, slo: SloPolicy) -> None:

@@ -123,8 +123,8 @@ def test_a_model_no_device_can_hold_stops_the_start_before_any_profiling(model_h
     monkeypatch.setattr(setup, "measure_disk_to_host", lambda *a: pytest.fail("measured the tiers"))
     rt = LiveRuntime(RuntimeOptions(Catalogue.default(), [DeviceSpec("cpu:0", 100 << 20), DeviceSpec("cpu:1", 200 << 20)],
                                     backend="reference", home=model_home))
-    with pytest.raises(setup.ModelTooLarge, match=r"smollm2-135m-instruct needs 514 MiB \(weights and one KV block\), "
-                                                   r"more than any device may use \(cpu:0 100 MiB, cpu:1 200 MiB\)"):
+    with pytest.raises(setup.ModelTooLarge, match=r"smollm2-135m-instruct needs 873 MiB \(weights, and KV for one "
+                                                   r"request of its 8192-token context\), more than any device may use \(cpu:0 100 MiB, cpu:1 200 MiB\)"):
         rt.prepare()
 
 

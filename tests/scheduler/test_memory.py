@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler import Evict, ModelSpec, NodeSpec, StepFinished
+from scheduler import Evict, KvResize, Load, MemoryDone, ModelSpec, NodeSpec, RequestArrived, StepFinished
 from scheduler import kv
 from scheduler.memory import MemoryOrchestrator, optimistic_budget, pessimistic_usage
 from scheduler.state import Node
-from sched_builders import EXACT, make_scheduler, model, ready_instance, request_due
+from sched_builders import EXACT, make_scheduler, model, node_spec, ready_instance, request_due
 
 UNIT = ModelSpec("m", "tiny", 0, 1, block_tokens=1, max_context=1)     # 1 block = 1 byte
 
@@ -91,7 +91,9 @@ def test_watermark_hysteresis():
     assert kv.recommended_blocks(100, w) == 125
     assert kv.scale_up_target(100, 100, w, free_blocks=1000) is None
     assert kv.scale_up_target(99, 100, w, free_blocks=1000) == 125      # early, to M_recommend
-    assert kv.scale_up_target(99, 100, w, free_blocks=10) == 110        # compromise ≥ M_require
+    assert kv.scale_up_target(99, 100, w, free_blocks=10) == 109        # compromise: what the node has
+    assert kv.scale_up_target(0, 512, w, free_blocks=521) == 521        # a new instance, memory tight
+    assert kv.scale_up_target(99, 100, w, free_blocks=0) is None        # nothing to grow into
     assert kv.scale_down_target(160, 100, w) == 125                     # 156.25 < 160
     assert kv.scale_down_target(156, 100, w) is None                    # lazy: keep
 
@@ -133,3 +135,17 @@ def test_underestimation_evicts_the_longest_headroom_request():
     evicts = [a for a in actions if isinstance(a, Evict)]
     assert [e.requests for e in evicts] == [("relaxed",)]
     assert "relaxed" in sched.requests and "relaxed" not in inst.requests
+
+
+def test_a_new_instance_on_a_tight_node_gets_the_kv_the_node_has_not_more():
+    """M_recommend (80 blocks) does not fit beside the weights, M_require (64) does: the KV grow
+    asks for what the node has. Asking for M_recommend would wait in the station forever, and the
+    request with it (found serving with --cpu-memory just above weights + a full context)."""
+    spec = model(weight=10, max_context=1024)                 # floor: 64 blocks of 16 bytes
+    node = node_spec(memory=10 + 64 * 16 + 8)
+    sched = make_scheduler(models=[spec], nodes=[node])
+    actions = sched.handle(RequestArrived("r", "m", 8, 4, arrival=0.0), now=0.0)
+    (load,) = [a for a in actions if isinstance(a, Load)]
+    actions = sched.handle(MemoryDone(load.instance, load.action_id, 0.01), now=0.01)
+    (resize,) = [a for a in actions if isinstance(a, KvResize)]
+    assert resize.blocks == 64

@@ -145,7 +145,8 @@ def test_serve_refuses_a_catalogue_whose_weights_nothing_can_prepare(recorded, t
 
 @pytest.mark.parametrize("error,message", [
     ("ModelCacheError", "tensors.bin is corrupt (bytes 0-16 fail their checksum); run `python cli.py prepare --force`"),
-    ("ModelTooLarge", "smollm2-135m-instruct needs 514 MiB (weights and one KV block), more than any device may use "
+    ("ModelTooLarge", "smollm2-135m-instruct needs 873 MiB (weights, and KV for one request of its 8192-token "
+                      "context), more than any device may use "
                       "(cpu:0 100 MiB); raise --cpu-memory or --gpu-memory")])
 def test_serve_fails_in_one_line_when_the_runtime_cannot_start(recorded, monkeypatch, error, message):
     from refengine.runtime.setup import ModelTooLarge

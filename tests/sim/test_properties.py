@@ -64,8 +64,9 @@ def test_invariants_hold_with_live_migration(items, size, cpus, gpus):
 
 
 def test_a_burst_migrates_a_victim_live():
-    # a random burst (seed 365 of a search for preemptions with a warm destination elsewhere)
-    rnd = random.Random(365)
+    # a random burst (seed 17 of a search for preemptions with a warm destination elsewhere; it
+    # moves 4 requests)
+    rnd = random.Random(17)
     items = [(rnd.randrange(3), rnd.uniform(0, 10), rnd.randint(1, 3800), rnd.randint(1, 600))
              for _ in range(rnd.randint(5, 60))]
     size, cpus, gpus = rnd.choice(["3b", "7b", "13b"]), rnd.randint(0, 1), rnd.randint(2, 3)
