@@ -139,12 +139,15 @@ def prefill(device: str, backend: str | None, lengths: tuple[int, ...], peers: b
 def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: bool, write: bool) -> None:
     """Every engine of this device kind on `cases`, then tables, targets and (decode) a plot."""
     from refengine.bench import comparison_report as report
-    from refengine.bench import side_by_side
+    from refengine.bench import peers, side_by_side
     kind = "cuda" if device.startswith("cuda") else "cpu"
     options = side_by_side.Options(device, random_weights)
     config, weight_bytes = side_by_side.model_shape(options)
     longest = max(c[2] + options.repeats + 1 if c[0] == "decode" else c[1] + 1 for c in cases)
     _fits_context("--context" if cases[0][0] == "decode" else "--length", longest, config.max_position_embeddings)
+    reason = peers.unavailable(kind)
+    if reason is not None:
+        raise click.UsageError(reason)
     if kind == "cuda":
         from refengine.bench.gpu_bench import copy_bandwidth
         bw = copy_bandwidth()

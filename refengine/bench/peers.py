@@ -12,7 +12,8 @@ being compared:
 Weights: llama.cpp reads a GGUF (`gguf_export.exported_gguf` writes the F32/F16 ones from the very
 tensors refengine serves; the shipped Q4_1 is `gguf_export.source_gguf()`); transformers loads the
 HF-layout `model.safetensors` + `config.json` that `prepare` writes into the model cache.
-Both peers are optional (`pip install 'refengine[bench]'`) and imported inside the functions.
+Both peers are optional (`pip install 'refengine[bench]'`) and imported inside the functions;
+`unavailable` says before any timing why they cannot run.
 
 Threads: both peers run their CPU work on OpenMP pools with their own defaults (`threads` workers
 that spin between parallel regions), which is fastest on a quiet machine and collapses beside any
@@ -22,6 +23,8 @@ Measured in a process that already runs refengine's CPU backend they inherit its
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import statistics
 import time
@@ -31,6 +34,26 @@ from typing import Callable
 import numpy as np
 
 VOCAB_LOW = 100   # random prompt ids stay clear of the control tokens
+
+
+def unavailable(device_kind: str) -> str | None:
+    """Why the peers of `device_kind` ("cpu" or "cuda") cannot run in this environment, or None.
+
+    transformers 5.25 requires Hugging Face's `kernels` package, whose import name is that of
+    refengine's `kernels/`: in one process only one of them can be imported, and transformers then
+    fails on ours. Older transformers import it only if installed, so it must not be.
+    """
+    needed = ["torch", "transformers"] + (["llama_cpp"] if device_kind == "cpu" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"--peers needs {', '.join(missing)}: pip install -e '.[bench]'"
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return ("Hugging Face's `kernels` package is installed and shadows refengine's kernels/ "
+            "(transformers 5.25 and later require it): pip uninstall -y kernels && "
+            "pip install 'transformers<5.25'")
 
 
 def _median_rate(tokens_per_call: int, timed: Callable[[], None], calls: int) -> float:

@@ -2,6 +2,9 @@
 the targets table's verdicts and the plot (the measurements themselves are `bench` commands)."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -107,3 +110,26 @@ def test_stolen_note_warns_from_five_percent(monkeypatch):
     assert note.startswith("CPU time stolen by the hypervisor during the run: 10% ") and "noisy" in note
     monkeypatch.setattr(report.CpuTimes, "read", classmethod(lambda cls, stat=None: None))
     assert report.stolen_note(None) == ""
+
+
+def test_missing_or_shadowing_peer_packages_are_named_before_any_timing(monkeypatch):
+    from refengine.bench import peers
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name == "llama_cpp" else real_find_spec(name))
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
+    if real_find_spec("torch") and real_find_spec("transformers"):
+        assert peers.unavailable("cuda").startswith("Hugging Face's `kernels` package")
+    assert peers.unavailable("cpu").startswith("--peers needs ")
+    assert "llama_cpp" in peers.unavailable("cpu")
+
+
+def test_bench_peers_stops_in_one_line_when_peers_cannot_run(monkeypatch):
+    from click.testing import CliRunner
+
+    from cli import cli
+    from refengine.bench import peers, side_by_side
+    monkeypatch.setattr(peers, "unavailable", lambda kind: "--peers needs llama_cpp: pip install")
+    monkeypatch.setattr(side_by_side, "run", lambda *a, **k: pytest.fail("timed anyway"))
+    result = CliRunner().invoke(cli, ["bench", "prefill", "--peers", "--random-weights", "--no-write"])
+    assert result.exit_code == 2 and "Error: --peers needs llama_cpp" in result.output
