@@ -53,7 +53,8 @@ class ShadowValidator:
               ignore: frozenset[str] = frozenset()) -> bool:
         if self.config.admission == "concurrency":
             limit = self.config.concurrency_limit(target.model.profile, target.node.kind)
-            return target.batch < limit and self.memory_ok(target, request)
+            return target.batch < limit and (IGNORE_MEMORY in ignore
+                                             or self.memory_ok(target, request))
         if IGNORE_MEMORY not in ignore and not self.memory_ok(target, request):
             return False
         if IGNORE_DECODE not in ignore and self.decode_load(target.node, target, request) > 1.0:
@@ -72,7 +73,7 @@ class ShadowValidator:
         node, model = target.node, target.model
         required = self.required_with(target, request)
         fixed = partition.fixed_kv_blocks(model, node.spec, self.config)
-        if fixed is not None and required > fixed:
+        if self.outgrows_fixed_kv(target, request):
             return model.block_bytes * (required - fixed)
         blocks = fixed if fixed is not None else required
         if target.id in node.instances:
@@ -81,6 +82,11 @@ class ShadowValidator:
             budget = (optimistic_budget(node) + partition.weights_bytes(model, node.spec)
                       + blocks * model.block_bytes)
         return budget - node.spec.memory_bytes
+
+    def outgrows_fixed_kv(self, target: Instance, request: Request | None) -> bool:
+        """`target`'s KV is fixed in size and too small with `request`: no neighbour's memory helps."""
+        fixed = partition.fixed_kv_blocks(target.model, target.node.spec, self.config)
+        return fixed is not None and self.required_with(target, request) > fixed
 
     def memory_ok(self, target: Instance, request: Request) -> bool:
         return self.memory_overflow(target, request) <= 0

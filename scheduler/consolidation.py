@@ -10,6 +10,10 @@ Proactive preemption (§4.4.1): an instance blocked only by its neighbours may e
 with a *smaller* batch, smallest first — on a GPU the first whose memory footprint covers the
 memory gap, on a CPU the first whose decode time-slice covers the compute gap.
 
+Idle instances give way (not in the paper): an instance kept alive with no request holds memory
+and an instance slot only in case its model comes back; a new instance that needs them now takes
+them, least recently used first (`idle_to_reclaim`), instead of waiting out their keep-alive.
+
 Invariant: these functions only read state and rank; `placement.py` acts on their answers.
 """
 from __future__ import annotations
@@ -75,3 +79,24 @@ def find_victim(target: Instance, request: Request, now: float,
         if victim.batch > 0 and validator.est.time_slice(victim) >= gap:
             return victim
     return None
+
+
+def idle_instances(node: Node) -> list[Instance]:
+    """The node's instances kept alive with nothing to do, least recently used first."""
+    idle = [i for i in node.instances.values()
+            if not i.retired and not i.draining and not i.requests and not i.copies
+            and i.idle_since is not None]
+    return sorted(idle, key=lambda i: i.idle_since)
+
+
+def idle_to_reclaim(node: Node, memory_gap: int, slots_gap: int) -> list[Instance] | None:
+    """The fewest least-recently-used idle instances whose going frees `memory_gap` bytes and
+    `slots_gap` instance slots, or None if all of them would not."""
+    chosen: list[Instance] = []
+    freed = 0
+    for inst in idle_instances(node):
+        if freed >= memory_gap and len(chosen) >= slots_gap:
+            break
+        chosen.append(inst)
+        freed += instance_footprint(inst)
+    return chosen if freed >= memory_gap and len(chosen) >= slots_gap else None

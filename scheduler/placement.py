@@ -17,6 +17,12 @@ In order, the first that passes shadow validation wins:
    by queueing would undo packing. Without estimates (no measured bandwidths, or
    `startup_aware` off) this is SLINFER's first fit in packing order. Nodes are validated in
    start-up order and only as far as needed.
+4. a new instance where idle instances give way (not in the paper): the first node in pool and
+   packing order on which the new instance passes validation once enough of the node's idle
+   (kept-alive, requestless) instances are reclaimed, least recently used first, to free the memory
+   and the instance slot it needs (`consolidation.idle_to_reclaim`). Idle instances add no decode
+   load and no prefill, so only memory and slots are at stake; a keep-alive is a bet that the
+   model comes back, and a request waiting now outranks it.
 Otherwise the caller queues the request and retries every 0.25 s until its first-token deadline
 passes (§4.5).
 
@@ -27,14 +33,15 @@ from __future__ import annotations
 from typing import Sequence
 
 from scheduler import partition
-from scheduler.admission import ShadowValidator
+from scheduler.admission import IGNORE_MEMORY, ShadowValidator
 from scheduler.config import SchedulerConfig
-from scheduler.consolidation import find_victim, order_instances, order_nodes
+from scheduler.consolidation import (find_victim, idle_instances, idle_to_reclaim, order_instances,
+                                     order_nodes)
 from scheduler.costmodel import CostModel
 from scheduler.lifecycle import Lifecycle
 from scheduler.migration import Migrator
 from scheduler.specs import ModelSpec
-from scheduler.startup import StartupEstimator
+from scheduler.startup import StartupEstimate, StartupEstimator
 from scheduler.state import Instance, Node, Request
 
 
@@ -69,7 +76,7 @@ class Placement:
                                       self.migrator.chooser(victim, inst, req, serving, now))
                     self.life.attach(inst, req, now)
                     return inst
-        inst = self._new(req, model, now)
+        inst = self._new(req, model, now) or self._new_reclaiming_idle(req, model, now)
         if inst is not None:
             self.life.create(inst)
             self.life.attach(inst, req, now)
@@ -105,10 +112,7 @@ class Placement:
 
         def passing(node: Node) -> Instance | None:
             if node.id not in passed:
-                estimate = estimates[node.id]
-                inst = self.life.provisional(
-                    model, node, self.cost.table(model.profile, node.spec.hardware), now,
-                    None if estimate is None else now + estimate.seconds)
+                inst = self._provisional(model, node, now, estimates[node.id])
                 passed[node.id] = inst if self.validator.admit(inst, req, now) else None
             return passed[node.id]
 
@@ -118,6 +122,37 @@ class Placement:
         limit = startup_s(earliest) + self.config.startup_tolerance
         return next(inst for n in packed if startup_s(n) <= limit and (inst := passing(n)))
 
+    def _new_reclaiming_idle(self, req: Request, model: ModelSpec, now: float) -> Instance | None:
+        """Step 4: a provisional new instance for which idle instances are reclaimed, or None."""
+        serving = self.life.by_model.get(model.name, [])
+        for kind in self.config.pools:
+            candidates = [n for n in self.nodes if n.kind == kind and self._runs(n, model)
+                          and idle_instances(n)]
+            for node in order_nodes(candidates, self.config.node_order, self.validator):
+                inst = self._provisional(model, node, now,
+                                         self.startup.estimate(node, model, now, serving))
+                if (self.validator.outgrows_fixed_kv(inst, req)
+                        or not self.validator.admit(inst, req, now, frozenset({IGNORE_MEMORY}))):
+                    continue
+                slots_gap = len(node.instances) + 1 - partition.instance_cap(
+                    model, node.spec, self.config)
+                victims = idle_to_reclaim(node, self.validator.memory_overflow(inst, req),
+                                          slots_gap)
+                if victims is not None:
+                    for victim in victims:
+                        self.life.reclaim_if_idle(victim, victim.idle_since)
+                    return inst
+        return None
+
+    def _provisional(self, model: ModelSpec, node: Node, now: float,
+                     estimate: StartupEstimate | None) -> Instance:
+        return self.life.provisional(model, node, self.cost.table(model.profile, node.spec.hardware),
+                                     now, None if estimate is None else now + estimate.seconds)
+
+    def _runs(self, node: Node, model: ModelSpec) -> bool:
+        """The cost model knows how `model` runs on `node`'s hardware."""
+        return (model.profile, node.spec.hardware) in self.cost
+
     def _has_room(self, node: Node, model: ModelSpec) -> bool:
-        return ((model.profile, node.spec.hardware) in self.cost
+        return (self._runs(node, model)
                 and len(node.instances) < partition.instance_cap(model, node.spec, self.config))

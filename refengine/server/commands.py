@@ -59,7 +59,7 @@ def _parsed(parse: Callable) -> Callable:
 @click.option("--host-cache", default="4GiB", show_default=True, callback=_parsed(parse_size),
               help="Host memory that keeps recently used models for fast cold starts (0: read from disk each time).")
 @click.option("--keep-alive", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds an idle instance stays loaded.")
+              help="Seconds an idle instance stays loaded, unless a new instance needs its memory.")
 @click.option("--scheduler", default="slinfer", show_default=True, type=click.Choice(["slinfer", "exclusive"]))
 @click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]),
               help="Kernel backend for every device (default: each device's own; 'reference' is numpy).")

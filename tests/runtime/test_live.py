@@ -31,9 +31,9 @@ PROMPT = "The capital of France is"
 RELAXED = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=5.0)
 
 
-def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0) -> LiveRuntime:
+def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0, memory=4 << 30) -> LiveRuntime:
     return LiveRuntime(RuntimeOptions(Catalogue.default(replicas=replicas),
-                                      [DeviceSpec(d, 4 << 30) for d in devices], keep_alive_s=keep_alive,
+                                      [DeviceSpec(d, memory) for d in devices], keep_alive_s=keep_alive,
                                       backend="reference", home=model_home, profile_grid=QUICK_GRID,
                                       slo=RELAXED))
 
@@ -333,3 +333,23 @@ def test_a_load_in_flight_does_not_hold_the_device(model_home, monkeypatch):
     warm, waiting, cold = asyncio.run(scenario())
     assert waiting and warm[-1].completion_tokens == 6 and not warm[-1].cold_start
     assert cold[-1].completion_tokens == 2 and cold[-1].cold_start
+
+
+def test_an_idle_model_gives_way_to_one_that_needs_its_memory(model_home):
+    """The device holds one instance (weights and a full-context KV floor: 1.4 GB); the first
+    model, idle but kept alive far beyond the second's first-token deadline, is reclaimed for it.
+    Before, the second request waited out the keep-alive and was refused as overloaded."""
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=600.0, memory=1500 << 20)
+        await rt.start()
+        try:
+            first = await collect(rt, "smollm2-135m-instruct", max_tokens=2)
+            second = await asyncio.wait_for(collect(rt, "smollm2-135m-instruct-r1", max_tokens=2), 30)
+            return first, second, rt.status()
+        finally:
+            await rt.stop()
+
+    first, second, status = asyncio.run(scenario())
+    assert isinstance(first[-1], Finished) and isinstance(second[-1], Finished)
+    assert second[-1].completion_tokens == 2 and second[-1].cold_start
+    assert [i.model for i in status.instances] == ["smollm2-135m-instruct-r1"]

@@ -3,7 +3,8 @@ from dataclasses import replace
 
 from scheduler import NodeSpec
 from scheduler.admission import ShadowValidator
-from scheduler.consolidation import find_victim, order_instances, order_nodes
+from scheduler.consolidation import (find_victim, idle_instances, idle_to_reclaim,
+                                     order_instances, order_nodes)
 from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator
 from scheduler.slo import SloPolicy
@@ -70,3 +71,24 @@ def test_cpu_compute_victim():
     with_batch(node, "other", 1, spec=spec)               # Σ slices with r: (170 + 70 + 70) / 250
     assert not v.admit(target, r, now=0.0)
     assert find_victim(target, r, 0.0, v) is small        # first smaller batch with slice ≥ gap
+
+
+def idle(node, name, since, kv_blocks):
+    inst = ready_instance(node, name, kv_blocks=kv_blocks)       # 10 B of weights, 16 B blocks
+    inst.idle_since = since
+    return inst
+
+
+def test_idle_instances_to_reclaim_least_recently_used_first_as_few_as_close_the_gap():
+    node = Node(node_spec("g0"))
+    newer, older = idle(node, "newer", 5.0, 10), idle(node, "older", 2.0, 1)   # 170 B, 26 B
+    with_batch(node, "busy", 1)
+    gone = idle(node, "gone", 1.0, 10)
+    gone.retired = True
+    assert idle_instances(node) == [older, newer]
+    assert idle_to_reclaim(node, memory_gap=0, slots_gap=0) == []
+    assert idle_to_reclaim(node, memory_gap=20, slots_gap=0) == [older]
+    assert idle_to_reclaim(node, memory_gap=30, slots_gap=0) == [older, newer]
+    assert idle_to_reclaim(node, memory_gap=0, slots_gap=2) == [older, newer]
+    assert idle_to_reclaim(node, memory_gap=197, slots_gap=0) is None      # 196 B is all there is
+    assert idle_to_reclaim(node, memory_gap=0, slots_gap=3) is None

@@ -166,3 +166,55 @@ def test_requests_a_failed_instance_was_evicting_are_placed_again():
     acts = sched.handle(InstanceFailed(iid, ()), 0.8)   # the executor had already let r1 go
     assert kinds(acts) == ["ReleaseInstance", "CreateInstance", "Assign", "Load"]
     assert only(acts, Assign) == Assign("r1", only(acts, CreateInstance).instance, 16, 1)
+
+
+def idle_m_beside_room_for_one(memory=600):
+    """Models m and n on a node that holds one instance with a request; m served r1 and is idle
+    (kept alive, KV shrunk to 5 blocks) at t = 1.0. Returns (scheduler, m's instance id)."""
+    sched = make_scheduler(models=[model("m"), model("n")], nodes=[node_spec(memory=memory)])
+    acts = sched.handle(RequestArrived("r1", "m", 16, 4, 0.0), 0.0)
+    iid = only(acts, CreateInstance).instance
+    acts = sched.handle(MemoryDone(iid, only(acts, Load).action_id, 0.5), 0.5)
+    acts = sched.handle(MemoryDone(iid, only(acts, KvResize).action_id, 0.1), 0.6)
+    grant = only(acts, Grant)
+    acts = sched.handle(StepFinished(iid, grant.grant_id, grant.kind, ("r1",), ("r1",), 0, 0.01,
+                                     True), 1.0)
+    assert sched.handle(MemoryDone(iid, only(acts, KvResize).action_id, 0.01), 1.0) == []
+    return sched, iid
+
+
+def test_an_idle_instance_gives_way_to_a_new_model_that_needs_its_memory():
+    """n needs 10 + 33 · 16 bytes; beside idle m (90 bytes) that is 628 of 600. Before, n waited
+    out m's keep-alive and, with a keep-alive longer than its first-token deadline, was dropped
+    (found serving two models with --keep-alive 30 where one fits)."""
+    sched, m_id = idle_m_beside_room_for_one()
+    acts = sched.handle(RequestArrived("r2", "n", 16, 4, 1.2), 1.2)
+    assert kinds(acts) == ["CreateInstance", "Assign", "Unload", "Load"]
+    n_id, n_load = only(acts, CreateInstance).instance, only(acts, Load)
+    assert only(acts, Unload).instance == m_id
+    acts = sched.handle(MemoryDone(m_id, only(acts, Unload).action_id, 0.05), 1.25)
+    m_kv = only(acts, KvResize)
+    assert (m_kv.instance, m_kv.blocks) == (m_id, 0)
+    acts = sched.handle(MemoryDone(n_id, n_load.action_id, 0.3), 1.5)
+    assert acts == []                                # n's KV waits for m's to go
+    acts = sched.handle(MemoryDone(m_id, m_kv.action_id, 0.0), 1.5)
+    assert only(acts, ReleaseInstance).instance == m_id
+    n_kv = only(acts, KvResize)
+    assert (n_kv.instance, n_kv.blocks) == (n_id, 36)    # all the node has (M_recommend: 42)
+    acts = sched.handle(MemoryDone(n_id, n_kv.action_id, 0.05), 1.55)
+    assert only(acts, Grant).instance == n_id
+    assert sched.handle(Tick(), 2.0) == []           # m's keep-alive timer finds it gone
+
+
+def test_an_idle_instance_stays_when_the_new_model_fits_beside_it():
+    sched, m_id = idle_m_beside_room_for_one(memory=700)
+    acts = sched.handle(RequestArrived("r2", "n", 16, 4, 1.2), 1.2)
+    assert kinds(acts) == ["CreateInstance", "Assign", "Load"]
+    assert m_id in sched.nodes["g0"].instances
+
+
+def test_a_busy_instance_does_not_give_way():
+    sched, m_id = idle_m_beside_room_for_one()
+    sched.handle(RequestArrived("r3", "m", 16, 4, 1.1), 1.1)       # m is serving again
+    acts = sched.handle(RequestArrived("r2", "n", 16, 4, 1.2), 1.2)
+    assert "Unload" not in kinds(acts) and "CreateInstance" not in kinds(acts)
