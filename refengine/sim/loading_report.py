@@ -99,6 +99,14 @@ HEADER = ["run", "SLO-met", "SLO-met without grace", "dropped", "TTFT p50 s", "T
           "start-up mean s", "start-up p99 s", "loads disk / host / peer", "GPUs used"]
 
 
+def _yardstick(moved: int) -> str:
+    """What the perturbed run says about the noise in a count of requests."""
+    if moved == 0:
+        return ("where the perturbation that changes nothing in principle changed no decision in "
+                "this run, so it gives no yardstick")
+    return f"where a perturbation that changes nothing in principle moves that count by {moved}"
+
+
 def findings(results: list[dict]) -> list[str]:
     """The comparisons the grid was built for, as sentences with their numbers."""
     by = {_run_label(r) + ("" if r["spec"]["workload"] == "slinfer" else " (burst)"): r["summary"]
@@ -122,8 +130,7 @@ def findings(results: list[dict]) -> list[str]:
         f"{sum(multi['loads_by_source'].values())} loads found a GPU serving the model; mean "
         f"start-up {multi['startup_mean_s']:.2f} s against {aware['startup_mean_s']:.2f} s, "
         f"{multi['slo_met_no_grace']} against {aware['slo_met_no_grace']} within the SLO without "
-        f"grace, where a perturbation that changes nothing in principle moves that count by "
-        f"{abs(nudged['slo_met_no_grace'] - aware['slo_met_no_grace'])}.",
+        f"grace, {_yardstick(abs(nudged['slo_met_no_grace'] - aware['slo_met_no_grace']))}.",
         f"- **Multicast in the scale-out regime**: {_loads(burst_multi, 'peer')} loads from "
         f"peers; mean start-up {burst_multi['startup_mean_s']:.2f} s against "
         f"{burst_local['startup_mean_s']:.2f} s, {burst_multi['slo_met_no_grace']} against "

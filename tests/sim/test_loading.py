@@ -158,3 +158,9 @@ def test_the_timing_table_and_the_kept_section():
     doc = "# grid\n\nold numbers\n\n<!-- begin:loading -->\n## x\nrows\n<!-- end:loading -->\n"
     assert marked_sections(doc) == "\n<!-- begin:loading -->\n## x\nrows\n<!-- end:loading -->\n"
     assert marked_sections("# grid only\n") == ""
+
+
+def test_a_perturbation_that_moved_nothing_is_not_quoted_as_a_yardstick():
+    from refengine.sim.loading_report import _yardstick
+    assert _yardstick(23).endswith("moves that count by 23")
+    assert "gives no yardstick" in _yardstick(0)
