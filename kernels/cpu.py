@@ -1,8 +1,8 @@
 """Numba CPU kernels: the fast twins of `kernels.reference`, op for op.
 
 Why each op is written the way it is (2 cores, memory-bound at small batch):
-- GEMMs of a few tokens (decode; up to SKINNY_MAX_TOKENS) are a Numba kernel that streams each
-  weight row once; larger ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for
+- GEMMs of a few tokens (decode; up to SKINNY_MAX_TOKENS) are Numba kernels that stream each
+  weight row once (`few_token_matmul`); larger ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for
   the whole step), float32 or, from `amx_min_tokens` rows, bf16 on our AMX tile kernel
   (`kernels.amx`), where the gate/up GEMM applies SiLU itself (`mlp`).
 - The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
@@ -120,6 +120,51 @@ def _skinny_matmul(x, w, out, gated):
                 xr = x[r, i]
                 a0, a1, a2, a3 = a0 + xr * w[o0, i], a1 + xr * w[o1, i], a2 + xr * w[o2, i], a3 + xr * w[o3, i]
             _store_quad(out, r, o0, o1, o2, o3, a0, a1, a2, a3, gated)
+
+
+
+# tokens below which `_gemv` replaces `_skinny_matmul` (the latter works on four tokens at a time)
+GEMV_MAX_TOKENS = 3
+
+
+@numba.njit(parallel=True, **JIT)
+def _gemv(x, w, out, gated):
+    """`_skinny_matmul` for 1-3 tokens: each work item streams eight weight rows against one token
+    at a time (gated: four gate rows and the four up rows that pair with them). With no tokens to
+    share a weight load, speed is how many loads are in flight: eight streams per thread instead
+    of the quad kernel's four read the 538 MB of a batch-1 decode step's GEMVs 1.15-1.20x faster
+    on the AMD EPYC VM (17.5-18.3 -> 20.3-21.3 GB/s, in-process A/B)."""
+    tokens, inner = x.shape
+    outputs = out.shape[1]
+    last = outputs - 1
+    items = (outputs + 3) // 4 if gated else (outputs + 7) // 8
+    for item in prange(items):
+        a0 = 4 * item if gated else 8 * item
+        a1, a2, a3 = min(a0 + 1, last), min(a0 + 2, last), min(a0 + 3, last)
+        if gated:
+            b0, b1, b2, b3 = outputs + a0, outputs + a1, outputs + a2, outputs + a3
+        else:
+            b0, b1, b2, b3 = min(a0 + 4, last), min(a0 + 5, last), min(a0 + 6, last), min(a0 + 7, last)
+        for t in range(tokens):
+            p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = np.float32(0.0)
+            for i in range(inner):
+                xi = x[t, i]
+                p0, p1, p2, p3 = p0 + xi * w[a0, i], p1 + xi * w[a1, i], p2 + xi * w[a2, i], p3 + xi * w[a3, i]
+                q0, q1, q2, q3 = q0 + xi * w[b0, i], q1 + xi * w[b1, i], q2 + xi * w[b2, i], q3 + xi * w[b3, i]
+            if gated:
+                out[t, a0], out[t, a1] = silu_times(p0, q0), silu_times(p1, q1)
+                out[t, a2], out[t, a3] = silu_times(p2, q2), silu_times(p3, q3)
+            else:
+                out[t, a0], out[t, a1], out[t, a2], out[t, a3] = p0, p1, p2, p3
+                out[t, b0], out[t, b1], out[t, b2], out[t, b3] = q0, q1, q2, q3
+
+
+def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool) -> np.ndarray:
+    """x @ w.T (gated: SwiGLU of gate|up, see `_skinny_matmul`) for up to SKINNY_MAX_TOKENS rows."""
+    out = np.empty((x.shape[0], w.shape[0] // 2 if gated else w.shape[0]), np.float32)
+    kernel = _gemv if x.shape[0] <= GEMV_MAX_TOKENS else _skinny_matmul
+    kernel(x, w, out, gated)
+    return out
 
 
 # ---------------------------------------------------------------- elementwise
@@ -245,9 +290,7 @@ class CpuKernels(ReferenceKernels):
         if bf16 is not None:
             return bf16.matmul(x, weight)
         if rows <= SKINNY_MAX_TOKENS:
-            out = np.empty((rows, weight.shape[0]), np.float32)
-            _skinny_matmul(x, weight, out, False)
-            return out
+            return few_token_matmul(x, weight, gated=False)
         return gemm_nt(x, weight)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
@@ -270,9 +313,7 @@ class CpuKernels(ReferenceKernels):
         if bf16 is not None:
             return bf16.matmul(bf16.swiglu(x, gate_up), down)
         if rows <= SKINNY_MAX_TOKENS:
-            hidden = np.empty((rows, gate_up.shape[0] // 2), np.float32)
-            _skinny_matmul(x, gate_up, hidden, True)
-            return self.linear(hidden, down)
+            return self.linear(few_token_matmul(x, gate_up, gated=True), down)
         return self.linear(self.silu_mul(self.linear(x, gate_up)), down)
 
     def write_kv(self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,

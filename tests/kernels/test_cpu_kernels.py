@@ -112,10 +112,11 @@ def test_silu_mul_matches_reference(tokens):
     np.testing.assert_allclose(CPU.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, SKINNY_MAX_TOKENS, 64, 300])
-@pytest.mark.parametrize("width", [160, 161])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, SKINNY_MAX_TOKENS, 64, 300])
+@pytest.mark.parametrize("width", [160, 161, 163])
 def test_mlp_matches_reference(tokens, width):
-    """The few-token kernel applies SiLU to its accumulators (an odd F leaves a quad half full)."""
+    """The few-token kernels apply SiLU to their accumulators (F off a multiple of 4 leaves a work
+    item part full)."""
     x, gate_up, down = randn(tokens, 96), randn(2 * width, 96, scale=0.3), randn(96, width, scale=0.3)
     np.testing.assert_allclose(CPU.mlp(x, gate_up, down), ref.mlp(x, gate_up, down), rtol=1e-4, atol=1e-4)
 
@@ -154,10 +155,11 @@ def test_rope_write_kv_matches_reference(tokens, heads, kv_heads, head_dim):
     np.testing.assert_array_equal(v_cache, expected_v)
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 4, 9, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 1, 300])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 9, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 1, 300])
 @pytest.mark.parametrize("outputs", [960, 49, 50, 51])
 def test_float32_linear_matches_reference(tokens, outputs):
-    """Both routes: the few-token kernel (odd output counts, token counts off its blocks of 4) and
+    """Every route: the few-token kernels (output counts off their blocks of 4 and 8, token counts
+    off the blocks of 4) and
     BLAS on strided rows (x as a column slice of a wider array)."""
     x, w = randn(tokens, 2 * 576)[:, :576], randn(outputs, 576)
     np.testing.assert_allclose(CPU.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-4)
