@@ -10,8 +10,10 @@ request of `context` prompt tokens streams on cpu:0, beside a warm idle instance
 after a few tokens a burst of three requests for that model lands on cpu:0 and overloads its decode
 time, so the streaming request's instance (the smaller batch) is preempted and the request moves to
 a new instance on cpu:1. Only the choice is pinned: every step, load and copy runs for real. The
-destination is cold in both modes: a re-prefill waits for its start-up, a migration streams through
-it (the two logical devices share the machine's cores, so its load still slows the source).
+destination is cold in both modes, its weights views of the host cache as in `serve` (a start-up of
+a few ms): a re-prefill then prefills the whole context behind the burst's prefills; a migration
+rebuilds the KV while the source streams (the two logical devices share the machine's cores, so the
+rebuild still slows the source).
 """
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def report(runs: list[MoveRun], backend: str, repeats: int, load_before: tuple[f
             f"backend, median of {repeats} runs per cell. {scene} Gaps are between consecutive tokens as the "
             f"client receives them, from the burst on: the hand-over gap is the one before the destination's "
             f"first token; a re-prefill's pause is its largest gap; the typical gap is the median one (both "
-            f"modes). A migration's largest gap is not its hand-over: it falls while the burst is prefilled "
-            f"on cpu:0 and the destination loads on the shared cores. Load average (1/5/15 min) "
+            f"modes). A migration's largest gap can exceed its hand-over: it falls while the burst is "
+            f"prefilled on cpu:0 and the destination rebuilds on the shared cores. Load average (1/5/15 min) "
             f"{load(load_before)} before, {load(load_after)} after: the machine is shared with other work, "
             f"so absolute times are noisy.\n\n{table(runs)}")
