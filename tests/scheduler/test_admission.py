@@ -88,3 +88,25 @@ def test_a_request_with_a_stricter_tpot_takes_a_larger_time_slice():
     relaxed = request_due("b", deadline=5.0, tpot=EXACT.slo.tpot_slo)
     strict = request_due("c", deadline=5.0, tpot=EXACT.slo.tpot_slo / 2)
     assert est.time_slice(inst, strict) == 2 * est.time_slice(inst, relaxed)
+
+
+def test_a_node_whose_steps_overrun_their_estimates_admits_less_until_it_recovers():
+    """Decode steps at twice the profiled time (a shared machine in a slow phase) raise the node's
+    estimates towards 2×, so a request that fitted is refused; once steps are back on time the
+    factor decays to 1, never below."""
+    node = Node(node_spec())
+    big = ready_instance(node, "big")
+    for k in range(3):
+        request_due(f"b{k}", deadline=5.0, inst=big)              # 50 + 3·20 = 110 ms: 0.44 TPOT
+    v = validator()
+    assert v.admit(big, new_request("r", 64), now=0.0)
+    for _ in range(20):
+        v.est.observe_decode(big, 3, big.context_tokens, 2 * 0.110)
+    assert 1.95 < v.est.slowdown("g0") <= 2.0
+    assert abs(v.decode_load(node) - 2 * 0.44) < 0.02
+    assert not v.admit(big, new_request("r", 64), now=0.0)        # 2 · 130 ms > 250 ms
+    for _ in range(40):
+        v.est.observe_decode(big, 3, big.context_tokens, 0.5 * 0.110)
+    assert 1.0 <= v.est.slowdown("g0") < 1.01
+    assert v.admit(big, new_request("r", 64), now=0.0)
+    assert v.est.slowdown("another node") == 1.0
