@@ -73,7 +73,7 @@ class ShadowValidator:
         node, model = target.node, target.model
         required = self.required_with(target, request)
         fixed = partition.fixed_kv_blocks(model, node.spec, self.config)
-        if self.outgrows_fixed_kv(target, request):
+        if fixed is not None and required > fixed:
             return model.block_bytes * (required - fixed)
         blocks = fixed if fixed is not None else required
         if target.id in node.instances:
