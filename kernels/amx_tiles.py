@@ -8,14 +8,7 @@ layout by the pass that produces it anyway (the bf16 conversion, or SiLU). Over 
 GEMMs (SmolLM2 shapes, 2 cores of the AMX Xeon, interleaved, medians): 128 tokens 44 → 25 ms,
 512 tokens 110 → 84 ms, 2048 tokens 361 → 322 ms against MKL.
 
-Layouts (bf16 bit patterns in uint16; dimensions padded with zeros to whole tiles):
-- `TileWeight`: W [O, I] as [O/16, I/2, 16, 2]. For each 16 outputs, 32 inputs make one B tile of
-  W.T in the unit's pair format (row k/2 holds inputs k and k+1 of each of the 16 outputs), one
-  contiguous KiB.
-- `TileRows`: x [T, I] as [T/16, I/32, 16, 32]: 16 tokens x 32 inputs make one A tile, one
-  contiguous KiB, so the hardware prefetcher streams it. (Loading tiles straight out of the
-  row-major matrix, 16 rows 1,152 bytes apart, was 10-15% slower from 512 tokens.) T is padded to a
-  multiple of 32; the padded rows' outputs are computed and dropped.
+Layouts and the work split: `kernels.bf16_layout`.
 
 The kernel: tiles 0-3 accumulate 32 tokens x 32 outputs of float32, 4-5 hold the A tiles of the two
 16-token halves, 6-7 the B tiles of the two 16-output halves; per 32 inputs, four loads and four tile
@@ -35,102 +28,18 @@ before it leaves the core.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 from numba import prange
 
 from kernels.amx_instructions import (TILE_BYTES, TILE_CONFIG, prefetch_line, tile_config, tile_dot, tile_load,
                                      tile_release, tile_store, tile_zero)
-from kernels.cpu_math import JIT, bf16_bits, silu_times
+from kernels.bf16_layout import (TileRows, TileWeight, check_inputs, chunk_blocks, work_item, work_items,
+                                 write_swiglu_block)
+from kernels.cpu_math import JIT
 
 GROUP_PAIRS = 3      # 32-output blocks per work item (1-9 tried: 3 was best)
 CHUNK_BLOCKS = 16    # 32-token blocks per work item (8, 16, 32 tried at 2,048 tokens: 16 was best)
-
-
-# ---------------------------------------------------------------- layouts
-def round_up(n: int, multiple: int) -> int:
-    """n rounded up to a whole number of `multiple`s (tiles pad every dimension so)."""
-    return -(-n // multiple) * multiple
-
-
-@dataclass(frozen=True)
-class TileRows:
-    """An activation matrix [rows, width] in A-tile layout (see the module docstring). Element
-    (t, i) is at tiles[t // 16, i // 32, t % 16, i % 32]."""
-
-    tiles: np.ndarray    # uint16 [rows/16, width/32, 16, 32], both padded
-    rows: int
-
-    @classmethod
-    def empty(cls, rows: int, width: int) -> "TileRows":
-        """Uninitialised but for the padding, which is zeroed (it must hold finite values)."""
-        tiles = np.empty((round_up(rows, 32) // 16, round_up(width, 32) // 32, 16, 32), np.uint16)
-        tiles[-(-rows // 16):] = 0
-        if rows % 16:
-            tiles[rows // 16, :, rows % 16:] = 0
-        if width % 32:
-            tiles[:, width // 32, :, width % 32:] = 0
-        return cls(tiles, rows)
-
-    @classmethod
-    def convert(cls, x: np.ndarray) -> "TileRows":
-        """float32 [T, I] -> bf16 (round to nearest even) in tile layout, one parallel pass."""
-        rows = cls.empty(*x.shape)
-        _rows_to_tiles(x, rows.tiles)
-        return rows
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def tile_position(i):
-    """Column i of a row -> (its tile column, its place in the tile's row)."""
-    return i >> 5, i & 31
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _rows_to_tiles(x, tiles):
-    """x [T, I] float32 -> tiles (bf16); 32 contiguous values per tile row, so the copy vectorises."""
-    whole = x.shape[1] >> 5
-    for t in prange(x.shape[0]):
-        block, row = t >> 4, t & 15
-        for c in range(whole):
-            for j in range(32):
-                tiles[block, c, row, j] = bf16_bits(x[t, 32 * c + j])
-        for i in range(32 * whole, x.shape[1]):
-            c, j = tile_position(i)
-            tiles[block, c, row, j] = bf16_bits(x[t, i])
-
-
-@dataclass(frozen=True)
-class TileWeight:
-    """A weight [outputs, inputs] in B-tile pair layout (see the module docstring)."""
-
-    tiles: np.ndarray    # uint16 [outputs/16, inputs/2, 16, 2], both padded
-    outputs: int
-
-    @classmethod
-    def pack(cls, weight_bf16: np.ndarray) -> "TileWeight":
-        """bf16 bits [O, I] -> the layout, once per weight (a numpy transpose copy)."""
-        outputs, inputs = weight_bf16.shape
-        padded = np.zeros((round_up(outputs, 32), round_up(inputs, 32)), np.uint16)
-        padded[:outputs, :inputs] = weight_bf16
-        o, i = padded.shape
-        return cls(np.ascontiguousarray(padded.reshape(o // 16, 16, i // 2, 2).transpose(0, 2, 1, 3)), outputs)
-
-    @classmethod
-    def pack_gated(cls, gate_up_bf16: np.ndarray) -> "TileWeight":
-        """SwiGLU's stacked gate|up [2F, I] -> the layout with gate and up rows interleaved by 16
-        (gate 0-15, up 0-15, gate 16-31, ...), F padded to 16 with zero rows: each 32-output block
-        then holds 16 gate outputs and their 16 up outputs, for `swiglu`. `outputs` is F."""
-        gate, up = np.split(gate_up_bf16, 2)
-        features, inputs = gate.shape
-        blocks = -(-features // 16)
-        padded = np.zeros((2, blocks * 16, inputs), np.uint16)
-        padded[0, :features], padded[1, :features] = gate, up
-        interleaved = padded.reshape(2, blocks, 16, inputs).transpose(1, 0, 2, 3)
-        packed = cls.pack(interleaved.reshape(-1, inputs))
-        return cls(packed.tiles, features)
 
 
 # ---------------------------------------------------------------- the GEMMs
@@ -197,28 +106,6 @@ def store_block(c, row_bytes):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _chunk_blocks(token_blocks, threads):
-    """32-token blocks per work item: CHUNK_BLOCKS, or fewer so that each of the `threads` has a
-    chunk of its own (see the module docstring)."""
-    return min(CHUNK_BLOCKS, -(-token_blocks // threads))
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def _work_item(item, token_blocks, pairs, chunk_blocks):
-    """Work item -> (its 32-token blocks, its 32-output blocks), for a prange over
-    `_work_items(token_blocks, pairs, chunk_blocks)` items."""
-    groups = -(-pairs // GROUP_PAIRS)
-    chunk, group = item // groups, item % groups      # chunk-major: see the module docstring
-    return (range(chunk * chunk_blocks, min((chunk + 1) * chunk_blocks, token_blocks)),
-            range(group * GROUP_PAIRS, min((group + 1) * GROUP_PAIRS, pairs)))
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def _work_items(token_blocks, pairs, chunk_blocks):
-    return -(-pairs // GROUP_PAIRS) * -(-token_blocks // chunk_blocks)
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
 def _product_block(a_base, b_base, block, pair, block_bytes, k_tiles):
     """Tiles 0-3 = the 32 x 32 float32 block of A @ B for 32-token block `block` and 32-output block
     `pair`, A and B in tile layout (`block_bytes` = one 16-row block of either)."""
@@ -235,10 +122,10 @@ def _tile_matmul(a, b, out, config, threads):
     token_blocks, pairs = out.shape[0] // 32, out.shape[1] // 32
     row_bytes = out.shape[1] * 4
     block_bytes = k_tiles * TILE_BYTES          # one 16-row block of a, or 16-output block of b
-    chunk_blocks = _chunk_blocks(token_blocks, threads)
-    for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
+    chunk = chunk_blocks(token_blocks, threads, CHUNK_BLOCKS)
+    for item in prange(work_items(token_blocks, pairs, chunk, GROUP_PAIRS)):
         tile_config(config.ctypes.data)
-        blocks, outputs = _work_item(item, token_blocks, pairs, chunk_blocks)
+        blocks, outputs = work_item(item, token_blocks, pairs, chunk, GROUP_PAIRS)
         for block in blocks:
             for pair in outputs:
                 _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)
@@ -246,7 +133,7 @@ def _tile_matmul(a, b, out, config, threads):
         tile_release()
 
 
-@numba.njit(parallel=True, **JIT)   # fast-math as every other SiLU here
+@numba.njit(parallel=True, **JIT)
 def _tile_swiglu(a, b, act, config, threads):
     """act (A-tile layout, [T/16, F/32, 16, 32] bf16) = silu(gate) * up of A @ B, with b the
     interleaved gate|up of `TileWeight.pack_gated`: each 32 x 32 float32 block (16 gate and their 16
@@ -254,31 +141,23 @@ def _tile_swiglu(a, b, act, config, threads):
     k_tiles = a.shape[1]
     token_blocks, pairs = a.shape[0] // 2, b.shape[0] // 2
     block_bytes = k_tiles * TILE_BYTES
-    chunk_blocks = _chunk_blocks(token_blocks, threads)
-    for item in prange(_work_items(token_blocks, pairs, chunk_blocks)):
+    chunk = chunk_blocks(token_blocks, threads, CHUNK_BLOCKS)
+    for item in prange(work_items(token_blocks, pairs, chunk, GROUP_PAIRS)):
         tile_config(config.ctypes.data)
         scratch = np.empty((32, 32), np.float32)
-        blocks, outputs = _work_item(item, token_blocks, pairs, chunk_blocks)
+        blocks, outputs = work_item(item, token_blocks, pairs, chunk, GROUP_PAIRS)
         for block in blocks:
             for pair in outputs:
                 _product_block(a.ctypes.data, b.ctypes.data, block, pair, block_bytes, k_tiles)
                 store_block(scratch.ctypes.data, 128)
-                c, j0 = tile_position(16 * pair)
-                for r in range(32):
-                    for j in range(16):
-                        act[2 * block + (r >> 4), c, r & 15, j0 + j] = bf16_bits(silu_times(scratch[r, j], scratch[r, 16 + j]))
+                write_swiglu_block(scratch, act, block, pair)
         tile_release()
-
-
-def _check_inputs(x: TileRows, weight: TileWeight) -> None:
-    if x.tiles.shape[1] * 16 != weight.tiles.shape[1]:
-        raise ValueError(f"inputs differ: {x.tiles.shape[1] * 32} (padded) vs {weight.tiles.shape[1] * 2}")
 
 
 def matmul(x: TileRows, weight: TileWeight) -> np.ndarray:
     """x @ weight.T, float32 [x.rows, weight.outputs]: a view of the padded result (contiguous
     unless the outputs were padded)."""
-    _check_inputs(x, weight)
+    check_inputs(x, weight)
     out = np.empty((x.tiles.shape[0] * 16, weight.tiles.shape[0] * 16), np.float32)
     _tile_matmul(x.tiles, weight.tiles, out, TILE_CONFIG, numba.get_num_threads())
     return out[:x.rows, :weight.outputs]
@@ -287,7 +166,7 @@ def matmul(x: TileRows, weight: TileWeight) -> np.ndarray:
 def swiglu(x: TileRows, gate_up: TileWeight) -> TileRows:
     """silu(x @ gate.T) * (x @ up.T) in bf16 tile layout (the down GEMM's operand), for a weight
     packed by `TileWeight.pack_gated`."""
-    _check_inputs(x, gate_up)
+    check_inputs(x, gate_up)
     act = TileRows.empty(x.rows, gate_up.outputs)
     _tile_swiglu(x.tiles, gate_up.tiles, act.tiles, TILE_CONFIG, numba.get_num_threads())
     return act

@@ -3,8 +3,8 @@
 Why each op is written the way it is (2 cores, memory-bound at small batch):
 - GEMMs of a few tokens (decode; up to SKINNY_MAX_TOKENS) are Numba kernels that stream each
   weight row once (`few_token_matmul`); larger ones go to BLAS on Numba's thread pool (`kernels.cpu_pool`: one pool for
-  the whole step), float32 or, from `amx_min_tokens` rows, bf16 on our AMX tile kernel
-  (`kernels.amx`), where the gate/up GEMM applies SiLU itself (`mlp`).
+  the whole step), float32 or, from `bf16_min_tokens` rows, bf16 on our AMX tile or AVX512-BF16
+  kernel (`kernels.bf16`), where the gate/up GEMM applies SiLU itself (`mlp`).
 - The norm, RoPE, SiLU and KV-cache ops are one pass each in Numba, where numpy would allocate
   temporaries and walk the data several times; a layer's RoPE of q and k and its KV write are one
   (`rope_write_kv`).
@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange
 
 from kernels import cpu_attention, cpu_decode_attention
-from kernels.amx import Bf16Matmul
+from kernels.bf16 import Bf16Matmul
 from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_memory import keep_freed_memory
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
@@ -249,24 +249,24 @@ class _RopeTable:
 
 # ---------------------------------------------------------------- the backend object
 class CpuKernels(ReferenceKernels):
-    """Numba + BLAS backend. `amx`: True demands the bf16 AMX GEMM route (error if unavailable),
-    False turns it off, None (default) uses it when the CPU (amx_bf16) and Linux (the tile state) allow.
+    """Numba + BLAS backend. `bf16`: True demands the bf16 GEMM route (error if unavailable), False
+    turns it off, None (default) uses it where the CPU has one (`kernels.bf16`: AMX, or AVX512-BF16).
 
-    With the route on, a step of `amx_min_tokens` tokens or more runs bf16, its GEMMs and its
-    prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x faster
-    there; below, decode stays float32, which keeps every golden greedy token, where bf16 decode
-    flips one at token 15). Outputs then depend on how tokens were batched, as bf16 results differ
-    from float32 ones; `amx=False` keeps every step float32.
+    With the route on, a step of `bf16_min_tokens` tokens or more runs bf16, its GEMMs and (on AMX)
+    its prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x
+    faster there on AMX; below, decode stays float32, which keeps every golden greedy token, where
+    bf16 decode flips one at token 15). Outputs then depend on how tokens were batched, as bf16
+    results differ from float32 ones; `bf16=False` keeps every step float32.
 
     Memory-moving ops (asarray, zeros, embedding, move_blocks) and argmax are numpy's and inherited.
     """
 
     name = "cpu"
 
-    def __init__(self, amx: bool | None = None, amx_min_tokens: int = 64):
+    def __init__(self, bf16: bool | None = None, bf16_min_tokens: int = 64):
         keep_freed_memory()   # a step's intermediates reuse the last step's pages (kernels.cpu_memory)
-        self.bf16 = Bf16Matmul.create(required=bool(amx)) if amx is not False else None
-        self.amx_min_tokens = amx_min_tokens
+        self.bf16 = Bf16Matmul.create(required=bool(bf16)) if bf16 is not False else None
+        self.bf16_min_tokens = bf16_min_tokens
         self._rope_table = _RopeTable()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -281,8 +281,8 @@ class CpuKernels(ReferenceKernels):
         return summed, out
 
     def _bf16_for(self, rows: int) -> Bf16Matmul | None:
-        """The AMX route if a step of `rows` tokens takes it."""
-        return self.bf16 if rows >= self.amx_min_tokens else None
+        """The bf16 route if a step of `rows` tokens takes it."""
+        return self.bf16 if rows >= self.bf16_min_tokens else None
 
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         rows = x.shape[0]
@@ -306,7 +306,7 @@ class CpuKernels(ReferenceKernels):
 
     def mlp(self, x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
         """The gate/up GEMM applies SiLU to its own results, so [T, 2F] float32 never reaches
-        memory: in the few-token kernel's accumulators, or on the AMX route in its output tiles,
+        memory: in the few-token kernel's accumulators, or on the bf16 route in its output blocks,
         written as the down GEMM's bf16 operand (`Bf16Matmul.swiglu`)."""
         rows = x.shape[0]
         bf16 = self._bf16_for(rows)
@@ -330,8 +330,9 @@ class CpuKernels(ReferenceKernels):
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,
                           scale: float) -> np.ndarray:
-        return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start,
-                                               context_lens, scale, self._bf16_for(len(q)))
+        bf16 = self._bf16_for(len(q))
+        return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale,
+                                               bf16 if bf16 is not None and bf16.has_tiles else None)
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:

@@ -22,9 +22,10 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels.amx import Bf16Matmul
+from kernels.bf16 import Bf16Matmul
 from kernels.amx_instructions import TILE_CONFIG, tile_config, tile_release
-from kernels.amx_tiles import dot_block, load_block, round_up, store_block, zero_block
+from kernels.amx_tiles import dot_block, load_block, store_block, zero_block
+from kernels.bf16_layout import round_up
 from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import gemm_nt
 from kernels.reference import gather_context
@@ -188,7 +189,7 @@ def _bf16_pair(low, high):
 @numba.njit(parallel=True, **JIT)
 def _context_tiles(k_cache, v_cache, block_table, length, keys, values):
     """The first `length` tokens of one sequence's paged caches [N, P, Hkv, D], read through the
-    block table, -> per KV head the B tiles (`amx_tiles.TileWeight` pair layout) of
+    block table, -> per KV head the B tiles (`bf16_layout.TileWeight` pair layout) of
     - keys [Hkv, L / 16, D / 2, 16, 2], the keys as the 16 columns: for scores = queries @ keys.T;
     - values [Hkv, D / 16, L / 2, 16, 2], the head dims as the columns and the keys as the inner
       dimension: for probabilities @ values.

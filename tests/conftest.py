@@ -61,4 +61,4 @@ def smollm2(model_home):
     the numpy reference in tests/kernels; the golden suite then checks the whole model)."""
     from kernels.cpu import CpuKernels
     from refengine.engine.loader import load_model
-    return load_model("smollm2-135m-instruct", CpuKernels(amx=False), home=model_home)   # fp32 throughout
+    return load_model("smollm2-135m-instruct", CpuKernels(bf16=False), home=model_home)   # fp32 throughout

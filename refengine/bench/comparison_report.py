@@ -18,6 +18,10 @@ TARGETS = {
         ("AMX prefill 128 vs our fp32", "refengine cpu AMX", "refengine cpu fp32", ("prefill", 128), 3.0),
         ("AMX prefill 512 vs our fp32", "refengine cpu AMX", "refengine cpu fp32", ("prefill", 512), 3.0),
         ("AMX prefill 2048 vs our fp32", "refengine cpu AMX", "refengine cpu fp32", ("prefill", 2048), 3.0),
+        # no AMX: the dot-product route has no target of its own (the 3x is AMX's)
+        ("AVX512-BF16 prefill 128 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 128), None),
+        ("AVX512-BF16 prefill 512 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 512), None),
+        ("AVX512-BF16 prefill 2048 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 2048), None),
     ],
     "cuda": [
         ("batch-1 decode vs transformers eager", "refengine cuda graph", "transformers cuda eager", ("decode", 1, 128), 10.0),

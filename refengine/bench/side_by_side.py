@@ -38,8 +38,9 @@ def engines_for(device: str) -> list[str]:
     """The engines compared on this kind of device, ours first."""
     if device.startswith("cuda"):
         return ["refengine cuda eager", "refengine cuda graph", "transformers cuda eager"]
-    from kernels.amx import Bf16Matmul
-    ours = ["refengine cpu fp32"] + (["refengine cpu AMX"] if Bf16Matmul.create(required=False) else [])
+    from kernels.bf16 import Bf16Matmul
+    bf16 = Bf16Matmul.create(required=False)
+    ours = ["refengine cpu fp32"] + ([f"refengine cpu {bf16.route}"] if bf16 else [])
     return ours + ["llama.cpp F32", "llama.cpp F16", "llama.cpp Q4_1", "transformers fp32"]
 
 
@@ -75,7 +76,7 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
             kern = GpuKernels(options.device)
         else:
             from kernels.cpu import CpuKernels
-            kern = CpuKernels(amx=engine.endswith("AMX"))
+            kern = CpuKernels(bf16=not engine.endswith("fp32"))
         model = LlamaModel(config, LlamaWeights.from_hf(tensors, config, kern), kern)
         if engine.endswith("graph"):
             from kernels.gpu_graph import GraphedDecodeModel

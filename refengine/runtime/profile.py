@@ -145,9 +145,11 @@ def kernels_fingerprint(kind: str) -> str:
         digest.update(path.read_bytes())
     label = f"kernels {digest.hexdigest()[:12]}"
     if kind == "cpu":
-        from kernels import amx, cpu_pool
+        from kernels import cpu_pool
+        from kernels.bf16 import Bf16Matmul
+        bf16 = Bf16Matmul.create(required=False)
         label += (", MKL sgemm" if cpu_pool.MKL_SGEMM is not None else ", OpenBLAS sgemm") + \
-                 (", AMX bf16" if amx.unavailable_reason() is None else "")
+                 (f", {bf16.route} bf16" if bf16 is not None else "")
     return label
 
 

@@ -33,7 +33,7 @@ def expected(smollm2) -> list[int]:
 
 
 def test_tokens_equal_a_fully_loaded_model(prepared_model, expected) -> None:
-    model = load_llama(prepared_model, CpuKernels(amx=False), execute_while_load=True)
+    model = load_llama(prepared_model, CpuKernels(bf16=False), execute_while_load=True)
     assert greedy(model) == expected
 
 
@@ -47,7 +47,7 @@ def test_first_layer_runs_before_the_last_one_arrives(prepared_model, expected, 
 
     monkeypatch.setattr(FileReader, "read_into", slow_read)
     store = ModelStore(threads=1)
-    lease = store.load(prepared_model, CpuKernels(amx=False))
+    lease = store.load(prepared_model, CpuKernels(bf16=False))
     model, arrival = lease.model, lease.load.arrival
     computed: dict[str, float] = {}
     model.forward = functools.partial(LlamaModel.forward, model,

@@ -1,18 +1,21 @@
-"""bf16 GEMMs on Intel AMX, for the steps that multiply many tokens at once (prefill).
+"""bf16 GEMMs for the steps that multiply many tokens at once (prefill), on whichever bf16 unit
+this CPU has: Intel's AMX tiles (`kernels.amx_tiles`) or, without them, AVX512-BF16's dot-product
+instruction (`kernels.avx512_bf16`: AMD Zen 4 and later). Both take bf16 inputs and accumulate and
+return float32, on the same operand layouts (`kernels.bf16_layout`), several times faster than
+float32 BLAS on the same cores.
 
-numpy's OpenBLAS has no bf16 GEMM. The layer GEMMs run on our own tile kernel (`kernels.amx_tiles`):
-bf16 x bf16 on the AMX tiles with float32 accumulation and output, several times faster than
-float32 BLAS on the same cores. Weights are converted to bf16 and laid out for the tiles once, at
-their first such GEMM, and kept beside the float32 original for as long as its memory lives (a weak
-reference drops the copy with the buffer; instances sharing a host-cache entry share the copies);
-activations are converted per call (round to nearest even) into tile layout by a parallel Numba
-pass, which costs a few percent of the GEMM. The attention tiles (`kernels.cpu_attention`) use the
-same tile helpers. (MKL's `cblas_gemm_bf16bf16f32`, used here at first, re-lays out its operands on
-every call: docs/benchmarks_cpu_kernels.md.)
+numpy's OpenBLAS has no bf16 GEMM, and MKL's `cblas_gemm_bf16bf16f32` re-lays out its operands on
+every call (docs/benchmarks_cpu_kernels.md; on the Zen 4 VM it ran no faster than float32 BLAS). So
+weights are converted to bf16 and laid out once, at their first such GEMM, and kept beside the
+float32 original for as long as its memory lives (a weak reference drops the copy with the buffer;
+instances sharing a host-cache entry share the copies); activations are converted per call (round
+to nearest even) into the layout by a parallel Numba pass, which costs a few percent of the GEMM.
+The prompt attention's bf16 tiles (`kernels.cpu_attention`) need AMX itself; on the dot-product
+route attention stays float32.
 
-Availability is decided at run time: the CPU must report `amx_bf16` and Linux must grant the tile
-state (5.16 or later). Nothing beyond Numba is needed; the kernels run on Numba's pool like every
-other CPU kernel.
+The route is chosen at run time: AMX where the CPU reports `amx_bf16` and Linux grants the tile
+state (5.16 or later), else AVX512-BF16 where the CPU reports `avx512_bf16`. Nothing beyond Numba
+is needed; the kernels run on Numba's pool like every other CPU kernel.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels import amx_tiles
+from kernels import amx_tiles, avx512_bf16
 from kernels.amx_instructions import request_tile_permission
-from kernels.amx_tiles import TileRows, TileWeight
+from kernels.bf16_layout import TileRows, TileWeight
 from kernels.cpu_math import bf16_bits
 from kernels.cpu_pool import cpu_info
 
@@ -54,13 +57,21 @@ def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "amx_bf16" in cpu_info("flags", cpuinfo).split()
 
 
-def unavailable_reason() -> str | None:
-    """Why the AMX route cannot run here, or None if it can."""
+def amx_unavailable_reason() -> str | None:
+    """Why the AMX tiles cannot run here, or None if they can."""
     if not cpu_has_amx_bf16():
         return "this CPU does not report amx_bf16 in /proc/cpuinfo"
     if not request_tile_permission():
         return "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     return None
+
+
+def unavailable_reason() -> str | None:
+    """Why no bf16 route can run here, or None if one can."""
+    amx = amx_unavailable_reason()
+    if amx is None or avx512_bf16.cpu_has_avx512_bf16():
+        return None
+    return f"{amx}, nor avx512_bf16"
 
 
 def _owner(view: np.ndarray) -> np.ndarray:
@@ -71,19 +82,31 @@ def _owner(view: np.ndarray) -> np.ndarray:
 
 
 class Bf16Matmul:
-    """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output."""
+    """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output, on
+    `kernel` (`amx_tiles` or `avx512_bf16`: both have `matmul` and `swiglu` on the same layouts)."""
 
-    def __init__(self):
+    def __init__(self, kernel=None):
+        self._kernel = kernel or (amx_tiles if amx_unavailable_reason() is None else avx512_bf16)
         self._weights: dict[tuple, TileWeight] = {}   # (address, shape, strides) of a weight -> its tiles
+
+    @property
+    def route(self) -> str:
+        """"AMX" or "AVX512-BF16": which unit multiplies."""
+        return "AMX" if self._kernel is amx_tiles else "AVX512-BF16"
+
+    @property
+    def has_tiles(self) -> bool:
+        """Whether the AMX tiles are there, for the bf16 attention (`kernels.cpu_attention`)."""
+        return self._kernel is amx_tiles
 
     @classmethod
     def create(cls, required: bool = False) -> "Bf16Matmul | None":
-        """The AMX route if this machine has it; else None, or RuntimeError if `required`."""
+        """The bf16 route this machine has; else None, or RuntimeError if `required`."""
         reason = unavailable_reason()
         if reason is None:
             return cls()
         if required:
-            raise RuntimeError(f"the AMX bf16 GEMM route was asked for but is unavailable: {reason}")
+            raise RuntimeError(f"the bf16 GEMM route was asked for but is unavailable: {reason}")
         return None
 
     def tiled_weight(self, weight: np.ndarray, gated: bool = False) -> TileWeight:
@@ -101,11 +124,11 @@ class Bf16Matmul:
 
     def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32 (or already bf16 tiles), weight [O, I] float32 -> [T, O] float32."""
-        return amx_tiles.matmul(_as_rows(x), self.tiled_weight(weight))
+        return self._kernel.matmul(_as_rows(x), self.tiled_weight(weight))
 
     def swiglu(self, x: np.ndarray | TileRows, gate_up: np.ndarray) -> TileRows:
         """silu(x @ gate.T) * (x @ up.T), gate_up [2F, I] stacked, as the next GEMM's bf16 tiles."""
-        return amx_tiles.swiglu(_as_rows(x), self.tiled_weight(gate_up, gated=True))
+        return self._kernel.swiglu(_as_rows(x), self.tiled_weight(gate_up, gated=True))
 
 
 def _as_rows(x: np.ndarray | TileRows) -> TileRows:

@@ -1,4 +1,5 @@
-"""The bf16 AMX GEMM route: rounding, accumulation, the weight cache, and how CpuKernels uses it.
+"""The bf16 GEMM route (AMX tiles, or AVX512-BF16 dot products): rounding, accumulation, the weight
+cache, and how CpuKernels uses it. Kernel-level tests run on each kernel this CPU has.
 
 Tolerances: bf16 keeps 8 significant bits, so a product over 576 inputs of size ~1 lands within
 ~1% of its float32 value (checked as 2e-2 of the output scale); against the same bf16-rounded inputs
@@ -14,8 +15,8 @@ import numba
 import numpy as np
 import pytest
 
-from kernels import amx, amx_tiles, cpu_attention
-from kernels.amx_tiles import TileRows, TileWeight
+from kernels import amx_tiles, avx512_bf16, bf16, cpu_attention
+from kernels.bf16_layout import TileRows, TileWeight
 from kernels import reference as ref
 from kernels.cpu import CpuKernels
 from models.llama import LlamaModel, LlamaWeights
@@ -25,8 +26,14 @@ from tests.kernels.test_reference import paged
 from tests.models.test_golden import forward_whole
 
 RNG = np.random.default_rng(77)
-needs_amx = pytest.mark.skipif(amx.unavailable_reason() is not None,
-                               reason=f"AMX route unavailable: {amx.unavailable_reason()}")
+needs_amx = pytest.mark.skipif(bf16.amx_unavailable_reason() is not None,
+                               reason=f"AMX tiles unavailable: {bf16.amx_unavailable_reason()}")
+needs_bf16 = pytest.mark.skipif(bf16.unavailable_reason() is not None,
+                                reason=f"no bf16 route: {bf16.unavailable_reason()}")
+KERNELS = [pytest.param(amx_tiles, marks=needs_amx, id="amx"),
+           pytest.param(avx512_bf16, id="avx512_bf16",
+                        marks=pytest.mark.skipif(not avx512_bf16.cpu_has_avx512_bf16(),
+                                                 reason="this CPU does not report avx512_bf16 in /proc/cpuinfo"))]
 
 
 def randn(*shape: int) -> np.ndarray:
@@ -37,59 +44,84 @@ def test_to_bf16_rounds_to_nearest_even_like_ml_dtypes():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = np.concatenate([randn(10_000) * 1e3, randn(1000) * 1e-30, [0.0, -0.0, np.inf, -np.inf, 1.00390625]])
     x = x.astype(np.float32)
-    np.testing.assert_array_equal(amx.to_bf16(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
-    np.testing.assert_array_equal(amx.from_bf16(amx.to_bf16(x)), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(bf16.to_bf16(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(bf16.from_bf16(bf16.to_bf16(x)), x.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_unavailable_route_falls_back_or_raises(monkeypatch):
-    monkeypatch.setattr(amx, "unavailable_reason", lambda: "no AMX here (test)")
-    assert CpuKernels(amx=None).bf16 is None
-    assert CpuKernels(amx=False).bf16 is None
-    with pytest.raises(RuntimeError, match="no AMX here"):
-        CpuKernels(amx=True)
+    monkeypatch.setattr(bf16, "unavailable_reason", lambda: "no bf16 here (test)")
+    assert CpuKernels(bf16=None).bf16 is None
+    assert CpuKernels(bf16=False).bf16 is None
+    with pytest.raises(RuntimeError, match="no bf16 here"):
+        CpuKernels(bf16=True)
 
 
-@needs_amx
+def test_route_is_amx_where_granted_else_the_dot_products(monkeypatch):
+    """AMX first; without it AVX512-BF16, whose steps keep attention float32 (no tiles); neither: none."""
+    monkeypatch.setattr(bf16, "amx_unavailable_reason", lambda: None)
+    assert bf16.Bf16Matmul().route == "AMX" and bf16.Bf16Matmul().has_tiles
+    monkeypatch.setattr(bf16, "amx_unavailable_reason", lambda: "no AMX (test)")
+    monkeypatch.setattr(avx512_bf16, "cpu_has_avx512_bf16", lambda: True)
+    assert bf16.unavailable_reason() is None
+    route = bf16.Bf16Matmul()
+    assert route.route == "AVX512-BF16" and not route.has_tiles
+    monkeypatch.setattr(avx512_bf16, "cpu_has_avx512_bf16", lambda: False)
+    assert bf16.unavailable_reason() == "no AMX (test), nor avx512_bf16"
+    assert bf16.Bf16Matmul.create() is None
+
+
+@needs_bf16
+def test_dot_product_route_leaves_prompt_attention_float32(monkeypatch):
+    """On AVX512-BF16 the GEMMs go bf16 but `prefill_attention` gets no tiles (they need AMX)."""
+    kernels = CpuKernels(bf16=True, bf16_min_tokens=1)
+    kernels.bf16 = bf16.Bf16Matmul(avx512_bf16)
+    seen = []
+    monkeypatch.setattr(cpu_attention, "prefill_attention", lambda *args: seen.append(args[-1]))
+    kernels.prefill_attention(randn(100, 2, 64), *([None] * 3), np.array([0, 100]), None, 0.1)
+    assert seen == [None]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens,outputs,inputs", [(1, 960, 576), (64, 3072, 576), (300, 576, 1536), (7, 5, 3)])
-def test_bf16_matmul_accumulates_in_float32(tokens, outputs, inputs):
-    gemm = amx.Bf16Matmul.create(required=True)
+def test_bf16_matmul_accumulates_in_float32(kernel, tokens, outputs, inputs):
+    gemm = bf16.Bf16Matmul(kernel)
     x, w = randn(tokens, inputs), randn(outputs, inputs)
     out = gemm.matmul(x, w)
-    rounded = amx.from_bf16(amx.to_bf16(x)) @ amx.from_bf16(amx.to_bf16(w)).T
+    rounded = bf16.from_bf16(bf16.to_bf16(x)) @ bf16.from_bf16(bf16.to_bf16(w)).T
     np.testing.assert_allclose(out, rounded, rtol=1e-4, atol=1e-4)
     exact = x @ w.T
     assert np.abs(out - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-@needs_amx
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100, 2100])
 @pytest.mark.parametrize("outputs,inputs", [(64, 576), (50, 70), (3072, 576), (576, 1536)])
-def test_tile_kernel_equals_float32_products_of_the_rounded_inputs(tokens, outputs, inputs):
-    """`amx_tiles.matmul` across tile, pair and work-item edges (2100 tokens: five chunks of 16
+def test_kernel_equals_float32_products_of_the_rounded_inputs(kernel, tokens, outputs, inputs):
+    """Each kernel's `matmul` across tile, pair, micro-kernel and work-item edges (2100 tokens: five chunks of 16
     token blocks, the last one partial), with padded rows, outputs and inputs; the result is
     contiguous when O fills tiles."""
     x, w = randn(tokens, inputs), randn(outputs, inputs)
-    out = amx_tiles.matmul(TileRows.convert(x), TileWeight.pack(amx.to_bf16(w)))
-    rounded = amx.from_bf16(amx.to_bf16(x)).astype(np.float64) @ amx.from_bf16(amx.to_bf16(w)).astype(np.float64).T
+    out = kernel.matmul(TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)))
+    rounded = bf16.from_bf16(bf16.to_bf16(x)).astype(np.float64) @ bf16.from_bf16(bf16.to_bf16(w)).astype(np.float64).T
     assert out.shape == (tokens, outputs) and (out.flags.c_contiguous or outputs % 32)
     np.testing.assert_allclose(out, rounded, rtol=1e-5, atol=1e-4)
 
 
-@needs_amx
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens", [33, 100, 600])
-def test_tile_kernels_give_the_same_bits_on_one_thread_and_on_all(tokens):
+def test_kernels_give_the_same_bits_on_one_thread_and_on_all(kernel, tokens):
     """Work items split the tokens by thread count (one thread: chunks of 16 token blocks; two:
     half the blocks each), which moves only which thread computes a block, never its sum."""
     x, w, gate_up = randn(tokens, 576), randn(96, 576), randn(192, 576) * 0.2
-    rows, weight, gated = TileRows.convert(x), TileWeight.pack(amx.to_bf16(w)), TileWeight.pack_gated(amx.to_bf16(gate_up))
+    rows, weight, gated = TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)), TileWeight.pack_gated(bf16.to_bf16(gate_up))
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        alone = amx_tiles.matmul(rows, weight).copy(), amx_tiles.swiglu(rows, gated).tiles
+        alone = kernel.matmul(rows, weight).copy(), kernel.swiglu(rows, gated).tiles
     finally:
         numba.set_num_threads(threads)
-    assert np.array_equal(amx_tiles.matmul(rows, weight), alone[0])
-    assert np.array_equal(amx_tiles.swiglu(rows, gated).tiles, alone[1])
+    assert np.array_equal(kernel.matmul(rows, weight), alone[0])
+    assert np.array_equal(kernel.swiglu(rows, gated).tiles, alone[1])
 
 
 def test_tile_layouts_place_each_element():
@@ -97,20 +129,19 @@ def test_tile_layouts_place_each_element():
     [o // 16, i // 2, o % 16, i % 2]; padding zero."""
     x = randn(40, 70)
     rows = TileRows.convert(x).tiles
-    bits = amx.to_bf16(x)
+    bits = bf16.to_bf16(x)
     t, i = np.meshgrid(np.arange(40), np.arange(70), indexing="ij")
     np.testing.assert_array_equal(rows[t // 16, i // 32, t % 16, i % 32], bits)
     assert rows.shape == (4, 3, 16, 32) and not rows[2:, :, 8:].any() and not rows[:, 2, :, 6:].any()
-    w = amx.to_bf16(randn(50, 70))
+    w = bf16.to_bf16(randn(50, 70))
     tiles = TileWeight.pack(w).tiles
     o, i = np.meshgrid(np.arange(50), np.arange(70), indexing="ij")
     np.testing.assert_array_equal(tiles[o // 16, i // 2, o % 16, i % 2], w)
     assert tiles.shape == (4, 48, 16, 2) and not tiles[3, :, 2:].any()
 
 
-@needs_amx
 def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
-    gemm = amx.Bf16Matmul.create(required=True)
+    gemm = bf16.Bf16Matmul(avx512_bf16)   # the cache needs no bf16 hardware
     w = randn(64, 32)
     first = gemm.tiled_weight(w)
     assert gemm.tiled_weight(w) is first
@@ -120,10 +151,9 @@ def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
     assert not gemm._weights
 
 
-@needs_amx
 def test_views_of_one_buffer_share_a_bf16_copy_that_lives_as_long_as_the_buffer():
     """Instances loaded from one host-cache entry hold different view objects of the same memory."""
-    gemm = amx.Bf16Matmul.create(required=True)
+    gemm = bf16.Bf16Matmul(avx512_bf16)
     buffer = randn(2, 64, 32)
     first, second = buffer[1], buffer[1][...]
     assert first is not second
@@ -137,9 +167,9 @@ def test_views_of_one_buffer_share_a_bf16_copy_that_lives_as_long_as_the_buffer(
     assert not gemm._weights
 
 
-@needs_amx
+@needs_bf16
 def test_cpu_kernels_use_bf16_only_from_the_token_threshold():
-    kernels = CpuKernels(amx=True, amx_min_tokens=16)
+    kernels = CpuKernels(bf16=True, bf16_min_tokens=16)
     w = randn(96, 64)
     small, large = randn(15, 64), randn(16, 64)
     np.testing.assert_allclose(kernels.linear(small, w), ref.linear(small, w), rtol=1e-5, atol=1e-4)
@@ -148,11 +178,11 @@ def test_cpu_kernels_use_bf16_only_from_the_token_threshold():
     assert len(kernels.bf16._weights) == 1
 
 
-@needs_amx
+@needs_bf16
 def test_bf16_mlp_rounds_its_silu_output_for_the_down_gemm():
-    """The AMX MLP equals its three steps done apart in bf16: gate/up GEMM, SiLU rounded to bf16,
+    """The bf16 MLP equals its three steps done apart in bf16: gate/up GEMM, SiLU rounded to bf16,
     down GEMM (float32 accumulation throughout), and stays within bf16 error of float32."""
-    kernels = CpuKernels(amx=True)
+    kernels = CpuKernels(bf16=True)
     x, gate_up, down = randn(100, 576), randn(2 * 1536, 576) * 0.05, randn(576, 1536) * 0.05
     got = kernels.mlp(x, gate_up, down)
     # the float32 SiLU with the same exp as the fused one: numpy's exp would round some of its
@@ -163,8 +193,8 @@ def test_bf16_mlp_rounds_its_silu_output_for_the_down_gemm():
     assert np.abs(got - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-@needs_amx
-def test_tiny_model_prefill_logits_with_amx_stay_close():
+@needs_bf16
+def test_tiny_model_prefill_logits_with_bf16_stay_close():
     """A 100-token prefill with every GEMM in bf16: logits within 2e-2 of the scale of float32's."""
     tensors = random_tensors(TINY, seed=0)
     prompt = random_prompt(100, seed=3)
@@ -173,7 +203,7 @@ def test_tiny_model_prefill_logits_with_amx_stay_close():
         return forward_whole(LlamaModel(TINY, LlamaWeights.from_hf(tensors, TINY, kernels), kernels), prompt)
 
     expected = logits(ref.ReferenceKernels())
-    got = logits(CpuKernels(amx=True, amx_min_tokens=1))
+    got = logits(CpuKernels(bf16=True, bf16_min_tokens=1))
     assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
 
 
@@ -189,28 +219,28 @@ def test_bf16_prefill_attention_stays_close(heads, kv_heads, head_dim):
     q = randn(sum(query_lens), heads, head_dim)
     query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     args = (q, k_cache, v_cache, tables, query_start, np.array(lengths, np.int32), head_dim ** -0.5)
-    got = cpu_attention.prefill_attention(*args, bf16=amx.Bf16Matmul.create(required=True))
+    got = cpu_attention.prefill_attention(*args, bf16=bf16.Bf16Matmul(amx_tiles))
     np.testing.assert_allclose(got, ref.prefill_attention(*args), atol=3e-2)
 
 
-AMX_GOLDEN_TOKENS = 16   # issue 5: greedy output with AMX must match the float32 golden this far
+BF16_GOLDEN_TOKENS = 16   # issue 5: greedy output with bf16 prefill must match the float32 golden this far
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("case", range(8))
-def test_greedy_with_amx_matches_golden_for_16_tokens(model_home, golden_dir, case):
-    """The real model on the default AMX route (bf16 GEMMs and attention for steps of 64+ tokens:
-    every golden prompt's prefill; decode stays float32) keeps the golden greedy tokens this far."""
+def test_greedy_with_bf16_matches_golden_for_16_tokens(model_home, golden_dir, case):
+    """The real model on this CPU's bf16 route (bf16 GEMMs, and on AMX attention, for steps of 64+
+    tokens: every golden prompt's prefill; decode stays float32) keeps the golden greedy tokens this far."""
     from refengine.engine.instance import Instance
     from refengine.engine.loader import load_model
     from refengine.engine.sequence import SamplingParams
     from tests.conftest import run_to_end
     c = json.loads((golden_dir / "greedy.json").read_text())["cases"][case]
-    model = load_model("smollm2-135m-instruct", CpuKernels(amx=True), home=model_home).model
+    model = load_model("smollm2-135m-instruct", CpuKernels(bf16=True), home=model_home).model
     instance = Instance(model, num_blocks=64)
-    seq = instance.add_request(c["prompt_ids"], SamplingParams(max_tokens=AMX_GOLDEN_TOKENS, ignore_eos=True))
+    seq = instance.add_request(c["prompt_ids"], SamplingParams(max_tokens=BF16_GOLDEN_TOKENS, ignore_eos=True))
     run_to_end(instance)
-    assert seq.output_ids == c["completion_ids"][:AMX_GOLDEN_TOKENS]
+    assert seq.output_ids == c["completion_ids"][:BF16_GOLDEN_TOKENS]
 
 
 @needs_amx
@@ -226,23 +256,23 @@ def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max()
     k_cache[slots[300:700] // 16, slots[300:700] % 16] *= 40.0
     q = randn(length, heads, head_dim)
     meta = (tables, np.array([0, length], np.int32), np.array([length], np.int32), head_dim ** -0.5)
-    got = cpu_attention.prefill_attention(q, k_cache, v_cache, *meta, bf16=amx.Bf16Matmul.create(required=True))
+    got = cpu_attention.prefill_attention(q, k_cache, v_cache, *meta, bf16=bf16.Bf16Matmul(amx_tiles))
     assert np.isfinite(got).all()
-    rounded = [amx.from_bf16(amx.to_bf16(a)) for a in (q, k_cache, v_cache)]
+    rounded = [bf16.from_bf16(bf16.to_bf16(a)) for a in (q, k_cache, v_cache)]
     np.testing.assert_allclose(got, ref.prefill_attention(*rounded, *meta), atol=3e-2)
 
 
-@needs_amx
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens,features,inputs", [(33, 40, 70), (100, 1536, 576), (64, 96, 64), (600, 96, 64)])
-def test_swiglu_tiles_equal_silu_of_the_two_gemms(tokens, features, inputs):
+def test_swiglu_equals_silu_of_the_two_gemms(kernel, tokens, features, inputs):
     """The gate/up GEMM with SiLU in its epilogue (`Bf16Matmul.swiglu`) against silu(gate) * up of
     the plain tile GEMMs, rounded to bf16; F not a multiple of 16 or 32 leaves zero padding; 600
     tokens span two token chunks of a work item."""
-    gemm = amx.Bf16Matmul.create(required=True)
+    gemm = bf16.Bf16Matmul(kernel)
     x, gate_up = randn(tokens, inputs), randn(2 * features, inputs) * 0.2
     act = gemm.swiglu(x, gate_up)
     padded = act.tiles.transpose(0, 2, 1, 3).reshape(act.tiles.shape[0] * 16, -1)
-    expected = amx.to_bf16(ref.silu_mul(gemm.matmul(x, gate_up)))
+    expected = bf16.to_bf16(ref.silu_mul(gemm.matmul(x, gate_up)))
     got = padded[:tokens, :features]
-    np.testing.assert_allclose(amx.from_bf16(got), amx.from_bf16(expected), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(bf16.from_bf16(got), bf16.from_bf16(expected), rtol=1e-2, atol=1e-3)
     assert not padded[tokens:].any() and not padded[:, features:].any()
