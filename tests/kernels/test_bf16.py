@@ -229,14 +229,15 @@ BF16_GOLDEN_TOKENS = 16   # issue 5: greedy output with bf16 prefill must match 
 @needs_bf16
 @pytest.mark.parametrize("case", range(8))
 def test_greedy_with_bf16_matches_golden_for_16_tokens(model_home, golden_dir, case):
-    """The real model on this CPU's bf16 route (bf16 GEMMs, and on AMX attention, for steps of 64+
-    tokens: every golden prompt's prefill; decode stays float32) keeps the golden greedy tokens this far."""
+    """The real model with every prefill of 2+ tokens on this CPU's bf16 route (bf16 GEMMs, and on
+    AMX attention; the default threshold of 64 would leave all but one golden prompt float32) and
+    decode float32 keeps the golden greedy tokens this far."""
     from refengine.engine.instance import Instance
     from refengine.engine.loader import load_model
     from refengine.engine.sequence import SamplingParams
     from tests.conftest import run_to_end
     c = json.loads((golden_dir / "greedy.json").read_text())["cases"][case]
-    model = load_model("smollm2-135m-instruct", CpuKernels(bf16=True), home=model_home).model
+    model = load_model("smollm2-135m-instruct", CpuKernels(bf16=True, bf16_min_tokens=2), home=model_home).model
     instance = Instance(model, num_blocks=64)
     seq = instance.add_request(c["prompt_ids"], SamplingParams(max_tokens=BF16_GOLDEN_TOKENS, ignore_eos=True))
     run_to_end(instance)
