@@ -137,11 +137,10 @@ class Scheduler:
         inst.busy_time += ev.elapsed
         inst.kv_used = ev.kv_blocks_used
         requests = self.life.requests
-        stepped = [requests[rid] for rid in ev.sequences if rid in requests]
-        if ev.kind == "decode" and stepped:
-            self.estimator.observe_decode(inst, len(stepped), sum(r.context for r in stepped), ev.elapsed)
-        elif stepped:
-            self.estimator.observe_prefill(inst, stepped, ev.elapsed)
+        if ev.kind == "decode" and ev.sequences:
+            stepped = [requests[rid] for rid in ev.sequences if rid in requests]
+            self.estimator.observe_decode(inst, len(stepped), sum(r.context for r in stepped),
+                                          ev.elapsed)
         inst.deadlines_changed()
         for rid in ev.sequences:
             req = requests.get(rid)

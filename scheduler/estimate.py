@@ -6,9 +6,8 @@ shadow validation errs towards refusing. A prefill is estimated from the request
 
 Slowdown (not in the paper): the tables are profiled once, and a shared machine can run slower
 than that for minutes (the AMD VM of docs/BENCHMARKS.md ran at half speed in phases). Each node
-keeps a moving average of how far its steps, decode and prefill, overran their margined estimate
-(never below 1, so it decays back once the node is fast again; a prefill of several requests is
-estimated as their sum, which only errs low), and every estimate on the node is scaled by it:
+keeps a moving average of how far its decode steps overran their margined estimate (never below
+1, so it decays back once the node is fast again), and every estimate on the node is scaled by it:
 admission then refuses what the node can no longer carry instead of letting a crowded device miss
 every TPOT together. In the simulator steps take exactly the profiled time, so the factor stays 1.
 """
@@ -20,7 +19,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.state import Instance, Request
 
 
-SLOWDOWN_WEIGHT = 0.2   # of the newest step in a node's moving average
+SLOWDOWN_WEIGHT = 0.2   # of the newest decode step in a node's moving average
 SLOWDOWN_CAP = 4.0      # one step's overrun counts at most this much
 
 
@@ -40,20 +39,13 @@ class Estimator:
     def observe_decode(self, instance: Instance, batch: int, context_tokens: int,
                        elapsed: float) -> None:
         """One decode step of `batch` sequences holding `context_tokens` in all took `elapsed` s."""
-        self._observe(instance, self.decode(instance, batch, context_tokens), elapsed)
-
-    def observe_prefill(self, instance: Instance, requests: Iterable[Request], elapsed: float) -> None:
-        """One prefill step of `requests` (each its whole context) took `elapsed` s."""
-        self._observe(instance, self.prefill(instance, requests), elapsed)
-
-    def _observe(self, instance: Instance, scaled_estimate: float, elapsed: float) -> None:
-        """A step estimated (with the node's current factor) at `scaled_estimate` took `elapsed`."""
-        node = instance.node.id
-        estimate = scaled_estimate / self.slowdown(node)
+        estimate = self.decode(instance, batch, context_tokens) / self.slowdown(instance.node.id)
         if estimate <= 0 or elapsed <= 0:
             return
         overrun = min(max(elapsed / estimate, 1.0), SLOWDOWN_CAP)
-        self._slowdown[node] = (1 - SLOWDOWN_WEIGHT) * self.slowdown(node) + SLOWDOWN_WEIGHT * overrun
+        node = instance.node.id
+        self._slowdown[node] = ((1 - SLOWDOWN_WEIGHT) * self.slowdown(node)
+                                + SLOWDOWN_WEIGHT * overrun)
 
     def prefill(self, instance: Instance, requests: Iterable[Request]) -> float:
         """Σ over requests of one prefill each (the artifact's conservative sum, §4.2.4)."""

@@ -110,20 +110,3 @@ def test_a_node_whose_steps_overrun_their_estimates_admits_less_until_it_recover
     assert 1.0 <= v.est.slowdown("g0") < 1.01
     assert v.admit(big, new_request("r", 64), now=0.0)
     assert v.est.slowdown("another node") == 1.0
-
-
-def test_prefills_that_overrun_their_estimates_raise_the_factor_too():
-    """A node whose prefills take 3x their estimate (decode steps unobserved) scales every estimate
-    towards 3x; prefills faster than estimated (a batch costs less than the sum) leave it at 1."""
-    node = Node(node_spec())
-    inst = ready_instance(node, "i")
-    prompt = request_due("p", deadline=5.0, inst=inst, prefilled=False, input_tokens=400)
-    est = Estimator(EXACT)
-    alone = est.prefill(inst, [prompt])
-    for _ in range(3):
-        est.observe_prefill(inst, [prompt, prompt], 0.5 * alone)
-    assert est.slowdown(node.id) == 1.0
-    for _ in range(30):
-        est.observe_prefill(inst, [prompt], 3 * alone)
-    assert 2.95 < est.slowdown(node.id) <= 3.0
-    assert abs(est.decode(inst, 1, 100) / Estimator(EXACT).decode(inst, 1, 100) - est.slowdown(node.id)) < 1e-9

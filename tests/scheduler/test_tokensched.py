@@ -69,14 +69,3 @@ def test_gpu_decode_grants_hold_several_fast_iterations():
     step = est.decode(inst, inst.batch, inst.context_tokens)   # 50 + 2 · 20 = 90 ms
     assert est.decode_iterations(inst, step) == 1              # longer than the 50 ms target
     assert Estimator(replace(sched.config, grant_target=0.3)).decode_iterations(inst, step) == 3
-
-
-def test_a_prefill_step_that_overran_its_estimate_slows_the_node():
-    """The core feeds prefill steps to the node's slowdown factor, as it does decode steps."""
-    sched, node, insts = fig14()
-    grant = sched.tokens.grant(node, now=0.0)
-    request = sched.life.requests["inst2-0"]
-    estimate = sched.estimator.prefill(insts["inst2"], [request])
-    sched.handle(StepFinished("inst2", grant.grant_id, "prefill", ("inst2-0",), (),
-                              kv_blocks_used=7, elapsed=3 * estimate, grant_done=True), now=3 * estimate)
-    assert abs(sched.estimator.slowdown("g0") - (0.8 + 0.2 * 3)) < 1e-9
