@@ -10,8 +10,7 @@ weights are converted to bf16 and laid out once, at their first such GEMM, and k
 float32 original for as long as its memory lives (a weak reference drops the copy with the buffer;
 instances sharing a host-cache entry share the copies); activations are converted per call (round
 to nearest even) into the layout by a parallel Numba pass, which costs a few percent of the GEMM.
-The prompt attention's bf16 tiles (`kernels.cpu_attention`) need AMX itself; on the dot-product
-route attention stays float32.
+The prompt attention's bf16 tiles (`kernels.cpu_attention`) use the same block products.
 
 The route is chosen at run time: AMX where the CPU reports `amx_bf16` and Linux grants the tile
 state (5.16 or later), else AVX512-BF16 where the CPU reports `avx512_bf16`. Nothing beyond Numba
@@ -26,7 +25,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels import amx_tiles, avx512_bf16
+from kernels import avx512_bf16, bf16_gemm
 from kernels.amx_instructions import request_tile_permission
 from kernels.bf16_layout import TileRows, TileWeight
 from kernels.cpu_math import bf16_bits
@@ -83,21 +82,18 @@ def _owner(view: np.ndarray) -> np.ndarray:
 
 class Bf16Matmul:
     """`matmul(x, weight)` = x @ weight.T with bf16 inputs, float32 accumulation and output, on
-    `kernel` (`amx_tiles` or `avx512_bf16`: both have `matmul` and `swiglu` on the same layouts)."""
+    `route` (`bf16_gemm.AMX` or `bf16_gemm.AVX512_BF16`; by default AMX where granted)."""
 
-    def __init__(self, kernel=None):
-        self._kernel = kernel or (amx_tiles if amx_unavailable_reason() is None else avx512_bf16)
+    def __init__(self, route: np.ndarray | None = None):
+        if route is None:
+            route = bf16_gemm.AMX if amx_unavailable_reason() is None else bf16_gemm.AVX512_BF16
+        self.route = route
         self._weights: dict[tuple, TileWeight] = {}   # (address, shape, strides) of a weight -> its tiles
 
     @property
-    def route(self) -> str:
+    def unit(self) -> str:
         """"AMX" or "AVX512-BF16": which unit multiplies."""
-        return "AMX" if self._kernel is amx_tiles else "AVX512-BF16"
-
-    @property
-    def has_tiles(self) -> bool:
-        """Whether the AMX tiles are there, for the bf16 attention (`kernels.cpu_attention`)."""
-        return self._kernel is amx_tiles
+        return "AMX" if self.route is bf16_gemm.AMX else "AVX512-BF16"
 
     @classmethod
     def create(cls, required: bool = False) -> "Bf16Matmul | None":
@@ -124,11 +120,11 @@ class Bf16Matmul:
 
     def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32 (or already bf16 tiles), weight [O, I] float32 -> [T, O] float32."""
-        return self._kernel.matmul(_as_rows(x), self.tiled_weight(weight))
+        return bf16_gemm.matmul(self.route, _as_rows(x), self.tiled_weight(weight))
 
     def swiglu(self, x: np.ndarray | TileRows, gate_up: np.ndarray) -> TileRows:
         """silu(x @ gate.T) * (x @ up.T), gate_up [2F, I] stacked, as the next GEMM's bf16 tiles."""
-        return self._kernel.swiglu(_as_rows(x), self.tiled_weight(gate_up, gated=True))
+        return bf16_gemm.swiglu(self.route, _as_rows(x), self.tiled_weight(gate_up, gated=True))
 
 
 def _as_rows(x: np.ndarray | TileRows) -> TileRows:

@@ -252,8 +252,8 @@ class CpuKernels(ReferenceKernels):
     """Numba + BLAS backend. `bf16`: True demands the bf16 GEMM route (error if unavailable), False
     turns it off, None (default) uses it where the CPU has one (`kernels.bf16`: AMX, or AVX512-BF16).
 
-    With the route on, a step of `bf16_min_tokens` tokens or more runs bf16, its GEMMs and (on AMX)
-    its prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x
+    With the route on, a step of `bf16_min_tokens` tokens or more runs bf16, its GEMMs and its
+    prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x
     faster there on AMX; below, decode stays float32, which keeps every golden greedy token, where
     bf16 decode flips one at token 15). Outputs then depend on how tokens were batched, as bf16
     results differ from float32 ones; `bf16=False` keeps every step float32.
@@ -330,9 +330,8 @@ class CpuKernels(ReferenceKernels):
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           block_tables: np.ndarray, query_start: np.ndarray, context_lens: np.ndarray,
                           scale: float) -> np.ndarray:
-        bf16 = self._bf16_for(len(q))
-        return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale,
-                                               bf16 if bf16 is not None and bf16.has_tiles else None)
+        return cpu_attention.prefill_attention(q, k_cache, v_cache, block_tables, query_start,
+                                               context_lens, scale, self._bf16_for(len(q)))
 
     def decode_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                          block_tables: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:

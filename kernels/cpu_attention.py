@@ -1,5 +1,5 @@
 """Paged causal GQA attention on the CPU: a Numba kernel that reads the cache through the block
-table, and tiles of GEMMs for prompts (float32 BLAS, or bf16 on AMX).
+table, and tiles of GEMMs for prompts (float32 BLAS, or bf16 on AMX or AVX512-BF16).
 
 Decode steps go to `kernels.cpu_decode_attention` and short prefill chunks to `_paged_attention`; both read K
 and V straight from their cache blocks (no gather copy), at large batch each row once for all the
@@ -10,9 +10,10 @@ float32 tiles are 1.5x faster at 16 queries and 3.7x at 64; on a fresh prompt th
 - float32: the context is gathered once and attended in query tiles with two batched GEMMs over the
   KV heads (scores, then weights @ values) around a Numba causal softmax; each tile only multiplies
   the keys its last query can see, which halves the causal work.
-- bf16 (`Bf16Matmul` given): flash-style on the AMX tiles (`kernels.amx_tiles`), `_flash_bf16`:
-  2.4-2.9x faster than the float32 tiles from 128 to 2048 tokens (measured with MKL's bf16 GEMM
-  in its place; the tile version is as fast at 128-512 tokens and 5% faster at 2048).
+- bf16 (`Bf16Matmul` given): flash-style on the route's 32 x 32 block product (`kernels.bf16_gemm`:
+  AMX tiles or AVX512-BF16 dot products), `_flash_bf16`: on AMX 2.4-2.9x faster than the float32
+  tiles from 128 to 2048 tokens (measured with MKL's bf16 GEMM in its place; the tile version is as
+  fast at 128-512 tokens and 5% faster at 2048).
 
 Shapes follow `kernels.interface`; every path matches `kernels.reference.prefill_attention`.
 """
@@ -23,8 +24,7 @@ import numpy as np
 from numba import prange
 
 from kernels.bf16 import Bf16Matmul
-from kernels.amx_instructions import TILE_CONFIG, tile_config, tile_release
-from kernels.amx_tiles import dot_block, load_block, store_block, zero_block
+from kernels.bf16_gemm import add_product_block, begin_blocks, end_blocks, product_block
 from kernels.bf16_layout import round_up
 from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import gemm_nt
@@ -33,7 +33,7 @@ from kernels.reference import gather_context
 TILE_MIN_QUERIES = 16   # a sequence's queries go to tiles from this many queries ...
 TILE_MIN_WORK = 4096    # ... and this many query x key pairs (the tile GEMMs' fixed cost); else the paged kernel
 QUERY_TILE = 64         # queries per BLAS tile: scores [Hkv, 64 G, L] stay in cache (64: 23% faster than 256 at 2048 tokens)
-KEY_BLOCK = 256         # keys per block of the bf16 (AMX) tiles
+KEY_BLOCK = 256         # keys per block of the bf16 tiles
 
 
 @numba.njit(inline="always", **JIT)
@@ -166,7 +166,7 @@ def _attend_tiled(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: in
                                .reshape(stop - start, num_heads, head_dim)
 
 
-# ---------------------------------------------------------------- bf16 (AMX): flash-style tiles
+# ---------------------------------------------------------------- bf16: flash-style tiles
 @numba.njit(parallel=True, **JIT)
 def _queries_bf16(q, group, out):
     """q [Q, H, D] float32 -> out [Hkv, Q G, D] bf16 (both padded with zeros to 32), grouped by KV
@@ -230,10 +230,10 @@ def _block_exps(scores, probs, count, scale2, peak2):
 
 
 @numba.njit(parallel=True, **JIT)
-def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
+def _flash_bf16(route, q, keys, values, first, rows, head_dim, group, scale, out):
     """out [Q, H, D] = causal attention of the bf16 query rows q (`_queries_bf16`; `rows` = Q G rows
     per KV head, queries at positions first ..) over the key and value tiles of `_context_tiles`, on
-    AMX (`kernels.amx_tiles`).
+    the route's block product (`kernels.bf16_gemm`).
 
     A work item is one KV head and one tile of QUERY_TILE queries (Qt G rows). It walks the keys its
     last query sees in blocks of KEY_BLOCK: scores = rows @ keys.T (float32), an online softmax per
@@ -254,7 +254,7 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
     q_row_bytes = padded_dims * 2
     value_dim_bytes = values.shape[2] * 64     # one 16-dim block of a head's value tiles
     for item in prange(kv_heads * tiles):
-        tile_config(TILE_CONFIG.ctypes.data)
+        begin_blocks(route)
         p, h = item // kv_heads, item % kv_heads
         tile = p // 2 if p % 2 == 0 else tiles - 1 - p // 2
         r0 = tile * tile_rows
@@ -274,9 +274,8 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
                 a0 = q_rows + 32 * rp * q_row_bytes
                 for kp in range(key_pairs):
                     b0 = keys[h].ctypes.data + (j0 // 16 + 2 * kp) * block_bytes
-                    zero_block()
-                    dot_block(a0, a0 + 16 * q_row_bytes, b0, b0 + block_bytes, d_tiles, q_row_bytes, 64)
-                    store_block(scores.ctypes.data + (32 * rp * KEY_BLOCK + 32 * kp) * 4, KEY_BLOCK * 4)
+                    product_block(route, a0, a0 + 16 * q_row_bytes, b0, b0 + block_bytes, d_tiles, q_row_bytes, 64,
+                                  scores.ctypes.data + (32 * rp * KEY_BLOCK + 32 * kp) * 4, KEY_BLOCK * 4)
             for r in range(count):
                 visible = min(first + (r0 + r) // group + 1 - j0, width)
                 if visible > 0:
@@ -294,10 +293,9 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
                 for dp in range(d_tiles):
                     b0 = values[h].ctypes.data + 2 * dp * value_dim_bytes + (j0 // 32) * 1024
                     c = acc.ctypes.data + (32 * rp * padded_dims + 32 * dp) * 4
-                    load_block(c, padded_dims * 4)
-                    dot_block(a0, a0 + 16 * KEY_BLOCK * 2, b0, b0 + value_dim_bytes, key_pairs, KEY_BLOCK * 2, 64)
-                    store_block(c, padded_dims * 4)
-        tile_release()
+                    add_product_block(route, a0, a0 + 16 * KEY_BLOCK * 2, b0, b0 + value_dim_bytes, key_pairs,
+                                      KEY_BLOCK * 2, 64, c, padded_dims * 4)
+        end_blocks(route)
         for r in range(count):
             i, g = (r0 + r) // group, (r0 + r) % group
             inv = np.float32(1.0) / total[r]
@@ -305,10 +303,10 @@ def _flash_bf16(q, keys, values, first, rows, head_dim, group, scale, out):
                 out[i, h * group + g, d] = acc[r, d] * inv
 
 
-def _attend_bf16(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
+def _attend_bf16(route: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
                  length: int, scale: float, out: np.ndarray) -> None:
-    """One sequence's q [Q, H, D] (the last Q of its `length` cached tokens) into out [Q, H, D], on the
-    AMX route: operands converted to bf16 tiles once (zero-padded to whole tiles), then `_flash_bf16`."""
+    """One sequence's q [Q, H, D] (the last Q of its `length` cached tokens) into out [Q, H, D], on a
+    bf16 route: operands converted to bf16 tiles once (zero-padded to whole tiles), then `_flash_bf16`."""
     num_queries, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
@@ -318,14 +316,14 @@ def _attend_bf16(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_
     v_tiles = np.zeros((kv_heads, dims // 16, keys // 2, 16, 2), np.uint16)
     _queries_bf16(q, group, q_rows)
     _context_tiles(k_cache, v_cache, block_table, length, k_tiles, v_tiles)
-    _flash_bf16(q_rows, k_tiles, v_tiles, length - num_queries, rows, head_dim, group, np.float32(scale), out)
+    _flash_bf16(route, q_rows, k_tiles, v_tiles, length - num_queries, rows, head_dim, group, np.float32(scale), out)
 
 
 def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                       query_start: np.ndarray, context_lens: np.ndarray, scale: float,
                       bf16: Bf16Matmul | None = None) -> np.ndarray:
     """Twin of `kernels.reference.prefill_attention`: q [T, H, D] packed over B sequences -> [T, H, D].
-    `bf16` puts the tiles on the AMX route."""
+    `bf16` puts the tiles on its bf16 route."""
     out = np.empty(q.shape, np.float32)
     counts = np.diff(query_start)
     tiled = (counts >= TILE_MIN_QUERIES) & (counts * context_lens.astype(np.int64) >= TILE_MIN_WORK)
@@ -335,7 +333,7 @@ def prefill_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     for b in np.flatnonzero(tiled):
         lo, hi, length = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
         if bf16 is not None:
-            _attend_bf16(q[lo:hi], k_cache, v_cache, block_tables[b], length, scale, out[lo:hi])
+            _attend_bf16(bf16.route, q[lo:hi], k_cache, v_cache, block_tables[b], length, scale, out[lo:hi])
         else:
             keys = gather_context(k_cache, block_tables[b], length)
             values = gather_context(v_cache, block_tables[b], length)

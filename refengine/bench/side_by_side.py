@@ -40,7 +40,7 @@ def engines_for(device: str) -> list[str]:
         return ["refengine cuda eager", "refengine cuda graph", "transformers cuda eager"]
     from kernels.bf16 import Bf16Matmul
     bf16 = Bf16Matmul.create(required=False)
-    ours = ["refengine cpu fp32"] + ([f"refengine cpu {bf16.route}"] if bf16 else [])
+    ours = ["refengine cpu fp32"] + ([f"refengine cpu {bf16.unit}"] if bf16 else [])
     return ours + ["llama.cpp F32", "llama.cpp F16", "llama.cpp Q4_1", "transformers fp32"]
 
 

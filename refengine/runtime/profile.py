@@ -149,7 +149,7 @@ def kernels_fingerprint(kind: str) -> str:
         from kernels.bf16 import Bf16Matmul
         bf16 = Bf16Matmul.create(required=False)
         label += (", MKL sgemm" if cpu_pool.MKL_SGEMM is not None else ", OpenBLAS sgemm") + \
-                 (f", {bf16.route} bf16" if bf16 is not None else "")
+                 (f", {bf16.unit} bf16" if bf16 is not None else "")
     return label
 
 

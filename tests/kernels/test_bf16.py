@@ -1,5 +1,5 @@
 """The bf16 GEMM route (AMX tiles, or AVX512-BF16 dot products): rounding, accumulation, the weight
-cache, and how CpuKernels uses it. Kernel-level tests run on each kernel this CPU has.
+cache, and how CpuKernels uses it. Kernel-level tests run on each route this CPU has.
 
 Tolerances: bf16 keeps 8 significant bits, so a product over 576 inputs of size ~1 lands within
 ~1% of its float32 value (checked as 2e-2 of the output scale); against the same bf16-rounded inputs
@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import pytest
 
-from kernels import amx_tiles, avx512_bf16, bf16, cpu_attention
+from kernels import avx512_bf16, bf16, bf16_gemm, cpu_attention
 from kernels.bf16_layout import TileRows, TileWeight
 from kernels import reference as ref
 from kernels.cpu import CpuKernels
@@ -30,10 +30,10 @@ needs_amx = pytest.mark.skipif(bf16.amx_unavailable_reason() is not None,
                                reason=f"AMX tiles unavailable: {bf16.amx_unavailable_reason()}")
 needs_bf16 = pytest.mark.skipif(bf16.unavailable_reason() is not None,
                                 reason=f"no bf16 route: {bf16.unavailable_reason()}")
-KERNELS = [pytest.param(amx_tiles, marks=needs_amx, id="amx"),
-           pytest.param(avx512_bf16, id="avx512_bf16",
-                        marks=pytest.mark.skipif(not avx512_bf16.cpu_has_avx512_bf16(),
-                                                 reason="this CPU does not report avx512_bf16 in /proc/cpuinfo"))]
+ROUTES = [pytest.param(bf16_gemm.AMX, marks=needs_amx, id="amx"),
+          pytest.param(bf16_gemm.AVX512_BF16, id="avx512_bf16",
+                       marks=pytest.mark.skipif(not avx512_bf16.cpu_has_avx512_bf16(),
+                                                reason="this CPU does not report avx512_bf16 in /proc/cpuinfo"))]
 
 
 def randn(*shape: int) -> np.ndarray:
@@ -57,34 +57,27 @@ def test_unavailable_route_falls_back_or_raises(monkeypatch):
 
 
 def test_route_is_amx_where_granted_else_the_dot_products(monkeypatch):
-    """AMX first; without it AVX512-BF16, whose steps keep attention float32 (no tiles); neither: none."""
+    """AMX first; without it AVX512-BF16; neither: none."""
     monkeypatch.setattr(bf16, "amx_unavailable_reason", lambda: None)
-    assert bf16.Bf16Matmul().route == "AMX" and bf16.Bf16Matmul().has_tiles
+    assert bf16.Bf16Matmul().unit == "AMX"
     monkeypatch.setattr(bf16, "amx_unavailable_reason", lambda: "no AMX (test)")
     monkeypatch.setattr(avx512_bf16, "cpu_has_avx512_bf16", lambda: True)
     assert bf16.unavailable_reason() is None
-    route = bf16.Bf16Matmul()
-    assert route.route == "AVX512-BF16" and not route.has_tiles
+    assert bf16.Bf16Matmul().unit == "AVX512-BF16"
     monkeypatch.setattr(avx512_bf16, "cpu_has_avx512_bf16", lambda: False)
     assert bf16.unavailable_reason() == "no AMX (test), nor avx512_bf16"
     assert bf16.Bf16Matmul.create() is None
 
 
-@needs_bf16
-def test_dot_product_route_leaves_prompt_attention_float32(monkeypatch):
-    """On AVX512-BF16 the GEMMs go bf16 but `prefill_attention` gets no tiles (they need AMX)."""
-    kernels = CpuKernels(bf16=True, bf16_min_tokens=1)
-    kernels.bf16 = bf16.Bf16Matmul(avx512_bf16)
-    seen = []
-    monkeypatch.setattr(cpu_attention, "prefill_attention", lambda *args: seen.append(args[-1]))
-    kernels.prefill_attention(randn(100, 2, 64), *([None] * 3), np.array([0, 100]), None, 0.1)
-    assert seen == [None]
+def test_block_product_stubs_say_they_run_only_inside_numba():
+    with pytest.raises(NotImplementedError, match="compiled into Numba kernels"):
+        bf16_gemm.product_block(bf16_gemm.AMX, *[0] * 9)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("tokens,outputs,inputs", [(1, 960, 576), (64, 3072, 576), (300, 576, 1536), (7, 5, 3)])
-def test_bf16_matmul_accumulates_in_float32(kernel, tokens, outputs, inputs):
-    gemm = bf16.Bf16Matmul(kernel)
+def test_bf16_matmul_accumulates_in_float32(route, tokens, outputs, inputs):
+    gemm = bf16.Bf16Matmul(route)
     x, w = randn(tokens, inputs), randn(outputs, inputs)
     out = gemm.matmul(x, w)
     rounded = bf16.from_bf16(bf16.to_bf16(x)) @ bf16.from_bf16(bf16.to_bf16(w)).T
@@ -93,23 +86,24 @@ def test_bf16_matmul_accumulates_in_float32(kernel, tokens, outputs, inputs):
     assert np.abs(out - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100, 2100])
 @pytest.mark.parametrize("outputs,inputs", [(64, 576), (50, 70), (3072, 576), (576, 1536)])
-def test_kernel_equals_float32_products_of_the_rounded_inputs(kernel, tokens, outputs, inputs):
-    """Each kernel's `matmul` across tile, pair, micro-kernel and work-item edges (2100 tokens: five chunks of 16
+def test_gemm_equals_float32_products_of_the_rounded_inputs(route, tokens, outputs, inputs):
+    """`bf16_gemm.matmul` on each route across tile, pair, micro-kernel and work-item edges (2100
+    tokens: five chunks of 16
     token blocks, the last one partial), with padded rows, outputs and inputs; the result is
     contiguous when O fills tiles."""
     x, w = randn(tokens, inputs), randn(outputs, inputs)
-    out = kernel.matmul(TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)))
+    out = bf16_gemm.matmul(route, TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)))
     rounded = bf16.from_bf16(bf16.to_bf16(x)).astype(np.float64) @ bf16.from_bf16(bf16.to_bf16(w)).astype(np.float64).T
     assert out.shape == (tokens, outputs) and (out.flags.c_contiguous or outputs % 32)
     np.testing.assert_allclose(out, rounded, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("tokens", [33, 100, 600])
-def test_kernels_give_the_same_bits_on_one_thread_and_on_all(kernel, tokens):
+def test_gemms_give_the_same_bits_on_one_thread_and_on_all(route, tokens):
     """Work items split the tokens by thread count (one thread: chunks of 16 token blocks; two:
     half the blocks each), which moves only which thread computes a block, never its sum."""
     x, w, gate_up = randn(tokens, 576), randn(96, 576), randn(192, 576) * 0.2
@@ -117,11 +111,11 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_all(kernel, tokens):
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        alone = kernel.matmul(rows, weight).copy(), kernel.swiglu(rows, gated).tiles
+        alone = bf16_gemm.matmul(route, rows, weight).copy(), bf16_gemm.swiglu(route, rows, gated).tiles
     finally:
         numba.set_num_threads(threads)
-    assert np.array_equal(kernel.matmul(rows, weight), alone[0])
-    assert np.array_equal(kernel.swiglu(rows, gated).tiles, alone[1])
+    assert np.array_equal(bf16_gemm.matmul(route, rows, weight), alone[0])
+    assert np.array_equal(bf16_gemm.swiglu(route, rows, gated).tiles, alone[1])
 
 
 def test_tile_layouts_place_each_element():
@@ -141,7 +135,7 @@ def test_tile_layouts_place_each_element():
 
 
 def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
-    gemm = bf16.Bf16Matmul(avx512_bf16)   # the cache needs no bf16 hardware
+    gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)   # the cache needs no bf16 hardware
     w = randn(64, 32)
     first = gemm.tiled_weight(w)
     assert gemm.tiled_weight(w) is first
@@ -153,7 +147,7 @@ def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
 
 def test_views_of_one_buffer_share_a_bf16_copy_that_lives_as_long_as_the_buffer():
     """Instances loaded from one host-cache entry hold different view objects of the same memory."""
-    gemm = bf16.Bf16Matmul(avx512_bf16)
+    gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)
     buffer = randn(2, 64, 32)
     first, second = buffer[1], buffer[1][...]
     assert first is not second
@@ -207,9 +201,9 @@ def test_tiny_model_prefill_logits_with_bf16_stay_close():
     assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
 
 
-@needs_amx
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (8, 2, 64)])
-def test_bf16_prefill_attention_stays_close(heads, kv_heads, head_dim):
+def test_bf16_prefill_attention_stays_close(route, heads, kv_heads, head_dim):
     """The flash-style bf16 tiles: whole prompts across query-tile and key-block edges, chunks that
     continue a context (queries straddling a key block), and a short one left to the paged kernel.
     Outputs (~N(0, 1) values mixed) within 3e-2 of float32."""
@@ -219,7 +213,7 @@ def test_bf16_prefill_attention_stays_close(heads, kv_heads, head_dim):
     q = randn(sum(query_lens), heads, head_dim)
     query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     args = (q, k_cache, v_cache, tables, query_start, np.array(lengths, np.int32), head_dim ** -0.5)
-    got = cpu_attention.prefill_attention(*args, bf16=bf16.Bf16Matmul(amx_tiles))
+    got = cpu_attention.prefill_attention(*args, bf16=bf16.Bf16Matmul(route))
     np.testing.assert_allclose(got, ref.prefill_attention(*args), atol=3e-2)
 
 
@@ -244,8 +238,8 @@ def test_greedy_with_bf16_matches_golden_for_16_tokens(model_home, golden_dir, c
     assert seq.output_ids == c["completion_ids"][:BF16_GOLDEN_TOKENS]
 
 
-@needs_amx
-def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max():
+@pytest.mark.parametrize("route", ROUTES)
+def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max(route):
     """Keys 300-699 score ~40x higher than the first ones (exps 2^100 and more above the first
     block's max) and keys 700+ lower again: the lazy max must rescale, not overflow. Scores that
     large make bf16's rounding of q and k itself move the output by up to ~0.5, so the check is
@@ -257,19 +251,19 @@ def test_bf16_prefill_attention_rescales_when_later_keys_dwarf_the_running_max()
     k_cache[slots[300:700] // 16, slots[300:700] % 16] *= 40.0
     q = randn(length, heads, head_dim)
     meta = (tables, np.array([0, length], np.int32), np.array([length], np.int32), head_dim ** -0.5)
-    got = cpu_attention.prefill_attention(q, k_cache, v_cache, *meta, bf16=bf16.Bf16Matmul(amx_tiles))
+    got = cpu_attention.prefill_attention(q, k_cache, v_cache, *meta, bf16=bf16.Bf16Matmul(route))
     assert np.isfinite(got).all()
     rounded = [bf16.from_bf16(bf16.to_bf16(a)) for a in (q, k_cache, v_cache)]
     np.testing.assert_allclose(got, ref.prefill_attention(*rounded, *meta), atol=3e-2)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("tokens,features,inputs", [(33, 40, 70), (100, 1536, 576), (64, 96, 64), (600, 96, 64)])
-def test_swiglu_equals_silu_of_the_two_gemms(kernel, tokens, features, inputs):
+def test_swiglu_equals_silu_of_the_two_gemms(route, tokens, features, inputs):
     """The gate/up GEMM with SiLU in its epilogue (`Bf16Matmul.swiglu`) against silu(gate) * up of
     the plain tile GEMMs, rounded to bf16; F not a multiple of 16 or 32 leaves zero padding; 600
     tokens span two token chunks of a work item."""
-    gemm = bf16.Bf16Matmul(kernel)
+    gemm = bf16.Bf16Matmul(route)
     x, gate_up = randn(tokens, inputs), randn(2 * features, inputs) * 0.2
     act = gemm.swiglu(x, gate_up)
     padded = act.tiles.transpose(0, 2, 1, 3).reshape(act.tiles.shape[0] * 16, -1)
