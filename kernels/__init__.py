@@ -67,3 +67,9 @@ def get_kernels(backend: str = "reference", device: str = "cpu") -> Kernels:
         from kernels.gpu import GpuKernels
         return GpuKernels(device)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def keeps_prefill_copies(kernels: Kernels) -> bool:
+    """Whether instances on this backend keep bf16 copies of their projection weights (the CPU
+    backend with a bf16 route, `kernels.bf16`): memory the scheduler must charge them."""
+    return getattr(kernels, "bf16", None) is not None

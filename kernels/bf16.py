@@ -6,10 +6,14 @@ float32 BLAS on the same cores.
 
 numpy's OpenBLAS has no bf16 GEMM, and MKL's `cblas_gemm_bf16bf16f32` re-lays out its operands on
 every call (docs/benchmarks_cpu_kernels.md; on the Zen 4 VM it ran no faster than float32 BLAS). So
-weights are converted to bf16 and laid out once, at their first such GEMM, and kept beside the
-float32 original for as long as its memory lives (a weak reference drops the copy with the buffer;
-instances sharing a host-cache entry share the copies); activations are converted per call (round
-to nearest even) into the layout by a parallel Numba pass, which costs a few percent of the GEMM.
+weights are converted to bf16 and laid out once, at their first such GEMM, by one parallel pass
+(0.25 s for SmolLM2-135M's 106 M projection weights on the 2-core Zen 4 VM, half of it faulting in
+the new pages), and kept beside the float32 original while some instance uses it. The copies are
+process-wide and found by the memory a weight views, so the instances loaded from one host-cache
+entry (each with its own views and kernels object) share them; weak references to those views drop
+a copy with its last user, so an unloaded instance's copies do not outlive it (they are half its
+projection weights' bytes, which a budget of host memory must not lose track of). Activations are converted per call (round to nearest even) into the layout by a
+parallel Numba pass, which costs a few percent of the GEMM.
 The prompt attention's bf16 tiles (`kernels.cpu_attention`) use the same block products.
 
 The route is chosen at run time: AMX where the CPU reports `amx_bf16` and Linux grants the tile
@@ -18,6 +22,7 @@ is needed; the kernels run on Numba's pool like every other CPU kernel.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 
@@ -73,11 +78,25 @@ def unavailable_reason() -> str | None:
     return f"{amx}, nor avx512_bf16"
 
 
-def _owner(view: np.ndarray) -> np.ndarray:
-    """The array at the root of `view`'s base chain: the one whose lifetime is the memory's."""
-    while isinstance(view.base, np.ndarray):
-        view = view.base
-    return view
+_TILED: dict[tuple, TileWeight] = {}   # tile_key of a weight -> its bf16 tiles, for the whole process
+_USERS: dict[tuple, set[int]] = {}     # tile_key -> id() of each live array that asked for those tiles
+_LOCK = threading.Lock()               # device threads may ask at once
+
+
+def tile_key(weight: np.ndarray, gated: bool = False) -> tuple:
+    """What identifies a weight's bf16 copy: the memory it views (address, shape, strides), not the
+    array object, as each instance holds its own views of a host-cache entry."""
+    return weight.ctypes.data, weight.shape, weight.strides, gated
+
+
+def _forget(key: tuple, user: int) -> None:
+    """`user` is gone; with the last one, so is the copy."""
+    with _LOCK:
+        users = _USERS.get(key, set())
+        users.discard(user)
+        if not users:
+            _USERS.pop(key, None)
+            _TILED.pop(key, None)
 
 
 class Bf16Matmul:
@@ -88,7 +107,6 @@ class Bf16Matmul:
         if route is None:
             route = bf16_gemm.AMX if amx_unavailable_reason() is None else bf16_gemm.AVX512_BF16
         self.route = route
-        self._weights: dict[tuple, TileWeight] = {}   # (address, shape, strides) of a weight -> its tiles
 
     @property
     def unit(self) -> str:
@@ -106,16 +124,18 @@ class Bf16Matmul:
         return None
 
     def tiled_weight(self, weight: np.ndarray, gated: bool = False) -> TileWeight:
-        """The cached bf16 tile copy of `weight` [O, I] (`gated`: a stacked gate|up, laid out for
-        `swiglu`), made on first use. It is found by the memory the weight views, not by the array
-        object, so instances whose weights are views of one host-cache entry share one copy; it is
-        dropped with the buffer that owns that memory."""
-        key = (weight.ctypes.data, weight.shape, weight.strides, gated)
-        cached = self._weights.get(key)
-        if cached is None:
-            bits = to_bf16(weight)
-            cached = self._weights[key] = TileWeight.pack_gated(bits) if gated else TileWeight.pack(bits)
-            weakref.finalize(_owner(weight), self._weights.pop, key, None)
+        """The bf16 tile copy of `weight` [O, I] (`gated`: a stacked gate|up, laid out for `swiglu`),
+        made on first use and shared by every array viewing the same memory; it lives while one of
+        the arrays that asked for it does."""
+        key = tile_key(weight, gated)
+        with _LOCK:
+            users = _USERS.setdefault(key, set())
+            if id(weight) not in users:
+                users.add(id(weight))
+                weakref.finalize(weight, _forget, key, id(weight))
+            cached = _TILED.get(key)
+            if cached is None:       # packed under the lock: a second thread waits rather than packs too
+                cached = _TILED[key] = TileWeight.pack_gated(weight) if gated else TileWeight.pack(weight)
         return cached
 
     def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:

@@ -80,6 +80,26 @@ def _rows_to_tiles(x, tiles):
             tiles[block, c, row, j] = bf16_bits(x[t, i])
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _weight_to_tiles(weight, tiles, features, gated):
+    """weight [O, I] float32 -> tiles (bf16), rounding and laying out in one parallel pass over the
+    16-output tile rows. Plain: tile row b holds outputs 16b..16b+15. `gated` (a stacked gate|up
+    [2F, I]): tile rows alternate gate and up, so rows 2j and 2j+1 hold gate and up outputs
+    16j..16j+15. Outputs past the weight (or past F) are zero; so are the padded inputs."""
+    pairs = weight.shape[1] >> 1        # whole input pairs; an odd last input and the padding follow
+    for b in prange(tiles.shape[0]):
+        first = (b >> 1) * 16 + (b & 1) * features if gated else b * 16
+        valid = max(0, min(16, features - (b >> 1) * 16 if gated else weight.shape[0] - first))
+        tiles[b] = 0
+        for p in range(pairs):          # 16 row streams in, one contiguous 64-byte row out
+            for r in range(valid):
+                tiles[b, p, r, 0] = bf16_bits(weight[first + r, 2 * p])
+                tiles[b, p, r, 1] = bf16_bits(weight[first + r, 2 * p + 1])
+        if weight.shape[1] & 1:
+            for r in range(valid):
+                tiles[b, pairs, r, 0] = bf16_bits(weight[first + r, 2 * pairs])
+
+
 @dataclass(frozen=True)
 class TileWeight:
     """A weight [outputs, inputs] in B-tile pair layout (see the module docstring)."""
@@ -88,27 +108,22 @@ class TileWeight:
     outputs: int
 
     @classmethod
-    def pack(cls, weight_bf16: np.ndarray) -> "TileWeight":
-        """bf16 bits [O, I] -> the layout, once per weight (a numpy transpose copy)."""
-        outputs, inputs = weight_bf16.shape
-        padded = np.zeros((round_up(outputs, 32), round_up(inputs, 32)), np.uint16)
-        padded[:outputs, :inputs] = weight_bf16
-        o, i = padded.shape
-        return cls(np.ascontiguousarray(padded.reshape(o // 16, 16, i // 2, 2).transpose(0, 2, 1, 3)), outputs)
+    def pack(cls, weight: np.ndarray) -> "TileWeight":
+        """float32 [O, I] -> bf16 (round to nearest even) in the layout, once per weight."""
+        outputs, inputs = weight.shape
+        tiles = np.empty((round_up(outputs, 32) // 16, round_up(inputs, 32) // 2, 16, 2), np.uint16)
+        _weight_to_tiles(np.ascontiguousarray(weight, np.float32), tiles, outputs, False)
+        return cls(tiles, outputs)
 
     @classmethod
-    def pack_gated(cls, gate_up_bf16: np.ndarray) -> "TileWeight":
-        """SwiGLU's stacked gate|up [2F, I] -> the layout with gate and up rows interleaved by 16
-        (gate 0-15, up 0-15, gate 16-31, ...), F padded to 16 with zero rows: each 32-output block
-        then holds 16 gate outputs and their 16 up outputs, for `swiglu`. `outputs` is F."""
-        gate, up = np.split(gate_up_bf16, 2)
-        features, inputs = gate.shape
-        blocks = -(-features // 16)
-        padded = np.zeros((2, blocks * 16, inputs), np.uint16)
-        padded[0, :features], padded[1, :features] = gate, up
-        interleaved = padded.reshape(2, blocks, 16, inputs).transpose(1, 0, 2, 3)
-        packed = cls.pack(interleaved.reshape(-1, inputs))
-        return cls(packed.tiles, features)
+    def pack_gated(cls, gate_up: np.ndarray) -> "TileWeight":
+        """SwiGLU's stacked gate|up float32 [2F, I] -> the layout with gate and up rows interleaved
+        by 16 (gate 0-15, up 0-15, gate 16-31, ...), F padded to 16 with zero rows: each 32-output
+        block then holds 16 gate outputs and their 16 up outputs, for `swiglu`. `outputs` is F."""
+        features, inputs = gate_up.shape[0] // 2, gate_up.shape[1]
+        tiles = np.empty((2 * -(-features // 16), round_up(inputs, 32) // 2, 16, 2), np.uint16)
+        _weight_to_tiles(np.ascontiguousarray(gate_up, np.float32), tiles, features, True)
+        return cls(tiles, features)
 
 
 def check_inputs(x: TileRows, weight: TileWeight) -> None:

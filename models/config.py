@@ -43,9 +43,15 @@ class LlamaConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
 
     @property
-    def num_parameters(self) -> int:
+    def projection_parameters(self) -> int:
+        """The weights of the per-layer GEMMs (q, k, v, o, gate, up, down): those a bf16 prefill
+        route keeps a copy of (`kernels.bf16`)."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        per_layer = attn + 3 * e * f + 2 * e
+        return self.num_hidden_layers * (attn + 3 * e * f)
+
+    @property
+    def num_parameters(self) -> int:
+        e = self.hidden_size
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return self.vocab_size * e + self.num_hidden_layers * per_layer + e + lm_head
+        return self.vocab_size * e + self.projection_parameters + self.num_hidden_layers * 2 * e + e + lm_head

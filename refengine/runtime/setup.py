@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from kernels import backend_for_device, get_kernels
+from kernels import backend_for_device, get_kernels, keeps_prefill_copies
 from models.config import LlamaConfig
 from models.llama import LlamaModel
 from refengine.engine.loader import ensure_prepared, with_decode_graphs
@@ -66,7 +66,7 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
                                        profiles, machine_of(device.name), options.profile_grid))
         bandwidths = LoadBandwidths(disk_to_host, measure_host_to_device(store, files.values(), device, kernels))
         nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
-                              bandwidths=bandwidths))
+                              bandwidths=bandwidths, prefill_copies=keeps_prefill_copies(kernels)))
         log.info("%s: weights load at %s", device.name, describe(bandwidths))
     unique = {(t.profile, t.hardware): t for t in tables}
     config = scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo, options.migration)
@@ -83,7 +83,7 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
 def _model_spec(name: str, weights: str, files: ModelFiles) -> ModelSpec:
     config = LlamaConfig.from_json(files.config)
     return ModelSpec(name, weights, files.weights.stat().st_size, config.kv_bytes_per_token, 16,
-                     config.max_position_embeddings)
+                     config.max_position_embeddings, prefill_copy_bytes=2 * config.projection_parameters)
 
 
 def _check_every_model_fits(specs: list[ModelSpec], devices: list[DeviceSpec]) -> None:

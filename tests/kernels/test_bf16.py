@@ -95,7 +95,7 @@ def test_gemm_equals_float32_products_of_the_rounded_inputs(route, tokens, outpu
     token blocks, the last one partial), with padded rows, outputs and inputs; the result is
     contiguous when O fills tiles."""
     x, w = randn(tokens, inputs), randn(outputs, inputs)
-    out = bf16_gemm.matmul(route, TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)))
+    out = bf16_gemm.matmul(route, TileRows.convert(x), TileWeight.pack(w))
     rounded = bf16.from_bf16(bf16.to_bf16(x)).astype(np.float64) @ bf16.from_bf16(bf16.to_bf16(w)).astype(np.float64).T
     assert out.shape == (tokens, outputs) and (out.flags.c_contiguous or outputs % 32)
     np.testing.assert_allclose(out, rounded, rtol=1e-5, atol=1e-4)
@@ -107,7 +107,7 @@ def test_gemms_give_the_same_bits_on_one_thread_and_on_all(route, tokens):
     """Work items split the tokens by thread count (one thread: chunks of 16 token blocks; two:
     half the blocks each), which moves only which thread computes a block, never its sum."""
     x, w, gate_up = randn(tokens, 576), randn(96, 576), randn(192, 576) * 0.2
-    rows, weight, gated = TileRows.convert(x), TileWeight.pack(bf16.to_bf16(w)), TileWeight.pack_gated(bf16.to_bf16(gate_up))
+    rows, weight, gated = TileRows.convert(x), TileWeight.pack(w), TileWeight.pack_gated(gate_up)
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -127,38 +127,56 @@ def test_tile_layouts_place_each_element():
     t, i = np.meshgrid(np.arange(40), np.arange(70), indexing="ij")
     np.testing.assert_array_equal(rows[t // 16, i // 32, t % 16, i % 32], bits)
     assert rows.shape == (4, 3, 16, 32) and not rows[2:, :, 8:].any() and not rows[:, 2, :, 6:].any()
-    w = bf16.to_bf16(randn(50, 70))
+    w = randn(50, 70)
     tiles = TileWeight.pack(w).tiles
     o, i = np.meshgrid(np.arange(50), np.arange(70), indexing="ij")
-    np.testing.assert_array_equal(tiles[o // 16, i // 2, o % 16, i % 2], w)
-    assert tiles.shape == (4, 48, 16, 2) and not tiles[3, :, 2:].any()
+    np.testing.assert_array_equal(tiles[o // 16, i // 2, o % 16, i % 2], bf16.to_bf16(w))
+    assert tiles.shape == (4, 48, 16, 2) and not tiles[3, :, 2:].any() and not tiles[:, 35:].any()
+
+
+def test_gated_layout_interleaves_gate_and_up_by_sixteen_outputs():
+    """Tile rows 2j and 2j+1 hold gate and up outputs 16j..16j+15; F = 20 pads both to 32."""
+    gate_up = randn(40, 70)
+    packed = TileWeight.pack_gated(gate_up)
+    rows = packed.tiles.transpose(0, 2, 1, 3).reshape(64, -1)[:, :70]
+    bits = bf16.to_bf16(gate_up)
+    assert packed.outputs == 20 and packed.tiles.shape == (4, 48, 16, 2)
+    np.testing.assert_array_equal(rows[0:16], bits[0:16])
+    np.testing.assert_array_equal(rows[16:32], bits[20:36])
+    np.testing.assert_array_equal(rows[32:36], bits[16:20])
+    np.testing.assert_array_equal(rows[48:52], bits[36:40])
+    assert not rows[36:48].any() and not rows[52:].any()
 
 
 def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
     gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)   # the cache needs no bf16 hardware
     w = randn(64, 32)
-    first = gemm.tiled_weight(w)
+    first, key = gemm.tiled_weight(w), bf16.tile_key(w)
     assert gemm.tiled_weight(w) is first
-    assert len(gemm._weights) == 1
+    assert bf16.Bf16Matmul(bf16_gemm.AVX512_BF16).tiled_weight(w) is first   # shared by every kernels object
+    assert key in bf16._TILED
     del w
     gc.collect()
-    assert not gemm._weights
+    assert key not in bf16._TILED
 
 
-def test_views_of_one_buffer_share_a_bf16_copy_that_lives_as_long_as_the_buffer():
-    """Instances loaded from one host-cache entry hold different view objects of the same memory."""
+def test_views_of_one_buffer_share_a_bf16_copy_that_lives_while_one_of_them_does():
+    """Instances loaded from one host-cache entry hold different view objects of the same memory;
+    the copy goes with the last of them, even though the buffer lives on (an unloaded instance
+    must not leave its copies behind in the host cache)."""
     gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)
     buffer = randn(2, 64, 32)
-    first, second = buffer[1], buffer[1][...]
+    first, second, other = buffer[1], buffer[1][...], buffer[0]
     assert first is not second
     assert gemm.tiled_weight(first) is gemm.tiled_weight(second)
-    assert gemm.tiled_weight(buffer[0]) is not gemm.tiled_weight(first)
-    del first, second
+    assert gemm.tiled_weight(other) is not gemm.tiled_weight(first)
+    key = bf16.tile_key(first)
+    del first
     gc.collect()
-    assert len(gemm._weights) == 2          # the buffer lives on, and so do its copies
-    del buffer
+    assert key in bf16._TILED                # `second` still uses it
+    del second
     gc.collect()
-    assert not gemm._weights
+    assert key not in bf16._TILED and bf16.tile_key(other) in bf16._TILED
 
 
 @needs_bf16
@@ -167,9 +185,9 @@ def test_cpu_kernels_use_bf16_only_from_the_token_threshold():
     w = randn(96, 64)
     small, large = randn(15, 64), randn(16, 64)
     np.testing.assert_allclose(kernels.linear(small, w), ref.linear(small, w), rtol=1e-5, atol=1e-4)
-    assert not kernels.bf16._weights
+    assert bf16.tile_key(w) not in bf16._TILED
     np.testing.assert_allclose(kernels.linear(large, w), kernels.bf16.matmul(large, w), rtol=0, atol=0)
-    assert len(kernels.bf16._weights) == 1
+    assert bf16.tile_key(w) in bf16._TILED
 
 
 @needs_bf16
