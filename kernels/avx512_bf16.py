@@ -28,6 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.cpu_pool import cpu_info
+from kernels.ir_loop import accumulate_loop
 
 ROWS = 8             # rows per micro-kernel call: 8 x 2 accumulators, of Zen 4's 32 vector registers
 
@@ -83,31 +84,20 @@ def _dot_rows_intrinsic(accumulate: bool):
             else:
                 start = [ir.Constant(_F32X16, [0.0] * 16)] * (2 * ROWS)
             rows = [builder.add(a, builder.mul(a_stride, ir.Constant(_I64, r))) for r in range(ROWS)]
-            entry = builder.block
-            loop, done = builder.append_basic_block("dot_rows_loop"), builder.append_basic_block("dot_rows_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            k.add_incoming(ir.Constant(_I64, 0), entry)
-            phis = [builder.phi(_F32X16) for _ in range(2 * ROWS)]
-            for phi, value in zip(phis, start):
-                phi.add_incoming(value, entry)
-            acc = list(phis)
-            a_offset, b_tile = builder.mul(k, a_step), builder.add(b, builder.mul(k, ir.Constant(_I64, 1024)))
-            b_tiles = (b_tile, builder.add(b_tile, b_half))
-            for pair in range(16):                       # the 16 input pairs of this 32-input step
-                weights = [builder.bitcast(_load(builder, t, 64 * pair, _I32X16), _BF16X32) for t in b_tiles]
-                for r in range(ROWS):
-                    word = _load(builder, builder.add(rows[r], a_offset), 4 * pair, _I32)
-                    inputs = builder.bitcast(_broadcast(builder, word), _BF16X32)
-                    for half in range(2):
-                        acc[2 * r + half] = builder.call(dot, [acc[2 * r + half], inputs, weights[half]])
-            k_next = builder.add(k, ir.Constant(_I64, 1))
-            k.add_incoming(k_next, loop)
-            for phi, value in zip(phis, acc):
-                phi.add_incoming(value, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, k_tiles), loop, done)
-            builder.position_at_end(done)
+
+            def step(k, acc):                            # 32 inputs: one tile's width
+                a_offset, b_tile = builder.mul(k, a_step), builder.add(b, builder.mul(k, ir.Constant(_I64, 1024)))
+                b_tiles = (b_tile, builder.add(b_tile, b_half))
+                for pair in range(16):                   # the 16 input pairs of this 32-input step
+                    weights = [builder.bitcast(_load(builder, t, 64 * pair, _I32X16), _BF16X32) for t in b_tiles]
+                    for r in range(ROWS):
+                        word = _load(builder, builder.add(rows[r], a_offset), 4 * pair, _I32)
+                        inputs = builder.bitcast(_broadcast(builder, word), _BF16X32)
+                        for half in range(2):
+                            acc[2 * r + half] = builder.call(dot, [acc[2 * r + half], inputs, weights[half]])
+                return acc
+
+            acc = accumulate_loop(builder, "dot_rows", k_tiles, start, step)
             for r in range(ROWS):
                 for half in range(2):
                     builder.store(acc[2 * r + half], builder.inttoptr(outputs[r][half], _F32X16.as_pointer()), align=4)

@@ -89,6 +89,23 @@ def tile_key(weight: np.ndarray, gated: bool = False) -> tuple:
     return weight.ctypes.data, weight.shape, weight.strides, gated
 
 
+def tiled_weight(weight: np.ndarray, gated: bool = False) -> TileWeight:
+    """The bf16 tile copy of `weight` [O, I] (`gated`: a stacked gate|up, laid out for `swiglu`),
+    made on first use and shared by every array viewing the same memory; it lives while one of the
+    arrays that asked for it does. The bf16 GEMMs and the bf16-weight GEMVs (`kernels.bf16_gemv`)
+    read the same copy."""
+    key = tile_key(weight, gated)
+    with _LOCK:
+        users = _USERS.setdefault(key, set())
+        if id(weight) not in users:
+            users.add(id(weight))
+            weakref.finalize(weight, _forget, key, id(weight))
+        cached = _TILED.get(key)
+        if cached is None:       # packed under the lock: a second thread waits rather than packs too
+            cached = _TILED[key] = TileWeight.pack_gated(weight) if gated else TileWeight.pack(weight)
+    return cached
+
+
 def _forget(key: tuple, user: int) -> None:
     """`user` is gone; with the last one, so is the copy."""
     with _LOCK:
@@ -123,28 +140,13 @@ class Bf16Matmul:
             raise RuntimeError(f"the bf16 GEMM route was asked for but is unavailable: {reason}")
         return None
 
-    def tiled_weight(self, weight: np.ndarray, gated: bool = False) -> TileWeight:
-        """The bf16 tile copy of `weight` [O, I] (`gated`: a stacked gate|up, laid out for `swiglu`),
-        made on first use and shared by every array viewing the same memory; it lives while one of
-        the arrays that asked for it does."""
-        key = tile_key(weight, gated)
-        with _LOCK:
-            users = _USERS.setdefault(key, set())
-            if id(weight) not in users:
-                users.add(id(weight))
-                weakref.finalize(weight, _forget, key, id(weight))
-            cached = _TILED.get(key)
-            if cached is None:       # packed under the lock: a second thread waits rather than packs too
-                cached = _TILED[key] = TileWeight.pack_gated(weight) if gated else TileWeight.pack(weight)
-        return cached
-
     def matmul(self, x: np.ndarray | TileRows, weight: np.ndarray) -> np.ndarray:
         """x [T, I] float32 (or already bf16 tiles), weight [O, I] float32 -> [T, O] float32."""
-        return bf16_gemm.matmul(self.route, _as_rows(x), self.tiled_weight(weight))
+        return bf16_gemm.matmul(self.route, _as_rows(x), tiled_weight(weight))
 
     def swiglu(self, x: np.ndarray | TileRows, gate_up: np.ndarray) -> TileRows:
         """silu(x @ gate.T) * (x @ up.T), gate_up [2F, I] stacked, as the next GEMM's bf16 tiles."""
-        return bf16_gemm.swiglu(self.route, _as_rows(x), self.tiled_weight(gate_up, gated=True))
+        return bf16_gemm.swiglu(self.route, _as_rows(x), tiled_weight(gate_up, gated=True))
 
 
 def _as_rows(x: np.ndarray | TileRows) -> TileRows:

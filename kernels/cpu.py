@@ -24,8 +24,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from kernels import cpu_attention, cpu_decode_attention
-from kernels.bf16 import Bf16Matmul
+from kernels import bf16_gemv, cpu_attention, cpu_decode_attention
+from kernels.bf16 import Bf16Matmul, tiled_weight
 from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_memory import keep_freed_memory
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
@@ -256,18 +256,27 @@ class CpuKernels(ReferenceKernels):
     prompts' attention tiles: prefills of 64+ tokens, and decode steps of 64+ sequences (2x
     faster there on AMX, 1.3-1.7x on AVX512-BF16; below, decode stays float32, which keeps every
     golden greedy token, where bf16 decode flips one at token 15, and a cold instance's first short
-    prompt does not wait for its weights' bf16 copies to be packed). Outputs then depend on how tokens were batched, as bf16
-    results differ from float32 ones; `bf16=False` keeps every step float32.
+    prompt does not wait for its weights' bf16 copies to be packed). Outputs then depend on how
+    tokens were batched, as bf16 results differ from float32 ones; `bf16=False` keeps every step
+    float32.
+
+    `bf16_weights` (off by default; any CPU): steps of up to GEMV_MAX_TOKENS tokens (decode of 1-3
+    sequences) read the weights' bf16 copies instead of the float32 originals, widened to float32
+    in registers (`kernels.bf16_gemv`): half the bytes of a step bound by reading them. Only the
+    weights are rounded (as when serving a bf16 checkpoint), but greedy output then drifts from
+    the float32 golden sooner, and the copies (half the projections' and the lm_head's bytes) stay
+    in memory beside the originals.
 
     Memory-moving ops (asarray, zeros, embedding, move_blocks) and argmax are numpy's and inherited.
     """
 
     name = "cpu"
 
-    def __init__(self, bf16: bool | None = None, bf16_min_tokens: int = 64):
+    def __init__(self, bf16: bool | None = None, bf16_min_tokens: int = 64, bf16_weights: bool = False):
         keep_freed_memory()   # a step's intermediates reuse the last step's pages (kernels.cpu_memory)
         self.bf16 = Bf16Matmul.create(required=bool(bf16)) if bf16 is not False else None
         self.bf16_min_tokens = bf16_min_tokens
+        self.bf16_weights = bf16_weights
         self._rope_table = _RopeTable()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -285,11 +294,16 @@ class CpuKernels(ReferenceKernels):
         """The bf16 route if a step of `rows` tokens takes it."""
         return self.bf16 if rows >= self.bf16_min_tokens else None
 
+    def _reads_bf16_weights(self, rows: int) -> bool:
+        return self.bf16_weights and rows <= GEMV_MAX_TOKENS
+
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         rows = x.shape[0]
         bf16 = self._bf16_for(rows)
         if bf16 is not None:
             return bf16.matmul(x, weight)
+        if self._reads_bf16_weights(rows):
+            return bf16_gemv.gemv(x, tiled_weight(weight))
         if rows <= SKINNY_MAX_TOKENS:
             return few_token_matmul(x, weight, gated=False)
         return gemm_nt(x, weight)
@@ -313,6 +327,8 @@ class CpuKernels(ReferenceKernels):
         bf16 = self._bf16_for(rows)
         if bf16 is not None:
             return bf16.matmul(bf16.swiglu(x, gate_up), down)
+        if self._reads_bf16_weights(rows):
+            return bf16_gemv.gemv(bf16_gemv.swiglu(x, tiled_weight(gate_up, gated=True)), tiled_weight(down))
         if rows <= SKINNY_MAX_TOKENS:
             return self.linear(few_token_matmul(x, gate_up, gated=True), down)
         return self.linear(self.silu_mul(self.linear(x, gate_up)), down)

@@ -149,11 +149,11 @@ def test_gated_layout_interleaves_gate_and_up_by_sixteen_outputs():
 
 
 def test_tiled_weight_copy_is_made_once_and_dropped_with_the_weight():
-    gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)   # the cache needs no bf16 hardware
+    """The copies are process-wide: every kernels object (each instance has its own) finds the
+    same one. Packing needs no bf16 hardware."""
     w = randn(64, 32)
-    first, key = gemm.tiled_weight(w), bf16.tile_key(w)
-    assert gemm.tiled_weight(w) is first
-    assert bf16.Bf16Matmul(bf16_gemm.AVX512_BF16).tiled_weight(w) is first   # shared by every kernels object
+    first, key = bf16.tiled_weight(w), bf16.tile_key(w)
+    assert bf16.tiled_weight(w) is first
     assert key in bf16._TILED
     del w
     gc.collect()
@@ -164,12 +164,11 @@ def test_views_of_one_buffer_share_a_bf16_copy_that_lives_while_one_of_them_does
     """Instances loaded from one host-cache entry hold different view objects of the same memory;
     the copy goes with the last of them, even though the buffer lives on (an unloaded instance
     must not leave its copies behind in the host cache)."""
-    gemm = bf16.Bf16Matmul(bf16_gemm.AVX512_BF16)
     buffer = randn(2, 64, 32)
     first, second, other = buffer[1], buffer[1][...], buffer[0]
     assert first is not second
-    assert gemm.tiled_weight(first) is gemm.tiled_weight(second)
-    assert gemm.tiled_weight(other) is not gemm.tiled_weight(first)
+    assert bf16.tiled_weight(first) is bf16.tiled_weight(second)
+    assert bf16.tiled_weight(other) is not bf16.tiled_weight(first)
     key = bf16.tile_key(first)
     del first
     gc.collect()

@@ -20,7 +20,7 @@ import pytest
 from numba.core.codegen import get_host_cpu_features
 from numba.core.registry import CPUDispatcher
 
-from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_memory, cpu_pool,
+from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_memory, cpu_pool,
                      cpu_target, get_kernels)
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
@@ -265,12 +265,12 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
     pointer or a large global array (`numba.get_num_threads()` called inside a kernel is one) is
     compiled afresh by every process, with nothing but a warning. So: run the tiny model (with the
     bf16 GEMMs and attention where this CPU has them) and find each compiled kernel on disk."""
-    _greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16))
+    _greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16, bf16_weights=True))
     if bf16.unavailable_reason() is None:
         k_cache, v_cache, tables, _ = paged([600], 9, 3, 64)
         cpu_attention.prefill_attention(randn(600, 9, 64), k_cache, v_cache, tables, np.array([0, 600], np.int32),
                                         np.array([600], np.int32), 0.125, bf16.Bf16Matmul.create())
-    modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_pool)
+    modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_pool)
     kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
     group = TINY.num_attention_heads // TINY.num_key_value_heads
     kernels.append(cpu_decode_attention._partials_kernel(TINY.head_dim, group, 16))   # the tiny model's shape
