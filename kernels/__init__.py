@@ -1,13 +1,16 @@
 """Kernel backends behind one interface (`kernels.interface.Kernels`), chosen per device.
 
 `reference` (numpy) is the ground truth and always available; `cpu` (Numba) and `cuda` (CuPy) are
-the fast twins, each checked against it op by op.
+the fast twins, each checked against it op by op. `cpu-bf16-weights` is `cpu` with decode of 1-3
+sequences reading bf16 copies of the weights (`CpuKernels(bf16_weights=True)`): twice as fast where
+decode waits on memory, at the cost of rounding the weights; chosen by name only.
 """
 from __future__ import annotations
 
 from kernels.interface import Kernels
 
-BACKENDS = ("reference", "cpu", "cuda")
+BACKENDS = ("reference", "cpu", "cpu-bf16-weights", "cuda")
+BF16_WEIGHTS = "cpu-bf16-weights"
 DEVICE_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
 
 
@@ -36,6 +39,8 @@ def check_device(device: str, backend: str | None = None) -> None:
     kind, _, index = device.partition(":")
     if chosen == "cuda" and kind != "cuda":
         raise BackendUnavailable(f"the cuda backend runs on cuda or cuda:N, not {device!r}")
+    if chosen == BF16_WEIGHTS and kind == "cuda":
+        raise BackendUnavailable(f"the {BF16_WEIGHTS} backend runs on cpu or cpu:N, not {device!r}")
     if kind != "cuda":
         return
     if not (index or "0").isdigit():
@@ -59,9 +64,9 @@ def get_kernels(backend: str = "reference", device: str = "cpu") -> Kernels:
     if backend == "reference":
         from kernels.reference import ReferenceKernels
         return ReferenceKernels()
-    if backend == "cpu":
+    if backend in ("cpu", BF16_WEIGHTS):
         from kernels.cpu import CpuKernels
-        return CpuKernels()
+        return CpuKernels(bf16_weights=backend == BF16_WEIGHTS)
     if backend == "cuda":
         check_device(device, backend)
         from kernels.gpu import GpuKernels
@@ -69,7 +74,8 @@ def get_kernels(backend: str = "reference", device: str = "cpu") -> Kernels:
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-def keeps_prefill_copies(kernels: Kernels) -> bool:
+def keeps_bf16_copies(kernels: Kernels) -> bool:
     """Whether instances on this backend keep bf16 copies of their projection weights (the CPU
-    backend with a bf16 route, `kernels.bf16`): memory the scheduler must charge them."""
-    return getattr(kernels, "bf16", None) is not None
+    backend with a bf16 route, `kernels.bf16`, or reading bf16 weights): memory the scheduler must
+    charge them."""
+    return getattr(kernels, "bf16", None) is not None or getattr(kernels, "bf16_weights", False)

@@ -21,9 +21,9 @@ def instance_cap(model: ModelSpec, node: NodeSpec, config: SchedulerConfig) -> i
 
 def weights_bytes(model: ModelSpec, node: NodeSpec) -> int:
     """What loading the model charges: weights plus the per-instance overhead (§9 row 11), and the
-    bf16 prefill copies where the node keeps them. (Two instances of one model on one CPU share
+    bf16 weight copies where the node keeps them. (Two instances of one model on one CPU share
     those copies; charging both errs safe.)"""
-    copies = model.prefill_copy_bytes if node.prefill_copies else 0
+    copies = model.bf16_copy_bytes if node.bf16_copies else 0
     return model.weight_bytes + copies + node.instance_overhead_bytes
 
 

@@ -27,8 +27,9 @@ class ModelSpec:
     `fixed_kv_bytes` is the KV space an instance gets on a node whose KV is not elastic (the
     artifact's CPU slots, §3.2: 16 GB for 3B, 32 GB for 7B/13B). `max_instances` caps how many
     instances of this model one node of a kind may hold (the artifact's slot counts, §3.2 and
-    §9 row 13); kinds absent from the mapping are unlimited. `prefill_copy_bytes` is the bf16 copy
-    of its projection weights that an instance keeps on a node with `NodeSpec.prefill_copies`.
+    §9 row 13); kinds absent from the mapping are unlimited. `bf16_copy_bytes` is the bf16 copies
+    of its weights (the projections, for bf16 prefill; and the lm_head, where decode reads bf16
+    weights) that an instance keeps on a node with `NodeSpec.bf16_copies`.
     """
 
     name: str
@@ -39,7 +40,7 @@ class ModelSpec:
     max_context: int = 4096
     fixed_kv_bytes: int = 0
     max_instances: Mapping[str, int] = field(default_factory=dict)
-    prefill_copy_bytes: int = 0
+    bf16_copy_bytes: int = 0
 
     @property
     def block_bytes(self) -> int:
@@ -73,8 +74,8 @@ class NodeSpec:
     `elastic_kv` says whether instances resize their KV here (GPUs in the paper, §4.3.2) or keep
     `ModelSpec.fixed_kv_bytes` (the artifact's CPUs). `instance_overhead_bytes` is charged with the
     weights of every instance (the artifact's 1.5 GB CUDA context per slot, §9 row 11).
-    `prefill_copies`: instances here also keep `ModelSpec.prefill_copy_bytes` (a CPU whose prefill
-    GEMMs run bf16, `kernels.bf16`), charged with the weights too.
+    `bf16_copies`: instances here also keep `ModelSpec.bf16_copy_bytes` (a CPU whose prefill
+    GEMMs run bf16, `kernels.bf16`, or whose decode reads bf16 weights), charged with the weights too.
     `host` names the machine whose disk and host-memory cache feed the node (devices of one server
     share them; None: the node is its own machine); `bandwidths` are that path's measured speeds.
     """
@@ -85,7 +86,7 @@ class NodeSpec:
     memory_bytes: int
     elastic_kv: bool = True
     instance_overhead_bytes: int = 0
-    prefill_copies: bool = False
+    bf16_copies: bool = False
     max_instances: int = 8
     host: str | None = None
     bandwidths: LoadBandwidths | None = None

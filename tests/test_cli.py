@@ -16,10 +16,11 @@ def home(model_home, monkeypatch):
     return model_home
 
 
-def test_generate_streams_the_golden_greedy_text(home, prepared_model, golden_dir):
+@pytest.mark.parametrize("backend", [[], ["--backend", "cpu-bf16-weights"]], ids=["default", "bf16-weights"])
+def test_generate_streams_the_golden_greedy_text(home, prepared_model, golden_dir, backend):
     from refengine.engine.tokenizer import Tokenizer
     case = next(c for c in json.loads((golden_dir / "greedy.json").read_text())["cases"] if c["kind"] == "raw")
-    result = CliRunner().invoke(cli, ["generate", "--prompt", case["prompt_text"], "--max-tokens", "8"])
+    result = CliRunner().invoke(cli, ["generate", "--prompt", case["prompt_text"], "--max-tokens", "8", *backend])
     assert result.exit_code == 0, result.output
     assert result.output == Tokenizer(prepared_model).decode(case["completion_ids"][:8]) + "\n"
 
@@ -41,6 +42,7 @@ def test_generate_runs_a_prompts_file_as_one_batch(home, tmp_path):
     (["bench", "load", "--device", "cuda:0"], "cuda:0 needs CuPy"),
     (["bench", "prefill", "--backend", "cuda"], "the cuda backend runs on cuda or cuda:N"),
     (["bench", "migrate", "--backend", "cuda"], "the cuda backend runs on cuda or cuda:N"),
+    (["generate", "--prompt", "hi", "--device", "cuda", "--backend", "cpu-bf16-weights"], "runs on cpu or cpu:N"),
 ])
 def test_bad_flags_are_one_line(args, complaint, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)

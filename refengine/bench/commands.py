@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from kernels import backend_for_device, check_device, get_kernels
+from kernels import BACKENDS, backend_for_device, check_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from models.config import LlamaConfig
 from refengine.bench import bandwidth, engine_bench
@@ -31,7 +31,7 @@ def bench() -> None:
     """Measure the engine (medians) and record the figures in docs/BENCHMARKS.md."""
 
 
-_backend = click.option("--backend", type=click.Choice(["reference", "cpu", "cuda"]))
+_backend = click.option("--backend", type=click.Choice(BACKENDS))
 
 
 def _on_device(command: Callable) -> Callable:

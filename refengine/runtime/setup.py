@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from kernels import backend_for_device, get_kernels, keeps_prefill_copies
+from kernels import BF16_WEIGHTS, backend_for_device, get_kernels, keeps_bf16_copies
 from models.config import LlamaConfig
 from models.llama import LlamaModel
 from refengine.engine.loader import ensure_prepared, with_decode_graphs
@@ -51,7 +51,9 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
     profile each (weights, hardware); build the scheduler and tell it where each model is."""
     catalogue = options.catalogue
     files = {w: ensure_prepared(w, options.home) for w in catalogue.weights}
-    specs = [_model_spec(name, catalogue[name].weights, files[catalogue[name].weights]) for name in catalogue.names]
+    copies_lm_head = options.backend == BF16_WEIGHTS
+    specs = [_model_spec(name, catalogue[name].weights, files[catalogue[name].weights], copies_lm_head)
+             for name in catalogue.names]
     _check_every_model_fits(specs, options.devices)
     store = ModelStore(options.home, options.host_cache_bytes, allocate=host_allocator(options.devices))
     disk_to_host = measure_disk_to_host(store, files.values())
@@ -66,7 +68,7 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
                                        profiles, machine_of(device.name), options.profile_grid))
         bandwidths = LoadBandwidths(disk_to_host, measure_host_to_device(store, files.values(), device, kernels))
         nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
-                              bandwidths=bandwidths, prefill_copies=keeps_prefill_copies(kernels)))
+                              bandwidths=bandwidths, bf16_copies=keeps_bf16_copies(kernels)))
         log.info("%s: weights load at %s", device.name, describe(bandwidths))
     unique = {(t.profile, t.hardware): t for t in tables}
     config = scheduler_config(options.scheduler, options.keep_alive_s, set(files), options.slo, options.migration)
@@ -80,10 +82,12 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
                         scheduler, tiers)
 
 
-def _model_spec(name: str, weights: str, files: ModelFiles) -> ModelSpec:
+def _model_spec(name: str, weights: str, files: ModelFiles, copies_lm_head: bool) -> ModelSpec:
+    """`copies_lm_head`: decode reads bf16 weights, so the lm_head's copy joins the projections'."""
     config = LlamaConfig.from_json(files.config)
+    copied = config.projection_parameters + (config.vocab_size * config.hidden_size if copies_lm_head else 0)
     return ModelSpec(name, weights, files.weights.stat().st_size, config.kv_bytes_per_token, 16,
-                     config.max_position_embeddings, prefill_copy_bytes=2 * config.projection_parameters)
+                     config.max_position_embeddings, bf16_copy_bytes=2 * copied)
 
 
 def _check_every_model_fits(specs: list[ModelSpec], devices: list[DeviceSpec]) -> None:

@@ -22,6 +22,13 @@ def test_each_device_gets_its_own_backend_unless_one_is_named():
 def test_cpu_backends_need_nothing_more():
     check_device("cpu")
     check_device("cpu:1", "reference")
+    check_device("cpu:1", "cpu-bf16-weights")
+
+
+def test_the_bf16_weights_backend_is_the_cpu_one_reading_bf16_weights_and_only_on_a_cpu():
+    assert get_kernels("cpu-bf16-weights").bf16_weights and not get_kernels("cpu").bf16_weights
+    with pytest.raises(BackendUnavailable, match="cpu-bf16-weights backend runs on cpu or cpu:N, not 'cuda:0'"):
+        check_device("cuda:0", "cpu-bf16-weights")
 
 
 def test_the_cuda_backend_needs_a_cuda_device():

@@ -152,12 +152,12 @@ def test_a_new_instance_on_a_tight_node_gets_the_kv_the_node_has_not_more():
 
 
 @pytest.mark.parametrize("copies", [False, True])
-def test_an_instance_on_a_node_keeping_bf16_prefill_copies_is_charged_for_them(copies):
+def test_an_instance_on_a_node_keeping_bf16_weight_copies_is_charged_for_them(copies):
     """The node above plus 500 bytes: an instance charged 500 bytes of bf16 prefill copies beside
     its weights is as tight as above (the KV grow gets the floor, 64 blocks); one whose node keeps
     no copies has room for M_recommend (80)."""
-    spec = replace(model(weight=10, max_context=1024), prefill_copy_bytes=500)
-    node = replace(node_spec(memory=10 + 500 + 64 * 16 + 8), prefill_copies=copies)
+    spec = replace(model(weight=10, max_context=1024), bf16_copy_bytes=500)
+    node = replace(node_spec(memory=10 + 500 + 64 * 16 + 8), bf16_copies=copies)
     sched = make_scheduler(models=[spec], nodes=[node])
     actions = sched.handle(RequestArrived("r", "m", 8, 4, arrival=0.0), now=0.0)
     (load,) = [a for a in actions if isinstance(a, Load)]
