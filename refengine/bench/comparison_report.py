@@ -22,6 +22,9 @@ TARGETS = {
         ("AVX512-BF16 prefill 128 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 128), None),
         ("AVX512-BF16 prefill 512 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 512), None),
         ("AVX512-BF16 prefill 2048 vs our fp32", "refengine cpu AVX512-BF16", "refengine cpu fp32", ("prefill", 2048), None),
+        # decode from bf16 weights is not the F32 comparison; F16 is the like-for-like peer
+        ("bf16-weight batch-1 decode vs llama.cpp F16", "refengine cpu bf16 weights", "llama.cpp F16", ("decode", 1, 128), None),
+        ("bf16-weight batch-1 decode vs our fp32", "refengine cpu bf16 weights", "refengine cpu fp32", ("decode", 1, 128), None),
     ],
     "cuda": [
         ("batch-1 decode vs transformers eager", "refengine cuda graph", "transformers cuda eager", ("decode", 1, 128), 10.0),

@@ -34,13 +34,16 @@ class Options:
     repeats: int = 16          # timed steps per decode case
 
 
+BF16_WEIGHTS_ENGINE = "refengine cpu bf16 weights"   # the cpu-bf16-weights backend: decode reads bf16 copies
+
+
 def engines_for(device: str) -> list[str]:
     """The engines compared on this kind of device, ours first."""
     if device.startswith("cuda"):
         return ["refengine cuda eager", "refengine cuda graph", "transformers cuda eager"]
     from kernels.bf16 import Bf16Matmul
     bf16 = Bf16Matmul.create(required=False)
-    ours = ["refengine cpu fp32"] + ([f"refengine cpu {bf16.unit}"] if bf16 else [])
+    ours = ["refengine cpu fp32"] + ([f"refengine cpu {bf16.unit}"] if bf16 else []) + [BF16_WEIGHTS_ENGINE]
     return ours + ["llama.cpp F32", "llama.cpp F16", "llama.cpp Q4_1", "transformers fp32"]
 
 
@@ -76,7 +79,8 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
             kern = GpuKernels(options.device)
         else:
             from kernels.cpu import CpuKernels
-            kern = CpuKernels(bf16=not engine.endswith("fp32"))
+            kern = (CpuKernels(bf16_weights=True) if engine == BF16_WEIGHTS_ENGINE
+                    else CpuKernels(bf16=not engine.endswith("fp32")))
         model = LlamaModel(config, LlamaWeights.from_hf(tensors, config, kern), kern)
         if engine.endswith("graph"):
             from kernels.gpu_graph import GraphedDecodeModel
