@@ -122,9 +122,8 @@ def _skinny_matmul(x, w, out, gated):
             _store_quad(out, r, o0, o1, o2, o3, a0, a1, a2, a3, gated)
 
 
-
-# tokens below which `_gemv` replaces `_skinny_matmul` (the latter works on four tokens at a time)
-GEMV_MAX_TOKENS = 3
+# tokens up to which `_gemv` replaces `_skinny_matmul` (which works on four weight rows at a time)
+GEMV_MAX_TOKENS = 5
 
 
 @numba.njit(inline="always", **JIT)
@@ -136,25 +135,48 @@ def _dot(x, t, w, o):
     return acc
 
 
+@numba.njit(inline="always", **JIT)
+def _put(out, t, o, value, gate_in_out):
+    """out[t, o] = value, or, with the gate parked there, silu(gate) * value (value the up output)."""
+    out[t, o] = silu_times(out[t, o], value) if gate_in_out else value
+
+
+@numba.njit(inline="always", **JIT)
+def _row_against_tokens(x, w, row, out, o, gate_in_out):
+    """Weight row `row` against every token, four tokens per pass over the row (one load of each
+    weight for four multiply-adds), the rest one by one (from L1), into column o of out."""
+    tokens, t = x.shape[0], 0
+    while t + 4 <= tokens:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for i in range(x.shape[1]):
+            wi = w[row, i]
+            a0, a1, a2, a3 = a0 + x[t, i] * wi, a1 + x[t + 1, i] * wi, a2 + x[t + 2, i] * wi, a3 + x[t + 3, i] * wi
+        _put(out, t, o, a0, gate_in_out)
+        _put(out, t + 1, o, a1, gate_in_out)
+        _put(out, t + 2, o, a2, gate_in_out)
+        _put(out, t + 3, o, a3, gate_in_out)
+        t += 4
+    for r in range(t, tokens):
+        _put(out, r, o, _dot(x, r, w, row), gate_in_out)
+
+
 @numba.njit(parallel=True, **JIT)
 def _gemv(x, w, out, gated):
-    """`_skinny_matmul` for 1-3 tokens: each work item reads 16 consecutive weight rows one after
+    """`_skinny_matmul` for 1-5 tokens: each work item reads 16 consecutive weight rows one after
     the other, a single sequential stream (gated: the 16 gate rows, their gate values parked in
-    `out`, then the 16 up rows that pair with them). With no tokens to share a weight load, speed
-    is how well the hardware prefetcher keeps up, and one stream per thread suits it best: on the
-    AMD EPYC VM this read the model's GEMV weights at 31-34 GB/s against 25-28 with eight rows
-    interleaved per item (1.22-1.31x, in-process A/B), and those eight had beaten four (1.15-1.20x)."""
-    tokens = x.shape[0]
+    `out`, then the 16 up rows that pair with them). With few tokens to share a weight load, speed
+    is how well the hardware prefetcher keeps up, and one stream per thread suits it best. On the
+    AMD EPYC VM, in-process A/Bs over the model's GEMV weights: 31-34 GB/s at 1-2 tokens against
+    25-28 with eight rows interleaved per item (1.22-1.31x; eight had beaten four, 1.15-1.20x),
+    and at 4-5 tokens 1.16-1.21x the four-row kernel; from 7 tokens that one is faster."""
     outputs = out.shape[1]
     for item in prange((outputs + 15) // 16):
         first, end = 16 * item, min(16 * item + 16, outputs)
         for o in range(first, end):
-            for t in range(tokens):
-                out[t, o] = _dot(x, t, w, o)
+            _row_against_tokens(x, w, o, out, o, False)
         if gated:
             for o in range(first, end):
-                for t in range(tokens):
-                    out[t, o] = silu_times(out[t, o], _dot(x, t, w, outputs + o))
+                _row_against_tokens(x, w, outputs + o, out, o, True)
 
 
 def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool) -> np.ndarray:
@@ -258,8 +280,8 @@ class CpuKernels(ReferenceKernels):
     tokens were batched, as bf16 results differ from float32 ones; `bf16=False` keeps every step
     float32.
 
-    `bf16_weights` (off by default; any CPU): steps of up to GEMV_MAX_TOKENS tokens (decode of 1-3
-    sequences) read the weights' bf16 copies instead of the float32 originals, widened to float32
+    `bf16_weights` (off by default; any CPU): steps of up to `bf16_gemv.MOST_ROWS` tokens (decode
+    of 1-3 sequences) read the weights' bf16 copies instead of the float32 originals, widened to float32
     in registers (`kernels.bf16_gemv`): half the bytes of a step bound by reading them. Only the
     weights are rounded (as when serving a bf16 checkpoint), but greedy output then drifts from
     the float32 golden sooner, and the copies (half the projections' and the lm_head's bytes) stay
@@ -293,7 +315,7 @@ class CpuKernels(ReferenceKernels):
         return self.bf16 if rows >= self.bf16_min_tokens else None
 
     def _reads_bf16_weights(self, rows: int) -> bool:
-        return self.bf16_weights and rows <= GEMV_MAX_TOKENS
+        return self.bf16_weights and rows <= bf16_gemv.MOST_ROWS
 
     def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         rows = x.shape[0]
