@@ -1,7 +1,7 @@
 """Kernel backends behind one interface (`kernels.interface.Kernels`), chosen per device.
 
 `reference` (numpy) is the ground truth and always available; `cpu` (Numba) and `cuda` (CuPy) are
-the fast twins, each checked against it op by op. `cpu-bf16-weights` is `cpu` with decode of 1-3
+the fast twins, each checked against it op by op. `cpu-bf16-weights` is `cpu` with decode of 1-5
 sequences reading bf16 copies of the weights (`CpuKernels(bf16_weights=True)`): twice as fast where
 decode waits on memory, at the cost of rounding the weights; chosen by name only.
 """

@@ -1,4 +1,4 @@
-"""GEMVs over bf16 weights for the steps of a few tokens (decode of 1-3 sequences), which read every
+"""GEMVs over bf16 weights for the steps of a few tokens (decode of 1-5 sequences), which read every
 weight once per step and so run at the memory's speed: reading the weights' bf16 copies (half the
 bytes of float32) instead of the float32 originals makes such a step up to twice as fast. Only the
 weights are bf16; each is widened to float32 in registers and multiplied by float32 activations
@@ -26,7 +26,7 @@ from kernels.bf16_layout import TileWeight
 from kernels.cpu_math import JIT, silu_times
 from kernels.ir_loop import accumulate_loop
 
-MOST_ROWS = 3        # tokens per call, each with 2 accumulator registers (a fourth goes to BLAS or bf16 GEMMs)
+MOST_ROWS = 5        # tokens per call, each with 2 accumulator registers (as the float32 GEMV, `kernels.cpu._gemv`)
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32X32, _I16X32, _I32X32, _I64X16 = (ir.VectorType(ir.FloatType(), 32), ir.VectorType(_I16, 32),
@@ -76,17 +76,22 @@ def _block_rows_intrinsic(rows: int):
     return intrinsic(typer)
 
 
-_block_1, _block_2, _block_3 = (_block_rows_intrinsic(r) for r in range(1, MOST_ROWS + 1))
+_block_1, _block_2, _block_3, _block_4, _block_5 = (_block_rows_intrinsic(r) for r in range(1, MOST_ROWS + 1))
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
 def _block(rows, x, x_stride, w, pairs, out, out_stride):
+    """The micro-kernel for `rows` tokens (its unrolled row count is fixed at compile time)."""
     if rows == 1:
         _block_1(x, x_stride, w, pairs, out, out_stride)
     elif rows == 2:
         _block_2(x, x_stride, w, pairs, out, out_stride)
-    else:
+    elif rows == 3:
         _block_3(x, x_stride, w, pairs, out, out_stride)
+    elif rows == 4:
+        _block_4(x, x_stride, w, pairs, out, out_stride)
+    else:
+        _block_5(x, x_stride, w, pairs, out, out_stride)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

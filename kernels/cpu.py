@@ -281,7 +281,7 @@ class CpuKernels(ReferenceKernels):
     float32.
 
     `bf16_weights` (off by default; any CPU): steps of up to `bf16_gemv.MOST_ROWS` tokens (decode
-    of 1-3 sequences) read the weights' bf16 copies instead of the float32 originals, widened to float32
+    of 1-5 sequences) read the weights' bf16 copies instead of the float32 originals, widened to float32
     in registers (`kernels.bf16_gemv`): half the bytes of a step bound by reading them. Only the
     weights are rounded (as when serving a bf16 checkpoint), but greedy output then drifts from
     the float32 golden sooner, and the copies (half the projections' and the lm_head's bytes) stay

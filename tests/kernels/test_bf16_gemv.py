@@ -1,5 +1,5 @@
 """The bf16-weight GEMVs (`kernels.bf16_gemv`) and `CpuKernels(bf16_weights=True)`: decode steps of
-1-3 sequences reading the weights' bf16 copies, widened to float32 in registers.
+1-5 sequences reading the weights' bf16 copies, widened to float32 in registers.
 
 Tolerance: against the same bf16-rounded weights multiplied in float64 the GEMV agrees to float32
 rounding (outputs up to ~130 in size here, so 2e-4 absolute): only the weights are rounded, which
@@ -34,7 +34,8 @@ def bf16_rounded(w: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rows,outputs,inputs", [(1, 960, 576), (2, 576, 576), (3, 1536, 576), (1, 50, 70),
-                                                 (2, 40, 71), (3, 17, 1), (1, 3072, 1536), (2, 16, 2)])
+                                                 (2, 40, 71), (3, 17, 1), (1, 3072, 1536), (2, 16, 2),
+                                                 (4, 960, 576), (5, 33, 70)])
 def test_gemv_equals_the_bf16_rounded_weights_in_float64(rows, outputs, inputs):
     """Widths odd or not a multiple of 32 (zero-padded pairs) and outputs not a multiple of 16."""
     x, w = randn(rows, inputs), randn(outputs, inputs)
@@ -44,7 +45,7 @@ def test_gemv_equals_the_bf16_rounded_weights_in_float64(rows, outputs, inputs):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("rows,features,inputs", [(1, 1536, 576), (3, 40, 70), (2, 20, 33)])
+@pytest.mark.parametrize("rows,features,inputs", [(1, 1536, 576), (3, 40, 70), (2, 20, 33), (5, 24, 64)])
 def test_swiglu_equals_silu_of_the_two_gemvs(rows, features, inputs):
     x, gate_up = randn(rows, inputs), randn(2 * features, inputs) * 0.2
     rounded = bf16_rounded(gate_up)
@@ -52,18 +53,18 @@ def test_swiglu_equals_silu_of_the_two_gemvs(rows, features, inputs):
     np.testing.assert_allclose(bf16_gemv.swiglu(x, TileWeight.pack_gated(gate_up)), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [0, 4])
+@pytest.mark.parametrize("rows", [0, 6])
 def test_more_rows_than_the_gemv_takes_is_refused(rows):
-    with pytest.raises(ValueError, match="1 to 3 rows"):
+    with pytest.raises(ValueError, match="1 to 5 rows"):
         bf16_gemv.gemv(randn(rows, 32), TileWeight.pack(randn(16, 32)))
 
 
-def test_cpu_kernels_read_bf16_weights_only_for_steps_of_up_to_three_tokens():
-    """Off by default; on, 1-3 rows read the copies (exactly the GEMV's result) and 4+ the float32
+def test_cpu_kernels_read_bf16_weights_only_for_steps_of_up_to_five_tokens():
+    """Off by default; on, 1-5 rows read the copies (exactly the GEMV's result) and 6+ the float32
     weights, as before."""
     w, gate_up, down = randn(96, 64), randn(80, 64) * 0.2, randn(64, 40) * 0.2
     on, off = CpuKernels(bf16=False, bf16_weights=True), CpuKernels(bf16=False)
-    few, more = randn(3, 64), randn(4, 64)
+    few, more = randn(5, 64), randn(6, 64)
     np.testing.assert_array_equal(on.linear(few, w), bf16_gemv.gemv(few, tiled_weight(w)))
     np.testing.assert_allclose(off.linear(few, w), ref.linear(few, w), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(on.linear(more, w), off.linear(more, w))
