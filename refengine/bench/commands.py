@@ -266,7 +266,8 @@ def serve_bench(models: tuple[int, ...], schedulers: tuple[str, ...], loads: tup
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     if write:
-        variant = devices if host_cache == ServeBench.host_cache else f"{devices}, host cache {host_cache}"
+        variant = ", ".join([devices] + ([f"backend {backend}"] if backend else []) +
+                            ([f"host cache {host_cache}"] if host_cache != ServeBench.host_cache else []))
         slug = re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
         plot_name = "bench_serve.png" if slug == "cpu" else f"bench_serve_{slug}.png"
         serve_report.plot(summaries, BENCHMARKS.parent / plot_name)
