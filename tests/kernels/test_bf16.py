@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -288,3 +292,36 @@ def test_swiglu_equals_silu_of_the_two_gemms(route, tokens, features, inputs):
     got = padded[:tokens, :features]
     np.testing.assert_allclose(bf16.from_bf16(got), bf16.from_bf16(expected), rtol=1e-2, atol=1e-3)
     assert not padded[tokens:].any() and not padded[:, features:].any()
+
+
+AMX_COMPILE = """
+from numba import types
+from kernels import bf16_gemm, cpu_attention
+route, u16, f32, i = types.Array(types.uint8, 1, "C"), types.uint16, types.float32, types.intp
+arr = lambda dtype, dims: types.Array(dtype, dims, "C")
+kernels = {
+    bf16_gemm._matmul: (route, arr(u16, 4), arr(u16, 4), arr(f32, 2), i),
+    bf16_gemm._swiglu: (route, arr(u16, 4), arr(u16, 4), arr(u16, 4), i),
+    cpu_attention._flash_bf16: (route, arr(u16, 3), arr(u16, 5), arr(u16, 5), i, i, i, i, f32, arr(f32, 3)),
+}
+for kernel, signature in kernels.items():
+    kernel.compile(signature)
+    asm = kernel.inspect_asm(signature)
+    print(kernel.__name__, *(asm.count(op) for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilerelease")))
+"""
+
+
+@pytest.mark.skipif(bf16.amx_unavailable_reason() is None, reason="this CPU has AMX: the AMX tests run it")
+def test_amx_kernels_compile_for_a_sapphire_rapids_target(tmp_path):
+    """Where no AMX CPU is at hand, the AMX specialisations of the shared bf16 kernel bodies must at
+    least still type and lower: compiled (never run) for Sapphire Rapids in a child process, with a
+    cache of its own, each holds the tile configure, load, bf16 dot product and release."""
+    env = dict(os.environ, NUMBA_CPU_NAME="sapphirerapids", NUMBA_CPU_FEATURES="",
+               NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", AMX_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = {name: [int(n) for n in rest] for name, *rest in (line.split() for line in done.stdout.splitlines())}
+    assert set(counts) == {"_matmul", "_swiglu", "_flash_bf16"}
+    for name, (configure, loads, products, release) in counts.items():
+        assert configure >= 1 and release >= 1 and loads >= 4 and products >= 4, (name, counts[name])
