@@ -172,14 +172,26 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
             f"on CPU); a target's ratio is that of the medians, and beside it the lowest and highest of "
             f"the same ratio within one round. Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; "
             f"bound = batch × bandwidth ÷ (weights + cached K/V). {steal}\n\n{table}\n\n{targets}")
-    # a CPU with AMX has its own sections, so that runs on CPUs with and without it both stay on record
-    section = f"{kind}-amx" if any(engine.endswith("AMX") for engine in results) else kind
-    place = "cpu with AMX" if section == "cpu-amx" else kind
+    section, place = _peers_section(kind, any(engine.endswith("AMX") for engine in results))
     if mode == "decode":
         png = BENCHMARKS.parent / f"decode_vs_batch_{section}.png"
         report.plot(results, bounds, png, f"Decode tokens/s vs batch ({place}, {weights})")
         body += f"\n\n![decode tokens/s vs batch]({png.name})"
     update_section(f"{mode}-peers-{section}", f"{mode.capitalize()} side by side ({place})", body)
+
+
+def _peers_section(kind: str, ran_amx: bool) -> tuple[str, str]:
+    """The side-by-side section's key and its heading's place. CPUs with AMX, with AVX-512 and with
+    only AVX2 run different kernels (bf16 tiles, bf16 dot products, float32 only), so each has its
+    own sections and a run on one kind never overwrites the figures of another."""
+    from kernels.cpu_pool import cpu_info
+    if kind != "cpu":
+        return kind, kind
+    if ran_amx:
+        return "cpu-amx", "cpu with AMX"
+    if "avx512f" not in cpu_info("flags").split():
+        return "cpu-avx2", "cpu with AVX2, no AVX-512"
+    return "cpu", "cpu"
 
 
 @bench.command()

@@ -133,3 +133,16 @@ def test_bench_peers_stops_in_one_line_when_peers_cannot_run(monkeypatch):
     monkeypatch.setattr(side_by_side, "run", lambda *a, **k: pytest.fail("timed anyway"))
     result = CliRunner().invoke(cli, ["bench", "prefill", "--peers", "--random-weights", "--no-write"])
     assert result.exit_code == 2 and "Error: --peers needs llama_cpp" in result.output
+
+
+@pytest.mark.parametrize("flags, ran_amx, section", [
+    ("fpu avx2 avx512f amx_bf16", True, "cpu-amx"),
+    ("fpu avx2 avx512f avx512_bf16", False, "cpu"),
+    ("fpu avx2 fma", False, "cpu-avx2"),
+])
+def test_side_by_side_sections_keep_each_instruction_set_on_record(monkeypatch, flags, ran_amx, section):
+    from kernels import cpu_pool
+    from refengine.bench import commands
+    monkeypatch.setattr(cpu_pool, "cpu_info", lambda field: flags)
+    assert commands._peers_section("cpu", ran_amx)[0] == section
+    assert commands._peers_section("cuda", False) == ("cuda", "cuda")
