@@ -29,11 +29,15 @@ from kernels.bf16 import Bf16Matmul, tiled_weight
 from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_memory import keep_freed_memory
 from kernels.cpu_pool import MKL_SGEMM, gemm_nt
+from kernels.cpu_target import HOST_AVX512
 from kernels.reference import ReferenceKernels, rope_angles
 
 # GEMMs with at most this many rows use `_skinny_matmul`, larger ones BLAS: MKL's sgemm overtakes it
-# from 32 rows, OpenBLAS's only past 64 (on the AMX Xeon; decode at batch 64 +13% with MKL from 17)
-SKINNY_MAX_TOKENS = 16 if MKL_SGEMM is not None else 64
+# from 32 rows, OpenBLAS's only past 64 (on the AMX Xeon; decode at batch 64 +13% with MKL from 17).
+# Without AVX-512, the kernel's 16 accumulators and 8 operands do not fit AVX2's 16 registers and
+# spill: on a Zen 3 VM it peaks near 100 GFLOP/s and OpenBLAS overtakes it from 16 rows (the
+# model's GEMMs at 16 / 32 / 64 rows: 1.08 / 1.34 / 1.55x; at 15, OpenBLAS is slower, 0.76x)
+SKINNY_MAX_TOKENS = 16 if MKL_SGEMM is not None else 64 if HOST_AVX512 else 15
 
 
 # ---------------------------------------------------------------- norms
@@ -81,7 +85,7 @@ def _skinny_matmul(x, w, out, gated):
     """out [T, O] = x [T, I] @ w [O, I].T for a few tokens (decode): weight rows stream from memory
     once, four at a time, against four tokens at a time, 16 accumulators in registers (rows past
     the end repeat the last one). BLAS kernels are tuned for large T; up to T = 64 this one reads
-    the weights faster (at T = 8, twice as fast as OpenBLAS here).
+    the weights faster (at T = 8, twice as fast as OpenBLAS on an AVX-512 CPU).
 
     `gated`: w is gate|up [2F, I] and out [T, F] = silu(x @ gate.T) * (x @ up.T), SwiGLU applied
     to the accumulators (a quad is gate rows f, f+1 and up rows F+f, F+f+1): the [T, 2F] product

@@ -26,6 +26,8 @@ import numba  # noqa: E402  (after the OpenMP wait policy is set)
 from numba.core.codegen import get_host_cpu_features  # noqa: E402
 
 PREFER_256 = "prefer-256-bit"
+# 32 vector registers of 512 bits, against AVX2's 16 of 256 (register-blocked kernels size their tiles by it)
+HOST_AVX512 = "+avx512f" in get_host_cpu_features().split(",")
 
 
 def wide_vector_features(host_features: str) -> str | None:
