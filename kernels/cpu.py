@@ -32,12 +32,15 @@ from kernels.cpu_pool import MKL_SGEMM, gemm_nt
 from kernels.cpu_target import HOST_AVX512
 from kernels.reference import ReferenceKernels, rope_angles
 
+# `_skinny_matmul` takes tokens four at a time where its 16 accumulators and 8 operands fit the
+# registers (AVX-512 has 32), in pairs otherwise: on AVX2's 16 the four-token tile spills (on a Zen 3
+# VM over the model's weights, pairs ran 1.06-1.28x faster at 6-16 tokens and 1.40x at 32)
+FOUR_TOKEN_PASSES = HOST_AVX512
 # GEMMs with at most this many rows use `_skinny_matmul`, larger ones BLAS: MKL's sgemm overtakes it
 # from 32 rows, OpenBLAS's only past 64 (on the AMX Xeon; decode at batch 64 +13% with MKL from 17).
-# Without AVX-512, the kernel's 16 accumulators and 8 operands do not fit AVX2's 16 registers and
-# spill: on a Zen 3 VM it peaks near 100 GFLOP/s and OpenBLAS overtakes it from 16 rows (the
-# model's GEMMs at 16 / 32 / 64 rows: 1.08 / 1.34 / 1.55x; at 15, OpenBLAS is slower, 0.76x)
-SKINNY_MAX_TOKENS = 16 if MKL_SGEMM is not None else 64 if HOST_AVX512 else 15
+# With pairs of tokens (AVX2), OpenBLAS draws level between 32 and 64 rows (Zen 3 VM, the model's
+# GEMMs: the kernel 1.10x OpenBLAS at 32 rows, 1.03-1.05x at 40-48, 0.96x at 64)
+SKINNY_MAX_TOKENS = 16 if MKL_SGEMM is not None else 64 if HOST_AVX512 else 32
 
 
 # ---------------------------------------------------------------- norms
@@ -81,11 +84,12 @@ def _store_quad(out, t, o0, o1, o2, o3, a0, a1, a2, a3, gated):
 
 
 @numba.njit(parallel=True, **JIT)
-def _skinny_matmul(x, w, out, gated):
+def _skinny_matmul(x, w, out, gated, four_token_passes):
     """out [T, O] = x [T, I] @ w [O, I].T for a few tokens (decode): weight rows stream from memory
-    once, four at a time, against four tokens at a time, 16 accumulators in registers (rows past
-    the end repeat the last one). BLAS kernels are tuned for large T; up to T = 64 this one reads
-    the weights faster (at T = 8, twice as fast as OpenBLAS on an AVX-512 CPU).
+    once, four at a time (rows past the end repeat the last one), against register tiles of tokens:
+    four at a time if `four_token_passes` (16 accumulators), then pairs (8), then the last one alone.
+    BLAS kernels are tuned for large T; up to T = 64 this one reads the weights faster (at T = 8,
+    twice as fast as OpenBLAS on an AVX-512 CPU).
 
     `gated`: w is gate|up [2F, I] and out [T, F] = silu(x @ gate.T) * (x @ up.T), SwiGLU applied
     to the accumulators (a quad is gate rows f, f+1 and up rows F+f, F+f+1): the [T, 2F] product
@@ -103,7 +107,7 @@ def _skinny_matmul(x, w, out, gated):
             o0 = 4 * quad
             o1, o2, o3 = min(o0 + 1, last), min(o0 + 2, last), min(o0 + 3, last)
         t = 0
-        while t + 4 <= rows:
+        while four_token_passes and t + 4 <= rows:
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
             a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
             for i in range(inner):
@@ -118,6 +122,16 @@ def _skinny_matmul(x, w, out, gated):
             _store_quad(out, t + 2, o0, o1, o2, o3, a20, a21, a22, a23, gated)
             _store_quad(out, t + 3, o0, o1, o2, o3, a30, a31, a32, a33, gated)
             t += 4
+        while t + 2 <= rows:
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+            for i in range(inner):
+                w0, w1, w2, w3 = w[o0, i], w[o1, i], w[o2, i], w[o3, i]
+                x0, x1 = x[t, i], x[t + 1, i]
+                a00, a01, a02, a03 = a00 + x0 * w0, a01 + x0 * w1, a02 + x0 * w2, a03 + x0 * w3
+                a10, a11, a12, a13 = a10 + x1 * w0, a11 + x1 * w1, a12 + x1 * w2, a13 + x1 * w3
+            _store_quad(out, t, o0, o1, o2, o3, a00, a01, a02, a03, gated)
+            _store_quad(out, t + 1, o0, o1, o2, o3, a10, a11, a12, a13, gated)
+            t += 2
         for r in range(t, rows):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for i in range(inner):
@@ -183,11 +197,14 @@ def _gemv(x, w, out, gated):
                 _row_against_tokens(x, w, outputs + o, out, o, True)
 
 
-def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool) -> np.ndarray:
+def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool,
+                     four_token_passes: bool = FOUR_TOKEN_PASSES) -> np.ndarray:
     """x @ w.T (gated: SwiGLU of gate|up, see `_skinny_matmul`) for up to SKINNY_MAX_TOKENS rows."""
     out = np.empty((x.shape[0], w.shape[0] // 2 if gated else w.shape[0]), np.float32)
-    kernel = _gemv if x.shape[0] <= GEMV_MAX_TOKENS else _skinny_matmul
-    kernel(x, w, out, gated)
+    if x.shape[0] <= GEMV_MAX_TOKENS:
+        _gemv(x, w, out, gated)
+    else:
+        _skinny_matmul(x, w, out, gated, four_token_passes)
     return out
 
 

@@ -23,7 +23,7 @@ from numba.core.registry import CPUDispatcher
 from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_memory, cpu_pool,
                      cpu_target, get_kernels)
 from kernels import reference as ref
-from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels
+from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels, few_token_matmul
 from kernels.cpu_math import coarse_exp2, fast_exp, row_max
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
@@ -163,6 +163,19 @@ def test_float32_linear_matches_reference(tokens, outputs):
     BLAS on strided rows (x as a column slice of a wider array)."""
     x, w = randn(tokens, 2 * 576)[:, :576], randn(outputs, 576)
     np.testing.assert_allclose(CPU.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("four_token_passes", [True, False])
+@pytest.mark.parametrize("tokens", [6, 7, 9, 10, 11, 32])
+@pytest.mark.parametrize("gated", [False, True])
+def test_few_token_tiles_match_reference_on_either_register_budget(four_token_passes, tokens, gated):
+    """Both tile cascades of `_skinny_matmul` (fours then pairs then one, for AVX-512; pairs then
+    one, for AVX2), whichever this host uses, on token counts that leave each remainder."""
+    x, w = randn(tokens, 96), randn(2 * 51, 96, scale=0.3)
+    got = few_token_matmul(x, w, gated=gated, four_token_passes=four_token_passes)
+    product = ref.linear(x, w)
+    expected = ref.silu_mul(product) if gated else product
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_wide_vectors_only_where_the_cpu_has_avx512_and_no_width_was_chosen():
