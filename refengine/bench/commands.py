@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from kernels import BACKENDS, backend_for_device, check_device, get_kernels
+from kernels import BACKENDS, BF16_WEIGHTS, backend_for_device, check_device, get_kernels
 from models.catalogue import DEFAULT_MODEL
 from models.config import LlamaConfig
 from refengine.bench import bandwidth, engine_bench
@@ -64,6 +64,15 @@ _random_weights = click.option("--random-weights", is_flag=True,
                                     "the model package); speed does not depend on the values.")
 
 
+def _weight_bytes_read(backend: str, model, batch: int) -> int:
+    """Weight bytes one decode step of `batch` sequences reads: the float32 weights, or, on the
+    bf16-weights backend at up to `bf16_gemv.MOST_ROWS` sequences, their bf16 copies, which cover
+    every projection and the lm_head (all but the norms' few KB): half as many."""
+    from kernels.bf16_gemv import MOST_ROWS
+    nbytes = model.weights.nbytes()
+    return nbytes // 2 if backend == BF16_WEIGHTS and batch <= MOST_ROWS else nbytes
+
+
 @bench.command()
 @_on_device
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
@@ -92,7 +101,8 @@ def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_le
     for batch in batches:
         result = engine_bench.measure_decode(model, batch, prompt_len, new_tokens)
         context = prompt_len + new_tokens // 2
-        bound = bandwidth.decode_bound_tokens_per_s(model.config, model.weights.nbytes(), batch, context, bw)
+        bound = bandwidth.decode_bound_tokens_per_s(model.config, _weight_bytes_read(name, model, batch), batch,
+                                                    context, bw)
         rows.append([name, batch, prompt_len, new_tokens, f"{result.median_step_s * 1e3:.1f}",
                      f"{result.tokens_per_s:.1f}", f"{bound:.0f}", f"{100 * result.tokens_per_s / bound:.0f}%"])
         click.echo(f"{name} batch {batch:3d}: {result.tokens_per_s:8.1f} tok/s (median step "
@@ -101,7 +111,9 @@ def decode(device: str, backend: str | None, batches: tuple[int, ...], prompt_le
         table = markdown_table(["backend", "batch", "prompt", "new tokens", "median step ms", "tok/s",
                                 "bandwidth bound tok/s", "of bound"], rows)
         note = (f"Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s (numpy copy, read + write). "
-                f"Bound = batch × bandwidth ÷ (fp32 weights + K/V of the mean context), per step.")
+                f"Bound = batch × bandwidth ÷ (the weights as the step reads them + K/V of the mean "
+                f"context), per step: float32, or the bf16 copies (half the bytes) where {BF16_WEIGHTS} "
+                f"decodes 1-5 sequences.")
         update_section(f"decode-{name}", f"Decode, {name} backend", f"{table}\n\n{note}")
 
 
@@ -166,12 +178,16 @@ def _side_by_side(device: str, cases: list[tuple], rounds: int, random_weights: 
     if not write:
         return
     weights = "random weights of the SmolLM2-135M shape" if random_weights else "SmolLM2-135M-Instruct"
+    bf16_note = (f"; {side_by_side.BF16_WEIGHTS_ENGINE} reads bf16 copies (half the weight bytes) at 1-5 "
+                 "sequences, so its bound there is up to twice the column's"
+                 if side_by_side.BF16_WEIGHTS_ENGINE in results else "")
     body = (f"Command: `python cli.py bench {mode} --device {device} --peers"
             f"{' --random-weights' if random_weights else ''}`; {weights}, float32 unless "
             f"named; tokens/s, median of {rounds} rounds (engines take turns, each round in a fresh process "
             f"on CPU); a target's ratio is that of the medians, and beside it the lowest and highest of "
             f"the same ratio within one round. Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s; "
-            f"bound = batch × bandwidth ÷ (weights + cached K/V). {steal}\n\n{table}\n\n{targets}")
+            f"bound = batch × bandwidth ÷ (float32 weights + cached K/V){bf16_note}. "
+            f"{steal}\n\n{table}\n\n{targets}")
     section, place = _peers_section(kind, any(engine.endswith("AMX") for engine in results))
     if mode == "decode":
         png = BENCHMARKS.parent / f"decode_vs_batch_{section}.png"

@@ -146,3 +146,15 @@ def test_side_by_side_sections_keep_each_instruction_set_on_record(monkeypatch, 
     monkeypatch.setattr(cpu_pool, "cpu_info", lambda field: flags)
     assert commands._peers_section("cpu", ran_amx)[0] == section
     assert commands._peers_section("cuda", False) == ("cuda", "cuda")
+
+
+@pytest.mark.parametrize("backend,batch,read", [("cpu", 1, 1000), ("cpu-bf16-weights", 1, 500),
+                                               ("cpu-bf16-weights", 5, 500), ("cpu-bf16-weights", 6, 1000)])
+def test_decode_bound_counts_the_weight_bytes_the_step_reads(backend, batch, read):
+    """The bf16-weights engine reads its half-size copies at 1-5 sequences, float32 weights above
+    (a bound from float32 bytes there read below what it measured)."""
+    from types import SimpleNamespace
+
+    from refengine.bench import commands
+    model = SimpleNamespace(weights=SimpleNamespace(nbytes=lambda: 1000))
+    assert commands._weight_bytes_read(backend, model, batch) == read
