@@ -23,8 +23,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.bf16_layout import TileWeight
-from kernels.cpu_target import HOST_AVX512
 from kernels.cpu_math import JIT, silu_times
+from kernels.cpu_target import HOST_AVX512
 from kernels.ir_loop import accumulate_loop
 
 MOST_ROWS = 5        # tokens per call, each with 2 accumulator registers (as the float32 GEMV, `kernels.cpu._gemv`)
