@@ -16,9 +16,9 @@ from kernels.cpu_math import JIT, fast_exp, row_max
 
 
 @functools.cache
-def _partials_kernel(head_dim: int, group: int, block_tokens: int):
-    """`partials` (below) compiled for one model's head dim D, GQA group G and cache block size P.
-    Why: with them as compile-time constants LLVM unrolls the loops over D and the heads that run
+def _attention(head_dim: int, group: int, block_tokens: int):
+    """The op (`attention`, below, with its `partials`) compiled for one model's head dim D, GQA
+    group G and cache block size P. Why: with them as compile-time constants LLVM unrolls the loops over D and the heads that run
     once per key; with shapes read at run time every key paid their loop set-up (decode attention
     per call, alternating A/Bs: batch 1 over 1,024 keys 1.2x, batch 32 over 128 and 1,024 keys
     1.2-1.4x). Numba caches each specialisation on disk like any kernel."""
@@ -90,7 +90,30 @@ def _partials_kernel(head_dim: int, group: int, block_tokens: int):
                 for d in range(head_dim):
                     partial[b, h0 + h, split, d] = acc_out[h, d]
 
-    return partials
+    @numba.njit(**JIT)
+    def attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads):
+        """The whole op in one compiled call (its set-up in Python cost ~4 us of a 16 us layer at
+        batch 1); `threads` is Numba's thread count, an argument because a kernel that asks for it
+        is not cached. Work items sized to the threads: fewer sequences than twice the threads split
+        their keys among them, all heads in each item, so each cached row is read whole (batch 1
+        over 1,024 keys: 91 us against 118 for an item per KV head, in-process A/B after a GEMV
+        evicted the cache; batch 2: 185 against 236); up to 4 per thread give each KV head an item
+        of its own; more make one item per sequence."""
+        num_seqs, num_heads = q.shape[0], q.shape[1]
+        kv_heads = k_cache.shape[2]
+        few, many = num_seqs < 2 * threads, num_seqs >= 4 * threads
+        splits = threads if few else 1
+        kv_per_item = kv_heads if few or many else 1
+        peaks = np.empty((num_seqs, num_heads, splits), np.float32)
+        totals = np.empty_like(peaks)
+        partial = np.empty((num_seqs, num_heads, splits, head_dim), np.float32)
+        partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks, totals,
+                 partial)
+        out = np.empty((num_seqs, num_heads, head_dim), np.float32)
+        _merge_splits(peaks, totals, partial, out)
+        return out
+
+    return attention
 
 
 @numba.njit(**JIT)
@@ -117,23 +140,7 @@ def _merge_splits(peaks, totals, partial, out):
 
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_lens: np.ndarray, scale: float) -> np.ndarray:
-    """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence. Work items
-    sized to the threads: fewer sequences than twice the threads split their keys among them, all
-    heads in each item, so each cached row is read whole (batch 1 over 1,024 keys: 91 us against
-    118 for an item per KV head, in-process A/B after a GEMV evicted the cache; batch 2: 185
-    against 236); up to 4 per thread give each KV head an item of its own; more make one item per
-    sequence."""
-    num_seqs, num_heads, head_dim = q.shape
-    threads, kv_heads = numba.get_num_threads(), k_cache.shape[2]
-    few, many = num_seqs < 2 * threads, num_seqs >= 4 * threads
-    splits = threads if few else 1
-    kv_per_item = kv_heads if few or many else 1
-    peaks = np.empty((num_seqs, num_heads, splits), np.float32)
-    totals = np.empty_like(peaks)
-    partial = np.empty((num_seqs, num_heads, splits, head_dim), np.float32)
-    partials = _partials_kernel(head_dim, num_heads // kv_heads, k_cache.shape[1])
-    partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, np.float32(scale), peaks, totals,
-             partial)
-    out = np.empty(q.shape, np.float32)
-    _merge_splits(peaks, totals, partial, out)
-    return out
+    """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence (see
+    `_attention`)."""
+    attention = _attention(q.shape[2], q.shape[1] // k_cache.shape[2], k_cache.shape[1])
+    return attention(q, k_cache, v_cache, block_tables, context_lens, np.float32(scale), numba.get_num_threads())

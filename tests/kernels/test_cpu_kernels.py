@@ -286,7 +286,7 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
     modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_pool)
     kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
     group = TINY.num_attention_heads // TINY.num_key_value_heads
-    kernels.append(cpu_decode_attention._partials_kernel(TINY.head_dim, group, 16))   # the tiny model's shape
+    kernels.append(cpu_decode_attention._attention(TINY.head_dim, group, 16))   # the tiny model's shape
     assert len(kernels) > 10
     for kernel in kernels:
         for signature in kernel.signatures:
