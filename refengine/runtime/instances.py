@@ -1,12 +1,16 @@
 """One scheduler instance as it exists on a device: weights (or not yet), an engine `Instance`, and
 which request each of its sequences serves.
 
-Every method but the read-only ones runs on the device's worker thread. The scheduler names
+Every method but the read-only ones and `load` (which hands its own jobs to the device) runs on the
+device's worker thread. The scheduler names
 requests by string id; the engine numbers sequences; this is the only place that maps the two. A
 request migrating in is mapped to the sequence rebuilding its KV, so dropping it is an eviction.
 """
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import suppress
 from functools import partial
 from typing import Callable
 
@@ -34,6 +38,34 @@ class LiveInstance:
         self.failed = False                          # a job raised: the instance is gone for good
 
     # ---- memory actions
+    def load(self, store: ModelStore, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer,
+             submit: Callable[[Callable[[], None]], None], done: Callable[[float], None]) -> None:
+        """Carry out a `Load` without holding the device, as SLINFER's separate loading queue
+        assumes. `submit(job)` runs a job on the device's thread: one starts the load, another
+        builds the engine once the bytes are in (milliseconds each), and other instances step in
+        between while the store's threads read and copy. A load that is complete at once (views of
+        the host cache on a CPU) finishes in its first job. Then `done(seconds)`, from the device's
+        thread."""
+        def begin() -> None:
+            started = time.perf_counter()
+            moving = self.begin_load(store, files, kernels)
+            if moving.finished is not None:
+                finish(started)
+            else:
+                threading.Thread(target=wait, args=(moving, started), name=f"await-{self.name}",
+                                 daemon=True).start()
+
+        def wait(moving: ModelLoad, started: float) -> None:
+            with suppress(Exception):       # `finish` raises it again, on the device's thread
+                moving.wait()
+            submit(partial(finish, started))
+
+        def finish(started: float) -> None:
+            self.finish_load(tokenizer)
+            done(time.perf_counter() - started)
+
+        submit(begin)
+
     def begin_load(self, store: ModelStore, files: ModelFiles, kernels: Kernels) -> ModelLoad:
         """Start taking the weights from the store's nearest tier (on a CPU, views of the host-cache
         entry). The store's threads read and copy, so the device steps other instances meanwhile;

@@ -27,9 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
-from contextlib import suppress
 from functools import partial
 from typing import AsyncIterator, Callable
 
@@ -43,7 +41,6 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.options import RuntimeOptions
 from refengine.runtime.requests import LiveRequest, Migration
 from refengine.runtime.setup import set_up
-from refengine.store.model_load import ModelLoad
 from scheduler import actions as act
 from scheduler.core import Scheduler
 from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
@@ -328,31 +325,10 @@ class LiveRuntime:
         self._submit(inst, job)
 
     def _load(self, inst: LiveInstance, load: act.Load) -> None:
-        """A load does not hold the device, as SLINFER's separate loading queue assumes: its worker
-        only starts it and, once the bytes are in, builds the engine instance (milliseconds each);
-        other instances step in between while the store's threads read and copy. A load that is
-        complete at once (views of the host cache) is finished in the same job."""
         kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
-
-        def begin() -> None:
-            started = time.perf_counter()
-            moving = inst.begin_load(self.store, self._files[inst.weights], kernels)
-            if moving.finished is not None:     # from the host cache onto a CPU: the views are all there
-                finish(started)
-            else:
-                threading.Thread(target=wait, args=(moving, started), name=f"await-{inst.name}",
-                                 daemon=True).start()
-
-        def wait(moving: ModelLoad, started: float) -> None:
-            with suppress(Exception):       # `finish` raises it again, on the device's thread
-                moving.wait()
-            self._submit(inst, partial(finish, started))
-
-        def finish(started: float) -> None:
-            inst.finish_load(self._tokenizers[inst.weights])
-            self._post(self._memory_done, inst, load, {}, time.perf_counter() - started)
-
-        self._submit(inst, begin)
+        inst.load(self.store, self._files[inst.weights], kernels, self._tokenizers[inst.weights],
+                  submit=partial(self._submit, inst),
+                  done=lambda seconds: self._post(self._memory_done, inst, load, {}, seconds))
 
     def _memory_done(self, inst: LiveInstance, action, states: dict[str, SequenceState], seconds: float) -> None:
         """An evicted request keeps its state until it is placed again (before the scheduler, which
