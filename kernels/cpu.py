@@ -44,32 +44,45 @@ SKINNY_MAX_TOKENS = 16 if MKL_SGEMM is not None else 64 if HOST_AVX512 else 32
 
 
 # ---------------------------------------------------------------- norms
+@numba.njit(inline="always", **JIT)
+def rms_norm_row(x, t, weight, eps, out):
+    """Row t of x [T, E] -> out[t]. Sum of squares in float64: one pass, no cancellation worries."""
+    width = x.shape[1]
+    acc = 0.0
+    for e in range(width):
+        acc += np.float64(x[t, e]) * x[t, e]
+    inv = np.float32(1.0 / np.sqrt(acc / width + eps))
+    for e in range(width):
+        out[t, e] = x[t, e] * inv * weight[e]
+
+
+@numba.njit(inline="always", **JIT)
+def add_rms_norm_row(residual, delta, t, weight, eps, summed, out):
+    """Row t: summed[t] = residual[t] + delta[t] and out[t] = rms_norm(summed[t]), reading each
+    input once (summed may be residual itself)."""
+    width = residual.shape[1]
+    acc = 0.0
+    for e in range(width):
+        s = residual[t, e] + delta[t, e]
+        summed[t, e] = s
+        acc += np.float64(s) * s
+    inv = np.float32(1.0 / np.sqrt(acc / width + eps))
+    for e in range(width):
+        out[t, e] = summed[t, e] * inv * weight[e]
+
+
 @numba.njit(parallel=True, **JIT)
 def _rms_norm(x, weight, eps, out):
-    """[T, E] -> out [T, E]. Sum of squares in float64: one pass, no cancellation worries."""
-    width = x.shape[1]
+    """[T, E] -> out [T, E]."""
     for t in prange(x.shape[0]):
-        acc = 0.0
-        for e in range(width):
-            acc += np.float64(x[t, e]) * x[t, e]
-        inv = np.float32(1.0 / np.sqrt(acc / width + eps))
-        for e in range(width):
-            out[t, e] = x[t, e] * inv * weight[e]
+        rms_norm_row(x, t, weight, eps, out)
 
 
 @numba.njit(parallel=True, **JIT)
 def _add_rms_norm(residual, delta, weight, eps, summed, out):
-    """[T, E] x2 -> summed = residual + delta and out = rms_norm(summed), reading each input once."""
-    width = residual.shape[1]
+    """[T, E] x2 -> summed = residual + delta and out = rms_norm(summed)."""
     for t in prange(residual.shape[0]):
-        acc = 0.0
-        for e in range(width):
-            s = residual[t, e] + delta[t, e]
-            summed[t, e] = s
-            acc += np.float64(s) * s
-        inv = np.float32(1.0 / np.sqrt(acc / width + eps))
-        for e in range(width):
-            out[t, e] = summed[t, e] * inv * weight[e]
+        add_rms_norm_row(residual, delta, t, weight, eps, summed, out)
 
 
 # ---------------------------------------------------------------- few-token GEMM
@@ -178,23 +191,36 @@ def _row_against_tokens(x, w, row, out, o, gate_in_out):
         _put(out, r, o, _dot(x, r, w, row), gate_in_out)
 
 
-@numba.njit(parallel=True, **JIT)
-def _gemv(x, w, out, gated):
-    """`_skinny_matmul` for 1-5 tokens: each work item reads 16 consecutive weight rows one after
-    the other, a single sequential stream (gated: the 16 gate rows, their gate values parked in
-    `out`, then the 16 up rows that pair with them). With few tokens to share a weight load, speed
-    is how well the hardware prefetcher keeps up, and one stream per thread suits it best. On the
-    AMD EPYC VM, in-process A/Bs over the model's GEMV weights: 31-34 GB/s at 1-2 tokens against
-    25-28 with eight rows interleaved per item (1.22-1.31x; eight had beaten four, 1.15-1.20x),
-    and at 4-5 tokens 1.16-1.21x the four-row kernel; from 7 tokens that one is faster."""
+@numba.njit(inline="always", **JIT)
+def gemv_items(x, w, out, gated, first_item, end_item):
+    """Work items first_item..end_item - 1 of `_gemv`: each reads 16 consecutive weight rows one
+    after the other (gated: the 16 gate rows, their gate values parked in `out`, then the 16 up
+    rows that pair with them)."""
     outputs = out.shape[1]
-    for item in prange((outputs + 15) // 16):
+    for item in range(first_item, end_item):
         first, end = 16 * item, min(16 * item + 16, outputs)
         for o in range(first, end):
             _row_against_tokens(x, w, o, out, o, False)
         if gated:
             for o in range(first, end):
                 _row_against_tokens(x, w, outputs + o, out, o, True)
+
+
+@numba.njit(inline="always", **JIT)
+def gemv_item_count(out):
+    return (out.shape[1] + 15) // 16
+
+
+@numba.njit(parallel=True, **JIT)
+def _gemv(x, w, out, gated):
+    """`_skinny_matmul` for 1-5 tokens (`gemv_items`): each work item a single sequential stream of
+    weight rows. With few tokens to share a weight load, speed is how well the hardware prefetcher
+    keeps up, and one stream per thread suits it best. On the AMD EPYC VM, in-process A/Bs over the
+    model's GEMV weights: 31-34 GB/s at 1-2 tokens against 25-28 with eight rows interleaved per
+    item (1.22-1.31x; eight had beaten four, 1.15-1.20x), and at 4-5 tokens 1.16-1.21x the
+    four-row kernel; from 7 tokens that one is faster."""
+    for item in prange(gemv_item_count(out)):
+        gemv_items(x, w, out, gated, item, item + 1)
 
 
 def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool,
@@ -210,7 +236,7 @@ def few_token_matmul(x: np.ndarray, w: np.ndarray, gated: bool,
 
 # ---------------------------------------------------------------- elementwise
 @numba.njit(inline="always", **JIT)
-def _rotate_into(x, t, h, cos_row, sin_row, out_row):
+def rotate_into(x, t, h, cos_row, sin_row, out_row):
     """Head h of token t of x [T, H, D] -> out_row [D], rotate_half pairs (j, j + D/2) turned by
     the angles of the token's position (cos_row/sin_row [D/2])."""
     half = out_row.shape[0] // 2
@@ -221,7 +247,7 @@ def _rotate_into(x, t, h, cos_row, sin_row, out_row):
 
 
 @numba.njit(inline="always", **JIT)
-def _angles_cover(positions, cos):
+def angles_cover(positions, cos):
     """Whether the angle table has a row for every position (a scan inside the kernel's own call:
     `positions.max()` in Python took 1.4 us of a 7 us RoPE at one token)."""
     for t in range(positions.shape[0]):
@@ -234,12 +260,12 @@ def _angles_cover(positions, cos):
 def _rope(x, positions, cos, sin, out):
     """[T, H, D] -> out [T, H, D], by the angle table rows of each token's position (cos/sin
     [positions, D/2]). False, with nothing done, if the table is too short."""
-    if not _angles_cover(positions, cos):
+    if not angles_cover(positions, cos):
         return False
     for t in prange(x.shape[0]):
         c, s = cos[positions[t]], sin[positions[t]]
         for h in range(x.shape[1]):
-            _rotate_into(x, t, h, c, s, out[t, h])
+            rotate_into(x, t, h, c, s, out[t, h])
     return True
 
 
@@ -249,16 +275,16 @@ def _rope_write_kv(q, k, v, positions, cos, sin, q_out, k_cache, v_cache, slot_m
     v copied beside it (a step's slots are distinct). One pass per token instead of three kernels
     and a rotated-keys array: a layer at 1 token 32 -> 15 us, at 512 tokens 482 -> 392 us. False,
     with nothing done, if the angle table is too short."""
-    if not _angles_cover(positions, cos):
+    if not angles_cover(positions, cos):
         return False
     block_tokens = k_cache.shape[1]
     for t in prange(q.shape[0]):
         c, s = cos[positions[t]], sin[positions[t]]
         for h in range(q.shape[1]):
-            _rotate_into(q, t, h, c, s, q_out[t, h])
+            rotate_into(q, t, h, c, s, q_out[t, h])
         block, row = slot_mapping[t] // block_tokens, slot_mapping[t] % block_tokens
         for h in range(k.shape[1]):
-            _rotate_into(k, t, h, c, s, k_cache[block, row, h])
+            rotate_into(k, t, h, c, s, k_cache[block, row, h])
             for d in range(v.shape[2]):
                 v_cache[block, row, h, d] = v[t, h, d]
     return True
@@ -288,7 +314,7 @@ def _write_kv(k_cache, v_cache, k, v, slot_mapping):
                 v_cache[block, row, h, d] = v[t, h, d]
 
 
-class _RopeTable:
+class RopeTable:
     """cos/sin [positions, D/2] per (D, theta), grown by doubling when a kernel finds a position
     past its end: the reference recomputes them in float64 at every call; the table holds exactly
     those float32 values."""
@@ -339,7 +365,7 @@ class CpuKernels(ReferenceKernels):
         self.bf16 = Bf16Matmul.create(required=bool(bf16)) if bf16 is not False else None
         self.bf16_min_tokens = bf16_min_tokens
         self.bf16_weights = bf16_weights
-        self._rope_table = _RopeTable()
+        self.rope_table = RopeTable()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         out = np.empty_like(x)
@@ -372,8 +398,8 @@ class CpuKernels(ReferenceKernels):
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
         out = np.empty(x.shape, np.float32)
-        while not _rope(x, positions, *self._rope_table.get(x.shape[-1], theta), out):
-            self._rope_table.grow(positions, x.shape[-1], theta)
+        while not _rope(x, positions, *self.rope_table.get(x.shape[-1], theta), out):
+            self.rope_table.grow(positions, x.shape[-1], theta)
         return out
 
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
@@ -402,9 +428,9 @@ class CpuKernels(ReferenceKernels):
     def rope_write_kv(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, theta: float,
                       k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray) -> np.ndarray:
         out = np.empty(q.shape, np.float32)
-        while not _rope_write_kv(q, k, v, positions, *self._rope_table.get(q.shape[-1], theta), out,
+        while not _rope_write_kv(q, k, v, positions, *self.rope_table.get(q.shape[-1], theta), out,
                                  k_cache, v_cache, slot_mapping):
-            self._rope_table.grow(positions, q.shape[-1], theta)
+            self.rope_table.grow(positions, q.shape[-1], theta)
         return out
 
     def prefill_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,

@@ -124,6 +124,11 @@ class LlamaWeights:
         return cls(embed=embed, layers=layers, norm=arrays["norm"], lm_head=arrays.get("lm_head", embed),
                    arrival=arrival or Resident())
 
+    def wait_resident(self) -> None:
+        """Return once every weight is in place (at once unless a cold model is still loading)."""
+        for part in (HEAD_PART, *(layer_part(i) for i in range(len(self.layers))), LM_HEAD_PART):
+            self.arrival.wait(part)
+
     def nbytes(self) -> int:
         arrays = [self.embed, self.norm] + [getattr(layer, f) for layer in self.layers for f in LAYER_FIELDS]
         if self.lm_head is not self.embed:
