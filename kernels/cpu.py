@@ -191,7 +191,7 @@ def _row_against_tokens(x, w, row, out, o, gate_in_out):
         _put(out, r, o, _dot(x, r, w, row), gate_in_out)
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(**JIT)
 def gemv_items(x, w, out, gated, first_item, end_item):
     """Work items first_item..end_item - 1 of `_gemv`: each reads 16 consecutive weight rows one
     after the other (gated: the 16 gate rows, their gate values parked in `out`, then the 16 up

@@ -26,108 +26,99 @@ def work_split(num_seqs, kv_heads, threads):
     return (threads if few else 1), (kv_heads if few or many else 1)
 
 
-@functools.cache
-def item_kernel(head_dim: int, group: int, block_tokens: int):
-    """`attend_item` (below) compiled for one model's head dim D, GQA group G and cache block size
-    P. Why: with them as compile-time constants LLVM unrolls the loops over D and the heads that
-    run once per key; with shapes read at run time every key paid their loop set-up (decode
-    attention per call, alternating A/Bs: batch 1 over 1,024 keys 1.2x, batch 32 over 128 and
-    1,024 keys 1.2-1.4x). Numba caches each specialisation on disk like any kernel."""
+@numba.njit(inline="always", **JIT)
+def attend_item(item, q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks, totals,
+                partial, head_dim, group, block_tokens):
+    """Work item `item` of the attention of each q[b] [H, D] over the context_lens[b] cached keys
+    of sequence b, in parts: split s of the keys leaves its max, its sum of exps and its
+    unnormalised output in peaks / totals [B, H, S] and partial [B, H, S, D], which `merge_splits`
+    combines.
 
-    @numba.njit(inline="always", **JIT)
-    def attend_item(item, q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks,
-                    totals, partial):
-        """Work item `item` of the attention of each q[b] [H, D] over the context_lens[b] cached
-        keys of sequence b, in parts: split s of the keys leaves its max, its sum of exps and its
-        unnormalised output in peaks / totals [B, H, S] and partial [B, H, S, D], which
-        `merge_splits` combines.
+    A work item is one sequence, `kv_per_item` of its KV heads with their G query heads each, and
+    one of `splits` runs of its key blocks. It takes three passes over its keys instead of an online
+    softmax, each a plain loop LLVM vectorises along D: every score into a scratch row (each K row
+    read once for its G heads), then each row's max, exps and sum, then probabilities @ V. At batch
+    1 over 1,024 keys that is 2x faster than one pass that rescales as it goes (`_paged_attention`).
 
-        A work item is one sequence, `kv_per_item` of its KV heads with their G query heads each,
-        and one of `splits` runs of its key blocks. It takes three passes over its keys instead of
-        an online softmax, each a plain loop LLVM vectorises along D: every score into a scratch
-        row (each K row read once for its G heads), then each row's max, exps and sum, then
-        probabilities @ V. At batch 1 over 1,024 keys that is 2x faster than one pass that
-        rescales as it goes (`_paged_attention`).
-        """
-        items_per_seq = k_cache.shape[2] // kv_per_item
-        split = item % splits
-        b = item // (items_per_seq * splits)
-        kv0 = ((item // splits) % items_per_seq) * kv_per_item
-        h0, heads = kv0 * group, kv_per_item * group
-        length = context_lens[b]
-        blocks = -(-length // block_tokens)
-        per_split = -(-blocks // splits)
-        j0, j1 = split * per_split, min(blocks, (split + 1) * per_split)
-        key0 = j0 * block_tokens
-        count = max(min(length, j1 * block_tokens) - key0, 0)
-        q_scaled = np.empty((heads, head_dim), np.float32)
-        for h in range(heads):
-            for d in range(head_dim):
-                q_scaled[h, d] = q[b, h0 + h, d] * scale
-        probs = np.empty((heads, max(count, 1)), np.float32)
-        for j in range(j0, j1):
-            block, first = block_tables[b, j], j * block_tokens
-            for row in range(min(block_tokens, length - first)):
-                for h in range(heads):
-                    kh = kv0 + h // group
-                    acc = np.float32(0.0)
-                    for d in range(head_dim):
-                        acc += q_scaled[h, d] * k_cache[block, row, kh, d]
-                    probs[h, first - key0 + row] = acc
-        for h in range(heads):
-            if count == 0:   # a split past the end of a short context
-                peaks[b, h0 + h, split] = -np.inf
-                totals[b, h0 + h, split] = 0.0
-                continue
-            peak = row_max(probs[h], count)
-            total = np.float32(0.0)
-            for key in range(count):
-                e = fast_exp(probs[h, key] - peak)
-                probs[h, key] = e
-                total += e
-            peaks[b, h0 + h, split] = peak
-            totals[b, h0 + h, split] = total
-        acc_out = np.zeros((heads, head_dim), np.float32)
-        for j in range(j0, j1):
-            block, first = block_tables[b, j], j * block_tokens
-            for row in range(min(block_tokens, length - first)):
-                for h in range(heads):
-                    kh = kv0 + h // group
-                    p = probs[h, first - key0 + row]
-                    for d in range(head_dim):
-                        acc_out[h, d] += p * v_cache[block, row, kh, d]
-        for h in range(heads):
-            for d in range(head_dim):
-                partial[b, h0 + h, split, d] = acc_out[h, d]
-
-    return attend_item
+    head_dim D, group G and block_tokens P are compile-time constants where it is inlined (the
+    ints of the callers' closures): LLVM then unrolls the loops over D and the heads that run once
+    per key; with shapes read at run time every key paid their loop set-up (decode attention per
+    call, alternating A/Bs: batch 1 over 1,024 keys 1.2x, batch 32 over 128 and 1,024 keys
+    1.2-1.4x).
+    """
+    items_per_seq = k_cache.shape[2] // kv_per_item
+    split = item % splits
+    b = item // (items_per_seq * splits)
+    kv0 = ((item // splits) % items_per_seq) * kv_per_item
+    h0, heads = kv0 * group, kv_per_item * group
+    length = context_lens[b]
+    blocks = -(-length // block_tokens)
+    per_split = -(-blocks // splits)
+    j0, j1 = split * per_split, min(blocks, (split + 1) * per_split)
+    key0 = j0 * block_tokens
+    count = max(min(length, j1 * block_tokens) - key0, 0)
+    q_scaled = np.empty((heads, head_dim), np.float32)
+    for h in range(heads):
+        for d in range(head_dim):
+            q_scaled[h, d] = q[b, h0 + h, d] * scale
+    probs = np.empty((heads, max(count, 1)), np.float32)
+    for j in range(j0, j1):
+        block, first = block_tables[b, j], j * block_tokens
+        for row in range(min(block_tokens, length - first)):
+            for h in range(heads):
+                kh = kv0 + h // group
+                acc = np.float32(0.0)
+                for d in range(head_dim):
+                    acc += q_scaled[h, d] * k_cache[block, row, kh, d]
+                probs[h, first - key0 + row] = acc
+    for h in range(heads):
+        if count == 0:   # a split past the end of a short context
+            peaks[b, h0 + h, split] = -np.inf
+            totals[b, h0 + h, split] = 0.0
+            continue
+        peak = row_max(probs[h], count)
+        total = np.float32(0.0)
+        for key in range(count):
+            e = fast_exp(probs[h, key] - peak)
+            probs[h, key] = e
+            total += e
+        peaks[b, h0 + h, split] = peak
+        totals[b, h0 + h, split] = total
+    acc_out = np.zeros((heads, head_dim), np.float32)
+    for j in range(j0, j1):
+        block, first = block_tables[b, j], j * block_tokens
+        for row in range(min(block_tokens, length - first)):
+            for h in range(heads):
+                kh = kv0 + h // group
+                p = probs[h, first - key0 + row]
+                for d in range(head_dim):
+                    acc_out[h, d] += p * v_cache[block, row, kh, d]
+    for h in range(heads):
+        for d in range(head_dim):
+            partial[b, h0 + h, split, d] = acc_out[h, d]
 
 
 @functools.cache
 def _attention(head_dim: int, group: int, block_tokens: int):
-    """The op for one model's shape (see `item_kernel`): its work items in parallel, then the merge."""
-    attend_item = item_kernel(head_dim, group, block_tokens)
+    """The op compiled for one model's head dim, GQA group and block size (`attend_item`'s
+    constants: the closure's ints, which Numba folds in). The closure holds ints only and calls the
+    module's functions as globals: a closure over another compiled function gets a new cache key
+    in every process (the function pickles with a per-process id), so it would be compiled afresh
+    each time."""
 
     @numba.njit(parallel=True, **JIT)
-    def partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks, totals,
-                 partial):
-        items = q.shape[0] * (k_cache.shape[2] // kv_per_item) * splits
-        for item in prange(items):
-            attend_item(item, q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks,
-                        totals, partial)
-
-    @numba.njit(**JIT)
     def attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads):
         """The whole op in one compiled call (its set-up in Python cost ~4 us of a 16 us layer at
-        batch 1); `threads` is Numba's thread count, an argument because a kernel that asks for it
-        is not cached."""
+        batch 1): the work items in parallel, then the merge. `threads` is Numba's thread count,
+        an argument because a kernel that asks for it is not cached."""
         num_seqs, num_heads = q.shape[0], q.shape[1]
         splits, kv_per_item = work_split(num_seqs, k_cache.shape[2], threads)
         peaks = np.empty((num_seqs, num_heads, splits), np.float32)
         totals = np.empty_like(peaks)
         partial = np.empty((num_seqs, num_heads, splits, head_dim), np.float32)
-        partials(q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks, totals,
-                 partial)
+        for item in prange(num_seqs * (k_cache.shape[2] // kv_per_item) * splits):
+            attend_item(item, q, k_cache, v_cache, block_tables, context_lens, kv_per_item, splits, scale, peaks,
+                        totals, partial, head_dim, group, block_tokens)
         out = np.empty((num_seqs, num_heads, head_dim), np.float32)
         merge_splits(peaks, totals, partial, out)
         return out

@@ -11,7 +11,7 @@ What each thread does, per layer (B sequences, one token each):
 1. its share of the qkv rows -> barrier;
 2. RoPE of every q (each thread keeps its own copy), and the K/V write of the sequences it owns ->
    barrier;
-3. its share of the attention's work items (`cpu_decode_attention.item_kernel`) -> barrier;
+3. its share of the attention's work items (`cpu_decode_attention.attend_item`) -> barrier;
 4. the merge of those parts (each thread on its own), then its share of the o rows -> barrier;
 5. residual add + RMSNorm (each thread on its own copy), its share of gate/up with SiLU ->
    barrier;
@@ -41,7 +41,7 @@ from numba.typed import List
 
 from kernels.cpu import GEMV_MAX_TOKENS, add_rms_norm_row, angles_cover, gemv_item_count, gemv_items, rms_norm_row, \
     rotate_into
-from kernels.cpu_decode_attention import item_kernel, merge_splits, work_split
+from kernels.cpu_decode_attention import attend_item, merge_splits, work_split
 from kernels.cpu_math import JIT
 from kernels.cpu_sync import SYNC_WORDS, barrier, check_in, checked_in
 from kernels.interface import Array
@@ -57,18 +57,17 @@ def _share_of_gemv(x, w, out, gated, part, parts):
 
 
 @functools.cache
-def _program(head_dim: int, group: int, block_tokens: int):
-    """The step for one model's head dim, GQA group and block size (the attention's compile-time
-    constants, `item_kernel`)."""
-    attend_item = item_kernel(head_dim, group, block_tokens)
+def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
+    """The step compiled for one model's attention shape: ints only in the closure, the constants
+    `cpu_decode_attention.attend_item` wants (see `cpu_decode_attention._attention` for why
+    nothing else)."""
 
     @numba.njit(parallel=True, **JIT)
-    def decode_step(ids, positions, slot_mapping, block_tables, context_lens, embed, input_norms, qkv, o,
-                    post_norms, gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale,
-                    kv_heads, logits, parts):
-        """logits [B, V] of one decode step; k_cache / v_cache [L, N, P, Hkv, D] get the new keys
-        and values. False, with nothing done, if the angle table is too short or the parts could
-        not each have a thread."""
+    def decode_step(ids, positions, slot_mapping, block_tables, context_lens, embed, input_norms, qkv, o, post_norms,
+                    gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale, logits, parts):
+        """logits [B, V] of one decode step; k_cache / v_cache [L, N, P, Hkv, D] get the new keys and
+        values. False, with nothing done, if the angle table is too short or the parts could not each
+        have a thread."""
         if not angles_cover(positions, cos):
             return False
         seqs, width, layers = ids.shape[0], embed.shape[1], len(qkv)
@@ -113,7 +112,7 @@ def _program(head_dim: int, group: int, block_tokens: int):
                 barrier(sync, parts)
                 for item in range(part * items // parts, (part + 1) * items // parts):
                     attend_item(item, q, k_layer, v_layer, block_tables, context_lens, kv_per_item, splits, scale,
-                                peaks, totals, partial)
+                                peaks, totals, partial, head_dim, group, block_tokens)
                 barrier(sync, parts)
                 merge_splits(peaks, totals, partial, attn)
                 _share_of_gemv(attn_rows, o[layer], o_out, False, part, parts)
@@ -155,10 +154,11 @@ class CpuDecodeModel:
             return self.model.forward(step, k_cache, v_cache, observe)
         cos, sin = kernels.rope_table.get(cfg.head_dim, cfg.rope_theta)
         logits = np.empty((batch, self.model.weights.lm_head.shape[0]), np.float32)
-        program = _program(cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads, k_cache.shape[2])
+        program = _program(cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads, k_cache.shape[2],
+                           cfg.num_key_value_heads)
         ran = program(step.token_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
                       *self._resident_weights(), k_cache, v_cache, cos, sin, np.float32(cfg.rms_norm_eps),
-                      np.float32(self.model.scale), cfg.num_key_value_heads, logits, numba.get_num_threads())
+                      np.float32(self.model.scale), logits, numba.get_num_threads())
         return logits if ran else self.model.forward(step, k_cache, v_cache)
 
     def _resident_weights(self) -> tuple:

@@ -85,6 +85,9 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
         if engine.endswith("graph"):
             from kernels.gpu_graph import GraphedDecodeModel
             model = GraphedDecodeModel(model)
+        elif not engine.startswith("refengine cuda"):
+            from refengine.engine.loader import with_fast_decode
+            model = with_fast_decode(model)      # as `load_model` serves it: small decode steps in one region
         return (lambda b, c: steps.decode_tokens_per_s(model, b, c, options.repeats),
                 lambda n: steps.prefill_tokens_per_s(model, n))
     if engine.startswith("llama.cpp"):

@@ -37,17 +37,23 @@ def load_llama(files: ModelFiles, kernels: Kernels, execute_while_load: bool = F
         load = store.load(files, kernels).load
     finally:
         store.close()
-    return with_decode_graphs(load.model if execute_while_load else load.wait().model)
+    return with_fast_decode(load.model if execute_while_load else load.wait().model)
 
 
-def with_decode_graphs(model: LlamaModel) -> LlamaModel:
-    """On the CuPy backend, decode steps replay captured CUDA graphs: a small-batch step is ~350
-    kernel launches, which cost more from Python than the kernels run (6x at batch 1 on an H200,
-    docs/benchmarks_gpu.md). Prefill and large batches still run eagerly; other backends as they are."""
-    if getattr(model.kernels, "name", None) != "cuda":
-        return model
-    from kernels.gpu_graph import GraphedDecodeModel
-    return GraphedDecodeModel(model)
+def with_fast_decode(model: LlamaModel) -> LlamaModel:
+    """Small decode steps without a Python call per kernel, which at batch 1 cost more than the
+    work between calls: on the CuPy backend they replay captured CUDA graphs (a step is ~350
+    launches; 6x at batch 1 on an H200, docs/benchmarks_gpu.md), on the CPU backend they run as one
+    parallel region (`kernels.cpu_decode_step`; 1.13x at batch 1 on the Zen 3 VM). Prefills and
+    large batches run op by op; the reference backend as it is."""
+    name = getattr(model.kernels, "name", None)
+    if name == "cuda":
+        from kernels.gpu_graph import GraphedDecodeModel
+        return GraphedDecodeModel(model)
+    if name == "cpu":
+        from kernels.cpu_decode_step import CpuDecodeModel
+        return CpuDecodeModel(model)
+    return model
 
 
 def load_model(weights: str, kernels: Kernels, home: Path | None = None, auto_prepare: bool = True) -> LoadedModel:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from kernels.interface import Kernels
 from refengine.engine.instance import Instance
-from refengine.engine.loader import with_decode_graphs
+from refengine.engine.loader import with_fast_decode
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.step_result import StepKind, StepResult
 from refengine.engine.tokenizer import IncrementalDecoder, Tokenizer
@@ -76,7 +76,7 @@ class LiveInstance:
     def finish_load(self, tokenizer: Tokenizer) -> None:
         """The weights are in: build the engine and attach the requests that waited. A failed load
         raises its error here, on the device's thread, where it fails the instance."""
-        model = with_decode_graphs(self._lease.load.wait().model)
+        model = with_fast_decode(self._lease.load.wait().model)
         self.engine = Instance(model, num_blocks=self._kv_blocks, fixed_pool=False,
                                new_detokenizer=partial(IncrementalDecoder, tokenizer))
         for _, apply in self._before_load:

@@ -13,7 +13,7 @@ from functools import partial
 from kernels import BF16_WEIGHTS, backend_for_device, get_kernels, keeps_bf16_copies
 from models.config import LlamaConfig
 from models.llama import LlamaModel
-from refengine.engine.loader import ensure_prepared, with_decode_graphs
+from refengine.engine.loader import ensure_prepared, with_fast_decode
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
@@ -119,4 +119,4 @@ def _profiled_model(store: ModelStore, files: ModelFiles, kernels, device: str) 
     """The model to measure a latency table on. Its lease ends at once: the arrays keep their memory
     for as long as the profile runs, and no other load competes for the host cache meanwhile."""
     with store.load(files, kernels, device) as lease:
-        return with_decode_graphs(lease.load.wait().model)
+        return with_fast_decode(lease.load.wait().model)

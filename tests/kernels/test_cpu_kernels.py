@@ -20,13 +20,15 @@ import pytest
 from numba.core.codegen import get_host_cpu_features
 from numba.core.registry import CPUDispatcher
 
-from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_memory, cpu_pool,
-                     cpu_target, get_kernels)
+from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention,
+                     cpu_decode_step, cpu_math, cpu_memory, cpu_pool, cpu_target, get_kernels)
 from kernels import reference as ref
 from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels, few_token_matmul
+from kernels.cpu_decode_step import CpuDecodeModel
 from kernels.cpu_math import coarse_exp2, fast_exp, row_max
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
+from refengine.bench.steps import decode_step, random_cache
 from refengine.engine.instance import Instance
 from refengine.engine.sequence import SamplingParams
 from tests.conftest import random_prompt, run_to_end
@@ -276,22 +278,33 @@ def test_tiny_model_greedy_tokens_match_reference():
 def test_every_kernel_compiled_here_is_cached_on_disk():
     """`cache=True` pays only if Numba can save the machine code: a kernel that reads a ctypes
     pointer or a large global array (`numba.get_num_threads()` called inside a kernel is one) is
-    compiled afresh by every process, with nothing but a warning. So: run the tiny model (with the
-    bf16 GEMMs and attention where this CPU has them) and find each compiled kernel on disk."""
+    compiled afresh by every process, with nothing but a warning, and so is a closure over another
+    compiled function. So: run the tiny model (with the bf16 GEMMs and attention where this CPU
+    has them, and a decode step in one region) and find each compiled kernel on disk, under a key
+    the next process computes alike."""
     _greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16, bf16_weights=True))
     if bf16.unavailable_reason() is None:
         k_cache, v_cache, tables, _ = paged([600], 9, 3, 64)
         cpu_attention.prefill_attention(randn(600, 9, 64), k_cache, v_cache, tables, np.array([0, 600], np.int32),
                                         np.array([600], np.int32), 0.125, bf16.Bf16Matmul.create())
-    modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention, cpu_math, cpu_pool)
+    tiny = LlamaModel(TINY, LlamaWeights.from_hf(random_tensors(TINY, seed=0), TINY, CPU), CPU)
+    step = decode_step(TINY, 2, 20, np.random.default_rng(0))
+    CpuDecodeModel(tiny).forward(step, *random_cache(tiny, int(step.block_tables.size)))
+    modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention,
+               cpu_decode_step, cpu_math, cpu_pool)
     kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
-    group = TINY.num_attention_heads // TINY.num_key_value_heads
-    kernels.append(cpu_decode_attention._attention(TINY.head_dim, group, 16))   # the tiny model's shape
+    group = TINY.num_attention_heads // TINY.num_key_value_heads   # the per-shape closures, at the tiny model's shape
+    kernels += [cpu_decode_attention._attention(TINY.head_dim, group, 16),
+                cpu_decode_step._program(TINY.head_dim, group, 16, TINY.num_key_value_heads)]
     assert len(kernels) > 10
     for kernel in kernels:
+        name = f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}"
         for signature in kernel.signatures:
-            assert kernel._cache.load_overload(signature, kernel.targetctx) is not None, \
-                f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__} is not cached"
+            assert kernel._cache.load_overload(signature, kernel.targetctx) is not None, f"{name} is not cached"
+        # the cache key pickles a closure's variables: a compiled function among them pickles with an id
+        # of this process, so the next process would find no entry and compile again
+        cells = [cell.cell_contents for cell in kernel.py_func.__closure__ or ()]
+        assert all(isinstance(value, (int, float, bool, str)) for value in cells), f"{name} closes over {cells}"
 
 
 def test_kernels_run_beside_a_busy_python_thread():
