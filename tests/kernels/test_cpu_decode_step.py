@@ -22,9 +22,7 @@ from models.config import LlamaConfig
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
 from refengine.bench.steps import decode_step, prefill_step, random_cache
-from refengine.engine.instance import Instance
-from refengine.engine.sequence import SamplingParams
-from tests.conftest import random_prompt, run_to_end
+from tests.kernels.test_cpu_kernels import greedy_outputs
 
 # GQA ratio 1 and head dim 64 beside TINY's ratio 3 and head dim 16
 WIDE_HEADS = dataclasses.replace(TINY, num_attention_heads=2, num_key_value_heads=2, head_dim=64, hidden_size=96)
@@ -61,18 +59,8 @@ def test_one_region_step_equals_op_by_op(config, batch, context):
 def test_greedy_tokens_through_an_instance_match():
     """Six prompts joining a running batch: steps of 1-5 sequences run in one region, the prefills
     and the 6-sequence steps op by op, and every greedy token is the op-by-op forward's."""
-    def outputs(wrap) -> list[list[int]]:
-        instance = Instance(wrap(_model(TINY)), num_blocks=64)
-        seqs = []
-        for n in (1, 5, 15, 16, 17, 40):
-            seqs.append(instance.add_request(random_prompt(n, seed=n), SamplingParams(max_tokens=12, ignore_eos=True)))
-            instance.step()
-            instance.step()
-        run_to_end(instance)
-        assert instance.kv.num_used_blocks == 0
-        return [seq.output_ids for seq in seqs]
-
-    assert outputs(CpuDecodeModel) == outputs(lambda model: model)
+    kernels = CpuKernels(bf16=False)
+    assert greedy_outputs(kernels, CpuDecodeModel) == greedy_outputs(kernels)
 
 
 class _Spy:

@@ -255,23 +255,25 @@ def test_prefill_attention_matches_reference(lengths, query_lens, heads, kv_head
 
 
 # ---------------------------------------------------------------- whole model, threads
-def _greedy_outputs(kernels) -> list[list[int]]:
-    """Six prompts (1 to 40 tokens) joining a running batch two steps apart, 12 greedy tokens each."""
+def greedy_outputs(kernels, wrap=lambda model: model) -> list[list[int]]:
+    """Six prompts (1 to 40 tokens) joining a running batch two steps apart, 12 greedy tokens each,
+    on the tiny model (`wrap`ped, e.g. in `CpuDecodeModel`); every KV block is free at the end."""
     model = LlamaModel(TINY, LlamaWeights.from_hf(random_tensors(TINY, seed=0), TINY, kernels), kernels)
-    instance = Instance(model, num_blocks=64)
+    instance = Instance(wrap(model), num_blocks=64)
     seqs = []
     for n in (1, 5, 15, 16, 17, 40):
         seqs.append(instance.add_request(random_prompt(n, seed=n), SamplingParams(max_tokens=12, ignore_eos=True)))
         instance.step()
         instance.step()
     run_to_end(instance)
+    assert instance.kv.num_used_blocks == 0
     return [seq.output_ids for seq in seqs]
 
 
 def test_tiny_model_greedy_tokens_match_reference():
-    expected = _greedy_outputs(get_kernels("reference"))
-    assert _greedy_outputs(CpuKernels(bf16=False)) == expected
-    assert _greedy_outputs(get_kernels("cpu")) == expected   # steps here stay below the bf16 threshold
+    expected = greedy_outputs(get_kernels("reference"))
+    assert greedy_outputs(CpuKernels(bf16=False)) == expected
+    assert greedy_outputs(get_kernels("cpu")) == expected   # steps here stay below the bf16 threshold
 
 
 
@@ -282,7 +284,7 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
     compiled function. So: run the tiny model (with the bf16 GEMMs and attention where this CPU
     has them, and a decode step in one region) and find each compiled kernel on disk, under a key
     the next process computes alike."""
-    _greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16, bf16_weights=True))
+    greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16, bf16_weights=True))
     if bf16.unavailable_reason() is None:
         k_cache, v_cache, tables, _ = paged([600], 9, 3, 64)
         cpu_attention.prefill_attention(randn(600, 9, 64), k_cache, v_cache, tables, np.array([0, 600], np.int32),
