@@ -33,6 +33,7 @@ from numba.extending import overload
 from kernels import amx_tiles, avx512_bf16
 from kernels.bf16_layout import TileRows, TileWeight, check_inputs, chunk_blocks, work_item, work_items, write_swiglu_block
 from kernels.cpu_math import JIT
+from kernels.cpu_threads import POOL_THREADS
 
 GROUP_PAIRS = 3      # 32-output blocks per work item (AMX: 1-9 tried, 3 was best)
 CHUNK_BLOCKS = 16    # 32-token blocks per work item (AMX: 8, 16, 32 tried at 2,048 tokens, 16 was best)
@@ -147,7 +148,7 @@ def matmul(route: np.ndarray, x: TileRows, weight: TileWeight) -> np.ndarray:
     the padded result (contiguous unless the outputs were padded)."""
     check_inputs(x, weight)
     out = np.empty((x.tiles.shape[0] * 16, weight.tiles.shape[0] * 16), np.float32)
-    _matmul(route, x.tiles, weight.tiles, out, numba.get_num_threads())
+    _matmul(route, x.tiles, weight.tiles, out, POOL_THREADS)
     return out[:x.rows, :weight.outputs]
 
 
@@ -156,5 +157,5 @@ def swiglu(route: np.ndarray, x: TileRows, gate_up: TileWeight) -> TileRows:
     weight packed by `TileWeight.pack_gated`."""
     check_inputs(x, gate_up)
     act = TileRows.empty(x.rows, gate_up.outputs)
-    _swiglu(route, x.tiles, gate_up.tiles, act.tiles, numba.get_num_threads())
+    _swiglu(route, x.tiles, gate_up.tiles, act.tiles, POOL_THREADS)
     return act

@@ -28,6 +28,7 @@ from kernels.bf16_gemm import add_product_block, begin_blocks, end_blocks, produ
 from kernels.bf16_layout import round_up
 from kernels.cpu_math import JIT, LOG2E, bf16_bits, coarse_exp2, fast_exp, row_max
 from kernels.cpu_pool import gemm_nt
+from kernels.cpu_threads import POOL_THREADS
 from kernels.reference import gather_context
 
 TILE_MIN_QUERIES = 16   # a sequence's queries go to tiles from this many queries ...
@@ -115,7 +116,7 @@ def _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_len
 
 def _run_paged(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, scale, out) -> None:
     """`_paged_attention` with work items sized to the thread count (see its docstring)."""
-    heads_per_item = q.shape[1] if len(seqs) >= 4 * numba.get_num_threads() else 1
+    heads_per_item = q.shape[1] if len(seqs) >= 4 * POOL_THREADS else 1
     _paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, seqs, heads_per_item,
                      np.float32(scale), out)
 

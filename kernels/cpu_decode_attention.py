@@ -13,6 +13,7 @@ import numpy as np
 from numba import prange
 
 from kernels.cpu_math import JIT, fast_exp, row_max
+from kernels.cpu_threads import POOL_THREADS
 
 
 @numba.njit(inline="always", **JIT)
@@ -21,7 +22,9 @@ def work_split(num_seqs, kv_heads, threads):
     sequences than twice the threads split their keys among them, all heads in each item, so each
     cached row is read whole (batch 1 over 1,024 keys: 91 us against 118 for an item per KV head,
     in-process A/B after a GEMV evicted the cache; batch 2: 185 against 236); up to 4 per thread
-    give each KV head an item of its own; more make one item per sequence."""
+    give each KV head an item of its own; more make one item per sequence. `threads` is the pool's
+    size (`cpu_threads.POOL_THREADS`), not the count the step runs on: splits change the order of
+    the sums."""
     few, many = num_seqs < 2 * threads, num_seqs >= 4 * threads
     return (threads if few else 1), (kv_heads if few or many else 1)
 
@@ -109,8 +112,8 @@ def _attention(head_dim: int, group: int, block_tokens: int):
     @numba.njit(parallel=True, **JIT)
     def attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads):
         """The whole op in one compiled call (its set-up in Python cost ~4 us of a 16 us layer at
-        batch 1): the work items in parallel, then the merge. `threads` is Numba's thread count,
-        an argument because a kernel that asks for it is not cached."""
+        batch 1): the work items in parallel, then the merge. `threads` is what the work is divided
+        by (`work_split`), an argument because a kernel that asks for it is not cached."""
         num_seqs, num_heads = q.shape[0], q.shape[1]
         splits, kv_per_item = work_split(num_seqs, k_cache.shape[2], threads)
         peaks = np.empty((num_seqs, num_heads, splits), np.float32)
@@ -153,4 +156,4 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     """Twin of `kernels.reference.decode_attention`: q [B, H, D], one query per sequence (see
     `_attention`)."""
     attention = _attention(q.shape[2], q.shape[1] // k_cache.shape[2], k_cache.shape[1])
-    return attention(q, k_cache, v_cache, block_tables, context_lens, np.float32(scale), numba.get_num_threads())
+    return attention(q, k_cache, v_cache, block_tables, context_lens, np.float32(scale), POOL_THREADS)

@@ -44,6 +44,7 @@ from kernels.cpu import GEMV_MAX_TOKENS, add_rms_norm_row, angles_cover, gemv_it
 from kernels.cpu_decode_attention import attend_item, merge_splits, work_split
 from kernels.cpu_math import JIT
 from kernels.cpu_sync import SYNC_WORDS, barrier, check_in, checked_in
+from kernels.cpu_threads import POOL_THREADS
 from kernels.interface import Array
 
 MAX_SEQUENCES = GEMV_MAX_TOKENS    # more, and the few-token GEMM (not the GEMV) is the faster kernel
@@ -64,15 +65,16 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
 
     @numba.njit(parallel=True, **JIT)
     def decode_step(ids, positions, slot_mapping, block_tables, context_lens, embed, input_norms, qkv, o, post_norms,
-                    gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale, logits, parts):
+                    gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale, logits, pool, parts):
         """logits [B, V] of one decode step; k_cache / v_cache [L, N, P, Hkv, D] get the new keys and
         values. False, with nothing done, if the angle table is too short or the parts could not each
-        have a thread."""
+        have a thread. `parts` threads run it; the attention's keys are split as for `pool` threads,
+        as the op-by-op path splits them (`cpu_decode_attention.work_split`)."""
         if not angles_cover(positions, cos):
             return False
         seqs, width, layers = ids.shape[0], embed.shape[1], len(qkv)
         heads = kv_heads * group
-        splits, kv_per_item = work_split(seqs, kv_heads, parts)
+        splits, kv_per_item = work_split(seqs, kv_heads, pool)
         items = seqs * (kv_heads // kv_per_item) * splits
         # shared: each part writes its own rows / items of these, read by all after a barrier
         qkv_out = np.empty((seqs, qkv[0].shape[0]), np.float32)
@@ -158,7 +160,7 @@ class CpuDecodeModel:
                            cfg.num_key_value_heads)
         ran = program(step.token_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
                       *self._resident_weights(), k_cache, v_cache, cos, sin, np.float32(cfg.rms_norm_eps),
-                      np.float32(self.model.scale), logits, numba.get_num_threads())
+                      np.float32(self.model.scale), logits, POOL_THREADS, numba.get_num_threads())
         return logits if ran else self.model.forward(step, k_cache, v_cache)
 
     def _resident_weights(self) -> tuple:

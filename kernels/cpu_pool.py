@@ -27,6 +27,7 @@ import numpy as np
 from numba import prange
 
 from kernels import cpu_target  # noqa: F401  (sets Numba up before the kernels below compile)
+from kernels.cpu_threads import POOL_THREADS
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 _MKL_THREADING_SEQUENTIAL = 1
@@ -157,7 +158,7 @@ def gemm_nt(a: np.ndarray, b: np.ndarray, gemm=None, out: np.ndarray | None = No
         c3 = out.reshape(-1, rows, cols)
         _sliced_gemm(gemm, len(c3), rows, cols, inner, a3.ctypes.data, lda, a3.strides[0], a3.itemsize,
                      b3.ctypes.data, ldb, b3.strides[0], b3.itemsize, c3.ctypes.data, cols, c3.strides[0],
-                     numba.get_num_threads())
+                     POOL_THREADS)
     else:
         out[...] = 0.0
     return out

@@ -331,3 +331,26 @@ def migrate(backend: str | None, contexts: tuple[int, ...], repeats: int, write:
     click.echo(body)
     if write:
         update_section("migrate", "Live migration vs drop-and-re-prefill", body)
+
+
+@bench.command()
+@click.option("--busy", "busy_counts", multiple=True, type=click.IntRange(min=0), default=(0, 1), show_default=True,
+              help="Busy processes beside the engine, one run each.")
+@click.option("--steps", "num_steps", default=200, show_default=True, type=click.IntRange(min=10),
+              help="Decode steps per case, thread count and round (a quarter as many prefills).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1))
+@_write
+def contention(busy_counts: tuple[int, ...], num_steps: int, rounds: int, write: bool) -> None:
+    """CPU decode and prefill beside busy processes: the tuned thread count against fixed ones."""
+    from refengine.bench import contention as bench_contention
+    name, loaded = _load("cpu", None)
+    model = loaded.model.model      # the CpuDecodeModel inside load_model's ThreadTunedModel: fixed counts run untuned
+    before = CpuTimes.read()
+    results = bench_contention.run(model, busy_counts, bench_contention.DEFAULT_CASES, num_steps, rounds, click.echo)
+    body = bench_contention.report(results, num_steps, rounds)
+    steal = stolen_note(before)
+    click.echo(body + (f"\n\n{steal}" if steal else ""))
+    if write:
+        update_section("contention-cpu", "CPU steps beside busy processes (thread-count tuner)",
+                       f"Command: `python cli.py bench contention`; {name} backend, SmolLM2-135M-Instruct. "
+                       f"{body}\n\n{steal}")

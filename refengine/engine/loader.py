@@ -45,14 +45,17 @@ def with_fast_decode(model: LlamaModel) -> LlamaModel:
     work between calls: on the CuPy backend they replay captured CUDA graphs (a step is ~350
     launches; 6x at batch 1 on an H200, docs/benchmarks_gpu.md), on the CPU backend they run as one
     parallel region (`kernels.cpu_decode_step`; 1.13x at batch 1 on the Zen 3 VM). Prefills and
-    large batches run op by op; the reference backend as it is."""
+    large batches run op by op; the reference backend as it is. On the CPU every step also runs on
+    the thread count found fastest for it lately (`kernels.cpu_threads`): fewer threads than cores
+    while another process holds a core."""
     name = getattr(model.kernels, "name", None)
     if name == "cuda":
         from kernels.gpu_graph import GraphedDecodeModel
         return GraphedDecodeModel(model)
     if name == "cpu":
         from kernels.cpu_decode_step import CpuDecodeModel
-        return CpuDecodeModel(model)
+        from kernels.cpu_threads import ThreadTunedModel
+        return ThreadTunedModel(CpuDecodeModel(model))
     return model
 
 

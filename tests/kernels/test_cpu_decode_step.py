@@ -120,7 +120,7 @@ def test_a_region_without_a_thread_per_part_does_nothing_and_says_so():
         started = time.perf_counter()
         ran = program(step.token_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
                       *wrapped._resident_weights(), k_cache, v_cache, cos, sin, np.float32(TINY.rms_norm_eps),
-                      np.float32(model.scale), np.empty((1, TINY.vocab_size), np.float32), 2)
+                      np.float32(model.scale), np.empty((1, TINY.vocab_size), np.float32), 2, 2)
         waited = time.perf_counter() - started
     finally:
         numba.set_num_threads(threads)

@@ -1,0 +1,159 @@
+"""How many of Numba's threads a CPU step should use, learnt from how long steps take.
+
+Why: on a shared machine another process often holds a core. Then a step that splits its work
+across every core waits at each barrier and join for the thread that is not running. On the 2-core
+Zen 3 VM beside one busy process, one thread beat two on every kind of step (`bench contention`,
+docs/BENCHMARKS.md, 2026-12-07): batch-1 decode 30.1 against 21.1 tok/s, batch 8 119 against 50,
+prefill of 128 tokens 291 against 201. On the quiet machine two threads won by 1.5-1.6x. Load
+averages and run-queue counts do not say which will win, so `ThreadCountTuner` measures it. With
+it, the same run got 1.4-2.3x the two-thread figures beside the busy process and 0.95-1.02x of them
+on the quiet machine.
+
+Per kind of step (`step_kind`), each candidate count (the caller's count, then halvings down to 1)
+keeps its last few times. The step runs on the count with the lowest median. The other counts are
+measured again from time to time, because the machine changes. A count that loses again waits twice
+as long before its next try (up to `MAX_PROBE_INTERVAL` steps of that kind); when any count takes
+over as fastest, every interval starts again from `PROBE_INTERVAL`. The first run of each count for
+each kind is not counted: it may include a compile or a cold model's wait for its weights.
+
+Numba's `set_num_threads` applies to the calling thread only, so a device's worker thread can
+change it per step without touching other threads. The one-region decode step sizes itself by it
+(`cpu_decode_step`), and so do the BLAS GEMMs (`cpu_pool`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import numba
+
+from kernels.interface import Array
+
+PROBE_INTERVAL = 32        # steps of a kind between tries of a count that is not the fastest
+MAX_PROBE_INTERVAL = 1024  # ...doubling after each try it loses, up to this
+RECENT_TIMES = 3           # an estimate is the median of this many recent times
+# What kernels divide their work by: the size of Numba's pool, not the count a step runs on, so that
+# a step's arithmetic (its attention splits, its BLAS slices), and so every logit, is the same
+# whichever count the tuner picks (tested)
+POOL_THREADS = numba.config.NUMBA_NUM_THREADS
+
+
+def candidate_counts(threads: int) -> tuple[int, ...]:
+    """`threads`, then halvings down to 1: (16, 8, 4, 2, 1); (2, 1); (1,)."""
+    counts = [threads]
+    while counts[-1] > 1:
+        counts.append(counts[-1] // 2)
+    return tuple(counts)
+
+
+@dataclass
+class _Count:
+    """What is known of one thread count for one kind of step."""
+    warmed_up: bool = False
+    times: deque = field(default_factory=lambda: deque(maxlen=RECENT_TIMES))   # seconds per unit of work
+    interval: int = PROBE_INTERVAL
+    next_try: int = 0      # the step of this kind from which it is tried again
+
+    @property
+    def estimate(self) -> float:
+        return statistics.median(self.times) if self.times else float("inf")
+
+
+@dataclass
+class _Kind:
+    counts: dict[int, _Count]
+    steps: int = 0
+    trying: int | None = None     # the count being tried again in this kind's current step
+
+    @property
+    def fastest(self) -> int:
+        return min(self.counts, key=lambda n: self.counts[n].estimate)
+
+
+class ThreadCountTuner:
+    """Picks the thread count per kind of step and learns from the times it is told.
+
+    Pure logic, no clock: `choose` then `record` the step's seconds per unit of work. Not thread-safe:
+    one tuner per worker thread (per model wrapper)."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[Hashable, _Kind] = {}
+
+    def choose(self, kind: Hashable, threads: int) -> int:
+        """The count to run the next step of `kind` on, out of `candidate_counts(threads)`."""
+        state = self._kinds.get((kind, threads))
+        if state is None:
+            state = self._kinds[(kind, threads)] = _Kind({n: _Count() for n in candidate_counts(threads)})
+        state.trying = None
+        for n, count in state.counts.items():           # largest first: measure every count once
+            if not count.times:
+                return n
+        best = state.fastest
+        for n, count in state.counts.items():
+            if n != best and state.steps >= count.next_try:
+                state.trying = n
+                return n
+        return best
+
+    def record(self, kind: Hashable, threads: int, used: int, seconds_per_unit: float) -> None:
+        """The step of `kind` chosen out of `threads` ran on `used` threads and took this long."""
+        state = self._kinds[(kind, threads)]
+        state.steps += 1
+        count = state.counts[used]
+        if not count.warmed_up:
+            count.warmed_up = True
+            return
+        if state.trying == used:
+            previous_best = state.fastest
+            count.times.clear()            # what it measured before is stale
+            count.times.append(seconds_per_unit)
+            if state.fastest == used != previous_best:
+                for other in state.counts.values():
+                    other.interval, other.next_try = PROBE_INTERVAL, state.steps + PROBE_INTERVAL
+            else:
+                count.interval = min(2 * count.interval, MAX_PROBE_INTERVAL)
+                count.next_try = state.steps + count.interval
+            return
+        count.times.append(seconds_per_unit)
+        if not count.next_try:
+            count.next_try = state.steps + count.interval
+
+
+def step_kind(step: Any) -> tuple[Hashable, int]:
+    """A step's kind and its units of work: a decode step by its batch (its time is the weight
+    stream, nearly the same per step), a prefill by the power of two of its token count, timed per
+    token."""
+    if step.is_prefill:
+        tokens = len(step.token_ids)
+        return ("prefill", tokens.bit_length()), tokens
+    return ("decode", len(step.context_lens)), 1
+
+
+class ThreadTunedModel:
+    """A CPU model whose every step runs on the thread count that `ThreadCountTuner` finds fastest
+    for it now; everything else is the wrapped model's."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.tuner = ThreadCountTuner()
+
+    def __getattr__(self, name: str) -> Any:
+        # config, kernels, weights: the wrapped model's (only called for names not found here)
+        return getattr(self.__dict__["model"], name)
+
+    def forward(self, step: Any, k_cache: Array, v_cache: Array,
+                observe: Callable[[str, Array], None] | None = None) -> Array:
+        kind, units = step_kind(step)
+        threads = numba.get_num_threads()
+        used = self.tuner.choose(kind, threads)
+        numba.set_num_threads(used)
+        try:
+            started = time.perf_counter()
+            logits = self.model.forward(step, k_cache, v_cache, observe)
+            self.tuner.record(kind, threads, used, (time.perf_counter() - started) / units)
+        finally:
+            numba.set_num_threads(threads)
+        return logits
