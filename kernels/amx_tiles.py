@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numba
 
+from kernels import cpu_target  # noqa: F401  (sets Numba up before the kernels below compile)
 from kernels.amx_instructions import (TILE_BYTES, TILE_CONFIG, prefetch_line, tile_config, tile_dot, tile_load,
                                      tile_release, tile_store, tile_zero)
 

@@ -81,8 +81,9 @@ _block_1, _block_2, _block_3, _block_4, _block_5 = (_block_rows_intrinsic(r) for
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _block(rows, x, x_stride, w, pairs, out, out_stride):
-    """The micro-kernel for `rows` tokens (its unrolled row count is fixed at compile time)."""
+def block_rows(rows, x, x_stride, w, pairs, out, out_stride):
+    """The micro-kernel for `rows` tokens (its unrolled row count is fixed at compile time); also
+    inlined into the one-region decode step (`kernels.cpu_decode_step`)."""
     if rows == 1:
         _block_1(x, x_stride, w, pairs, out, out_stride)
     elif rows == 2:
@@ -106,7 +107,7 @@ def _gemv(x, tiles, out, pass_tokens):
         t = 0
         while t < rows:
             tokens = min(rows - t, pass_tokens)
-            _block(tokens, x.ctypes.data + t * x.strides[0], x.strides[0], tiles.ctypes.data + b * block_bytes,
+            block_rows(tokens, x.ctypes.data + t * x.strides[0], x.strides[0], tiles.ctypes.data + b * block_bytes,
                    pairs, out.ctypes.data + b * 64 + t * out.strides[0], out.strides[0])
             t += tokens
 

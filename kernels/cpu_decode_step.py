@@ -21,9 +21,11 @@ It runs the same arithmetic as the op-by-op forward (`models.llama.LlamaModel.fo
 `CpuKernels`), through the same helpers, in the same order, so tokens and logits match it (tested).
 
 `CpuDecodeModel` wraps a model the way `GraphedDecodeModel` does and is handed to `Instance` in its
-place. Prefill steps, observed steps, steps of more than `MAX_SEQUENCES` sequences, and the bf16
-weights backend go to `model.forward`, as does a step the region could not run (an angle table
-too short, or a threading layer that would not give each part a thread of its own).
+place. On the bf16-weights backend the region's GEMVs read the weights' bf16 tiles with
+`bf16_gemv`'s micro-kernel, as that backend's op-by-op path does. Prefill steps, observed steps,
+steps of more than `MAX_SEQUENCES` sequences or on the bf16 GEMM route go to `model.forward`, as
+does a step the region could not run (an angle table too short, or a threading layer that would
+not give each part a thread of its own).
 
 This departs from DESIGN.md's rule that the forward pass is written once (in `models/llama.py`):
 the program below writes the decode step of the same Llama layer a second time, for the one case
@@ -37,24 +39,69 @@ from typing import Any, Callable
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
 from numba.typed import List
 
+from kernels import bf16_gemv
+from kernels.bf16 import tiled_weight
+from kernels.bf16_gemv import block_rows
 from kernels.cpu import GEMV_MAX_TOKENS, add_rms_norm_row, angles_cover, gemv_item_count, gemv_items, rms_norm_row, \
     rotate_into
 from kernels.cpu_decode_attention import attend_item, merge_splits, work_split
-from kernels.cpu_math import JIT
+from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_sync import SYNC_WORDS, barrier, check_in, checked_in
 from kernels.cpu_threads import POOL_THREADS
 from kernels.interface import Array
 
 MAX_SEQUENCES = GEMV_MAX_TOKENS    # more, and the few-token GEMM (not the GEMV) is the faster kernel
+assert MAX_SEQUENCES <= bf16_gemv.MOST_ROWS     # a region's bf16-weights step is one the op-by-op path reads bf16
 
 
-@numba.njit(inline="always", **JIT)
-def _share_of_gemv(x, w, out, gated, part, parts):
-    """out = x @ w.T (gated: SwiGLU) for this part's contiguous share of the GEMV's work items."""
-    items = gemv_item_count(out)
-    gemv_items(x, w, out, gated, part * items // parts, (part + 1) * items // parts)
+def share_of_gemv(x, w, out, gated, part, parts, pass_tokens):
+    """out = x @ w.T (gated: SwiGLU) for this part's contiguous share of the GEMV. w is float32
+    [O, I] (`cpu.gemv_items`' work items), or on the bf16-weights backend a bf16 weight's tiles
+    [O/16, pairs, 16, 2] (`bf16_gemv`'s micro-kernel per 16 outputs, `pass_tokens` tokens a pass);
+    Numba picks the body by w's type when it compiles the program."""
+
+
+@numba.njit(**JIT)
+def _share_of_tiles(x, tiles, out, gated, part, parts, pass_tokens):
+    """`share_of_gemv` over a bf16 weight's tiles. A unit of work is 16 outputs, or gated a block of
+    16 gate outputs and the block of their 16 up ones (`TileWeight.pack_gated`), whose SwiGLU this
+    part then writes itself, as `bf16_gemv.swiglu` does."""
+    units = tiles.shape[0] // 2 if gated else tiles.shape[0]
+    rows, pairs, block_bytes = x.shape[0], x.shape[1] // 2, tiles.shape[1] * 64
+    both = np.empty((rows, 32), np.float32)
+    for unit in range(part * units // parts, (part + 1) * units // parts):
+        t = 0
+        while t < rows:
+            tokens = min(rows - t, pass_tokens)
+            x_at = x.ctypes.data + t * x.strides[0]
+            if gated:
+                for half in range(2):
+                    block_rows(tokens, x_at, x.strides[0], tiles.ctypes.data + (2 * unit + half) * block_bytes,
+                               pairs, both.ctypes.data + t * both.strides[0] + 64 * half, both.strides[0])
+            else:
+                block_rows(tokens, x_at, x.strides[0], tiles.ctypes.data + unit * block_bytes, pairs,
+                           out.ctypes.data + unit * 64 + t * out.strides[0], out.strides[0])
+            t += tokens
+        if gated:
+            for t in range(rows):
+                for i in range(16):
+                    out[t, 16 * unit + i] = silu_times(both[t, i], both[t, 16 + i])
+
+
+@overload(share_of_gemv, inline="always", jit_options=JIT)
+def _share_of_gemv_for(x, w, out, gated, part, parts, pass_tokens):
+    if w.ndim == 2:
+        def float32_share(x, w, out, gated, part, parts, pass_tokens):
+            items = gemv_item_count(out)
+            gemv_items(x, w, out, gated, part * items // parts, (part + 1) * items // parts)
+        return float32_share
+
+    def bf16_share(x, w, out, gated, part, parts, pass_tokens):
+        _share_of_tiles(x, w, out, gated, part, parts, pass_tokens)
+    return bf16_share
 
 
 @functools.cache
@@ -65,11 +112,13 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
 
     @numba.njit(parallel=True, **JIT)
     def decode_step(ids, positions, slot_mapping, block_tables, context_lens, embed, input_norms, qkv, o, post_norms,
-                    gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale, logits, pool, parts):
+                    gate_up, down, final_norm, lm_head, k_cache, v_cache, cos, sin, eps, scale, features,
+                    pass_tokens, logits, pool, parts):
         """logits [B, V] of one decode step; k_cache / v_cache [L, N, P, Hkv, D] get the new keys and
         values. False, with nothing done, if the angle table is too short or the parts could not each
         have a thread. `parts` threads run it; the attention's keys are split as for `pool` threads,
-        as the op-by-op path splits them (`cpu_decode_attention.work_split`)."""
+        as the op-by-op path splits them (`cpu_decode_attention.work_split`). The weights are float32
+        arrays or bf16 tiles (`share_of_gemv`); `features` is the MLP's width F."""
         if not angles_cover(positions, cos):
             return False
         seqs, width, layers = ids.shape[0], embed.shape[1], len(qkv)
@@ -77,12 +126,12 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
         splits, kv_per_item = work_split(seqs, kv_heads, pool)
         items = seqs * (kv_heads // kv_per_item) * splits
         # shared: each part writes its own rows / items of these, read by all after a barrier
-        qkv_out = np.empty((seqs, qkv[0].shape[0]), np.float32)
+        qkv_out = np.empty((seqs, (heads + 2 * kv_heads) * head_dim), np.float32)
         peaks = np.empty((seqs, heads, splits), np.float32)
         totals = np.empty_like(peaks)
         partial = np.empty((seqs, heads, splits, head_dim), np.float32)
         o_out = np.empty((seqs, width), np.float32)
-        act = np.empty((seqs, down[0].shape[1]), np.float32)
+        act = np.empty((seqs, features), np.float32)
         down_out = np.empty((seqs, width), np.float32)
         sync = np.zeros(SYNC_WORDS, np.int64)
         for part in prange(parts):
@@ -98,7 +147,7 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
                 residual[t] = embed[ids[t]]
                 rms_norm_row(residual, t, input_norms[0], eps, hidden)
             for layer in range(layers):
-                _share_of_gemv(hidden, qkv[layer], qkv_out, False, part, parts)
+                share_of_gemv(hidden, qkv[layer], qkv_out, False, part, parts, pass_tokens)
                 barrier(sync, parts)
                 projected = qkv_out.reshape((seqs, heads + 2 * kv_heads, head_dim))   # q heads, k heads, v heads
                 k_layer, v_layer = k_cache[layer], v_cache[layer]
@@ -117,18 +166,18 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
                                 peaks, totals, partial, head_dim, group, block_tokens)
                 barrier(sync, parts)
                 merge_splits(peaks, totals, partial, attn)
-                _share_of_gemv(attn_rows, o[layer], o_out, False, part, parts)
+                share_of_gemv(attn_rows, o[layer], o_out, False, part, parts, pass_tokens)
                 barrier(sync, parts)
                 for t in range(seqs):
                     add_rms_norm_row(residual, o_out, t, post_norms[layer], eps, residual, hidden)
-                _share_of_gemv(hidden, gate_up[layer], act, True, part, parts)
+                share_of_gemv(hidden, gate_up[layer], act, True, part, parts, pass_tokens)
                 barrier(sync, parts)
-                _share_of_gemv(act, down[layer], down_out, False, part, parts)
+                share_of_gemv(act, down[layer], down_out, False, part, parts, pass_tokens)
                 barrier(sync, parts)
                 next_norm = input_norms[layer + 1] if layer + 1 < layers else final_norm
                 for t in range(seqs):
                     add_rms_norm_row(residual, down_out, t, next_norm, eps, residual, hidden)
-            _share_of_gemv(hidden, lm_head, logits, False, part, parts)
+            share_of_gemv(hidden, lm_head, logits, False, part, parts, pass_tokens)
         return checked_in(sync, parts)
 
     return decode_step
@@ -151,8 +200,9 @@ class CpuDecodeModel:
         """`model.forward`, as one parallel region for small decode steps."""
         kernels, cfg = self.model.kernels, self.model.config
         batch = len(step.context_lens)
-        reads_bf16 = kernels.bf16_weights or (kernels.bf16 is not None and batch >= kernels.bf16_min_tokens)
-        if step.is_prefill or observe is not None or batch > MAX_SEQUENCES or reads_bf16:
+        bf16_route = kernels.bf16 is not None and batch >= kernels.bf16_min_tokens
+        if (step.is_prefill or observe is not None or batch > MAX_SEQUENCES or bf16_route
+                or (kernels.bf16_weights and not self._tiles_fit)):
             return self.model.forward(step, k_cache, v_cache, observe)
         cos, sin = kernels.rope_table.get(cfg.head_dim, cfg.rope_theta)
         logits = np.empty((batch, self.model.weights.lm_head.shape[0]), np.float32)
@@ -160,16 +210,38 @@ class CpuDecodeModel:
                            cfg.num_key_value_heads)
         ran = program(step.token_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
                       *self._resident_weights(), k_cache, v_cache, cos, sin, np.float32(cfg.rms_norm_eps),
-                      np.float32(self.model.scale), logits, POOL_THREADS, numba.get_num_threads())
+                      np.float32(self.model.scale), cfg.intermediate_size, bf16_gemv.tokens_per_pass(batch), logits,
+                      POOL_THREADS, numba.get_num_threads())
         return logits if ran else self.model.forward(step, k_cache, v_cache)
+
+    @functools.cached_property
+    def _tiles_fit(self) -> bool:
+        """Whether the bf16 tiles' micro-kernel can write every output in place: it writes 16 at a
+        time and reads inputs in pairs (SmolLM2 and the test models: yes)."""
+        cfg = self.model.config
+        outputs = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim, cfg.hidden_size, \
+            cfg.intermediate_size, cfg.vocab_size
+        inputs = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+        return all(n % 16 == 0 for n in outputs) and all(n % 2 == 0 for n in inputs)
 
     def _resident_weights(self) -> tuple:
         """embed, input norms, qkv, o, post norms, gate/up, down, final norm, lm_head; the per-layer
-        ones as typed lists (built once, after waiting for a cold model's last weights)."""
+        ones as typed lists (built once, after waiting for a cold model's last weights). On the
+        bf16-weights backend the projections and the lm_head are their bf16 tiles, the very copies
+        the op-by-op path reads (`kernels.bf16.tiled_weight`)."""
         if self._weights is None:
             w = self.model.weights
             w.wait_resident()
-            layers = lambda field: List([getattr(layer, field) for layer in w.layers])   # noqa: E731
-            self._weights = (w.embed, layers("input_norm"), layers("qkv"), layers("o"), layers("post_norm"),
-                             layers("gate_up"), layers("down"), w.norm, w.lm_head)
+            bf16 = self.model.kernels.bf16_weights
+
+            def gemv_operand(array: np.ndarray, gated: bool = False) -> np.ndarray:
+                return tiled_weight(array, gated).tiles if bf16 else array
+
+            def per_layer(field: str, operand: Callable = lambda array: array) -> List:
+                return List([operand(getattr(layer, field)) for layer in w.layers])
+
+            self._weights = (w.embed, per_layer("input_norm"), per_layer("qkv", gemv_operand),
+                             per_layer("o", gemv_operand), per_layer("post_norm"),
+                             per_layer("gate_up", lambda array: gemv_operand(array, gated=True)),
+                             per_layer("down", gemv_operand), w.norm, gemv_operand(w.lm_head))
         return self._weights

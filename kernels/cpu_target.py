@@ -8,6 +8,14 @@ peer): SmolLM2 decode tok/s at batch 1 / 8 on 2 cores, quiet machine | beside tw
 libgomp's default spin 42.6 / 190 | 1.1 / 6.8; never spinning (PASSIVE) 29.7 / 150 | 23 / 101;
 this limit 41.7 / 186 | 17-19 / 68-86.
 
+Cache freshness: Numba checks a cached kernel against the source of its own file only (a documented
+limit of its cache). Most of ours inline helpers from other modules (`cpu_math`'s exp, the row
+helpers `cpu.py` shares with the one-region step), so after one of those changed, a kernel in an
+unchanged file would keep running the old helper's code. So every kernel's stamp here also covers
+every source file of this package (`KernelsInTree`, `KernelsUserWide`, `KernelsUserProvided`,
+through Numba's `CACHE_LOCATOR_CLASSES`): after any change to `kernels/`, every kernel compiles
+afresh once.
+
 Vector width: LLVM's tuning for Intel's AVX-512 cores (Skylake-X onwards, also the "rocketlake" a VM
 reports here) prefers 256-bit vectors, so every loop Numba vectorises uses half the lanes the CPU
 has. That tuning dates from Skylake-X, whose cores slowed their clock for 512-bit work; later ones
@@ -17,12 +25,16 @@ go to Numba with `-prefer-256-bit` added. On the AMX Xeon of docs/benchmarks_cpu
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from pathlib import Path
 
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402  (after the OpenMP wait policy is set)
+from numba.core import caching  # noqa: E402
 from numba.core.codegen import get_host_cpu_features  # noqa: E402
 
 PREFER_256 = "prefer-256-bit"
@@ -50,3 +62,44 @@ def _widen_vectors() -> None:
 
 
 _widen_vectors()
+
+
+@functools.cache
+def package_stamp(package: Path = Path(__file__).parent) -> str:
+    """A hash of every Python source of the package (`kernels/`)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class _PackageStamped:
+    """A Numba cache locator whose source stamp is its file's and the whole package's."""
+
+    def get_source_stamp(self):
+        return super().get_source_stamp(), package_stamp()
+
+
+class KernelsUserProvided(_PackageStamped, caching.UserProvidedCacheLocator):
+    pass
+
+
+class KernelsInTree(_PackageStamped, caching.InTreeCacheLocator):
+    pass
+
+
+class KernelsUserWide(_PackageStamped, caching.UserWideCacheLocator):
+    pass
+
+
+def _stamp_caches_with_the_package() -> None:
+    """Numba's locators in its own order of preference, each stamped with the package (unless the
+    user chose locators, or this Numba predates the setting)."""
+    if getattr(numba.config, "CACHE_LOCATOR_CLASSES", "unsupported"):
+        return
+    numba.config.CACHE_LOCATOR_CLASSES = ",".join(
+        [f"{__name__}.{cls.__name__}" for cls in (KernelsUserProvided, KernelsInTree, KernelsUserWide)]
+        + ["IPythonCacheLocator", "ZipCacheLocator"])
+
+
+_stamp_caches_with_the_package()

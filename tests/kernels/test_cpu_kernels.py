@@ -189,6 +189,19 @@ def test_wide_vectors_only_where_the_cpu_has_avx512_and_no_width_was_chosen():
         assert numba.config.CPU_FEATURES == cpu_target.wide_vector_features(host)
 
 
+def test_a_change_to_any_source_of_the_package_changes_every_kernels_stamp(tmp_path):
+    """A kernel inlines helpers from other files, which Numba's own stamp (its file) misses."""
+    (tmp_path / "helpers.py").write_text("def exp(x): return x\n")
+    (tmp_path / "kernel.py").write_text("from helpers import exp\n")
+    (tmp_path / "notes.txt").write_text("not a source")
+    before = cpu_target.package_stamp(tmp_path)
+    (tmp_path / "notes.txt").write_text("still not a source")
+    assert cpu_target.package_stamp.__wrapped__(tmp_path) == before
+    (tmp_path / "helpers.py").write_text("def exp(x): return x * 1.0\n")
+    assert cpu_target.package_stamp.__wrapped__(tmp_path) != before
+    assert "kernels.cpu_target.KernelsInTree" in numba.config.CACHE_LOCATOR_CLASSES
+
+
 @pytest.mark.parametrize("blas", ["openblas", "mkl"])
 def test_each_float32_blas_matches_reference_on_strided_batches(blas):
     """Whichever sgemm `cpu_pool` picks, both give the same products (batched, strided rows)."""
@@ -282,16 +295,18 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
     pointer or a large global array (`numba.get_num_threads()` called inside a kernel is one) is
     compiled afresh by every process, with nothing but a warning, and so is a closure over another
     compiled function. So: run the tiny model (with the bf16 GEMMs and attention where this CPU
-    has them, and a decode step in one region) and find each compiled kernel on disk, under a key
-    the next process computes alike."""
+    has them, and a decode step in one region, float32 and bf16 weights) and find each compiled
+    kernel on disk, under a key the next process computes alike and stamped with the whole
+    package's sources (`cpu_target`: a kernel inlines helpers of other files)."""
     greedy_outputs(CpuKernels(bf16=bf16.unavailable_reason() is None, bf16_min_tokens=16, bf16_weights=True))
     if bf16.unavailable_reason() is None:
         k_cache, v_cache, tables, _ = paged([600], 9, 3, 64)
         cpu_attention.prefill_attention(randn(600, 9, 64), k_cache, v_cache, tables, np.array([0, 600], np.int32),
                                         np.array([600], np.int32), 0.125, bf16.Bf16Matmul.create())
-    tiny = LlamaModel(TINY, LlamaWeights.from_hf(random_tensors(TINY, seed=0), TINY, CPU), CPU)
     step = decode_step(TINY, 2, 20, np.random.default_rng(0))
-    CpuDecodeModel(tiny).forward(step, *random_cache(tiny, int(step.block_tables.size)))
+    for kernels in (CPU, CpuKernels(bf16=False, bf16_weights=True)):
+        tiny = LlamaModel(TINY, LlamaWeights.from_hf(random_tensors(TINY, seed=0), TINY, kernels), kernels)
+        CpuDecodeModel(tiny).forward(step, *random_cache(tiny, int(step.block_tables.size)))
     modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention,
                cpu_decode_step, cpu_math, cpu_pool)
     kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
@@ -301,6 +316,7 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
     assert len(kernels) > 10
     for kernel in kernels:
         name = f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}"
+        assert isinstance(kernel._cache._impl._locator, cpu_target._PackageStamped), name
         for signature in kernel.signatures:
             assert kernel._cache.load_overload(signature, kernel.targetctx) is not None, f"{name} is not cached"
         # the cache key pickles a closure's variables: a compiled function among them pickles with an id
