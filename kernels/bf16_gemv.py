@@ -27,7 +27,7 @@ from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_target import HOST_AVX512
 from kernels.ir_loop import accumulate_loop
 
-MOST_ROWS = 5        # tokens per call, each with 2 accumulator registers (as the float32 GEMV, `kernels.cpu._gemv`)
+MOST_ROWS = 5        # tokens per call, each with 2 accumulator registers (as the float32 GEMV, `kernels.few_token_gemm._gemv`)
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32X32, _I16X32, _I32X32, _I64X16 = (ir.VectorType(ir.FloatType(), 32), ir.VectorType(_I16, 32),

@@ -45,12 +45,12 @@ from numba.typed import List
 from kernels import bf16_gemv
 from kernels.bf16 import tiled_weight
 from kernels.bf16_gemv import block_rows
-from kernels.cpu import GEMV_MAX_TOKENS, add_rms_norm_row, angles_cover, gemv_item_count, gemv_items, rms_norm_row, \
-    rotate_into
+from kernels.cpu import add_rms_norm_row, angles_cover, rms_norm_row, rotate_into
 from kernels.cpu_decode_attention import attend_item, merge_splits, work_split
 from kernels.cpu_math import JIT, silu_times
 from kernels.cpu_sync import SYNC_WORDS, barrier, check_in, checked_in
 from kernels.cpu_threads import POOL_THREADS
+from kernels.few_token_gemm import GEMV_MAX_TOKENS, gemv_item_count, gemv_items
 from kernels.interface import Array
 
 MAX_SEQUENCES = GEMV_MAX_TOKENS    # more, and the few-token GEMM (not the GEMV) is the faster kernel
@@ -59,7 +59,7 @@ assert MAX_SEQUENCES <= bf16_gemv.MOST_ROWS     # a region's bf16-weights step i
 
 def share_of_gemv(x, w, out, gated, part, parts, pass_tokens):
     """out = x @ w.T (gated: SwiGLU) for this part's contiguous share of the GEMV. w is float32
-    [O, I] (`cpu.gemv_items`' work items), or on the bf16-weights backend a bf16 weight's tiles
+    [O, I] (`few_token_gemm.gemv_items`' work items), or on the bf16-weights backend a bf16 weight's tiles
     [O/16, pairs, 16, 2] (`bf16_gemv`'s micro-kernel per 16 outputs, `pass_tokens` tokens a pass);
     Numba picks the body by w's type when it compiles the program."""
 

@@ -21,9 +21,10 @@ from numba.core.codegen import get_host_cpu_features
 from numba.core.registry import CPUDispatcher
 
 from kernels import (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention,
-                     cpu_decode_step, cpu_math, cpu_memory, cpu_pool, cpu_target, get_kernels)
+                     cpu_decode_step, cpu_math, cpu_memory, cpu_pool, cpu_target, few_token_gemm, get_kernels)
 from kernels import reference as ref
-from kernels.cpu import SKINNY_MAX_TOKENS, CpuKernels, few_token_matmul
+from kernels.cpu import CpuKernels
+from kernels.few_token_gemm import SKINNY_MAX_TOKENS, few_token_matmul
 from kernels.cpu_decode_step import CpuDecodeModel
 from kernels.cpu_math import coarse_exp2, fast_exp, row_max
 from models.llama import LlamaModel, LlamaWeights
@@ -308,7 +309,7 @@ def test_every_kernel_compiled_here_is_cached_on_disk():
         tiny = LlamaModel(TINY, LlamaWeights.from_hf(random_tensors(TINY, seed=0), TINY, kernels), kernels)
         CpuDecodeModel(tiny).forward(step, *random_cache(tiny, int(step.block_tables.size)))
     modules = (amx_tiles, avx512_bf16, bf16, bf16_gemm, bf16_gemv, bf16_layout, cpu, cpu_attention, cpu_decode_attention,
-               cpu_decode_step, cpu_math, cpu_pool)
+               cpu_decode_step, cpu_math, cpu_pool, few_token_gemm)
     kernels = [v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher) and v.signatures]
     group = TINY.num_attention_heads // TINY.num_key_value_heads   # the per-shape closures, at the tiny model's shape
     kernels += [cpu_decode_attention._attention(TINY.head_dim, group, 16),
