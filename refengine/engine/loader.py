@@ -40,14 +40,15 @@ def load_llama(files: ModelFiles, kernels: Kernels, execute_while_load: bool = F
     return with_fast_decode(load.model if execute_while_load else load.wait().model)
 
 
-def with_fast_decode(model: LlamaModel) -> LlamaModel:
+def with_fast_decode(model: LlamaModel, tune_threads: bool = True) -> LlamaModel:
     """Small decode steps without a Python call per kernel, which at batch 1 cost more than the
     work between calls: on the CuPy backend they replay captured CUDA graphs (a step is ~350
     launches; 6x at batch 1 on an H200, docs/benchmarks_gpu.md), on the CPU backend they run as one
     parallel region (`kernels.cpu_decode_step`; 1.13x at batch 1 on the Zen 3 VM). Prefills and
     large batches run op by op; the reference backend as it is. On the CPU every step also runs on
     the thread count found fastest for it lately (`kernels.cpu_threads`): fewer threads than cores
-    while another process holds a core."""
+    while another process holds a core (unless not `tune_threads`: the latency profile measures the
+    quiet machine)."""
     name = getattr(model.kernels, "name", None)
     if name == "cuda":
         from kernels.gpu_graph import GraphedDecodeModel
@@ -55,7 +56,7 @@ def with_fast_decode(model: LlamaModel) -> LlamaModel:
     if name == "cpu":
         from kernels.cpu_decode_step import CpuDecodeModel
         from kernels.cpu_threads import ThreadTunedModel
-        return ThreadTunedModel(CpuDecodeModel(model))
+        return ThreadTunedModel(CpuDecodeModel(model)) if tune_threads else CpuDecodeModel(model)
     return model
 
 
