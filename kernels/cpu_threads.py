@@ -10,11 +10,14 @@ it, the same run got 1.4-2.3x the two-thread figures beside the busy process and
 on the quiet machine.
 
 Per kind of step (`step_kind`), each candidate count (the caller's count, then halvings down to 1)
-keeps its last few times. The step runs on the count with the lowest median. The other counts are
-measured again from time to time, because the machine changes. A count that loses again waits twice
-as long before its next try (up to `MAX_PROBE_INTERVAL` steps of that kind); when any count takes
-over as fastest, every interval starts again from `PROBE_INTERVAL`. The first run of each count for
-each kind is not counted: it may include a compile or a cold model's wait for its weights.
+keeps its last few times. The step runs on the count with the lowest median. Its neighbours in that
+list (twice and half as many threads) are measured from time to time, because the machine changes:
+first right away, then after `PROBE_INTERVAL` steps of that kind, and a neighbour that loses again
+waits twice as long before its next try (up to `MAX_PROBE_INTERVAL` steps). When a neighbour takes
+over as fastest, every interval starts again, and its own other neighbour is tried next. So the
+tuner walks down from all the threads only as far as fewer keep winning: on 16 cores with one busy
+neighbour it need not ever run a step on one thread. The first run of each count for each kind is
+not counted: it may include a compile or a cold model's wait for its weights.
 
 Numba's `set_num_threads` applies to the calling thread only, so a device's worker thread can
 change it per step without touching other threads. The one-region decode step sizes itself by it
@@ -88,15 +91,15 @@ class ThreadCountTuner:
         if state is None:
             state = self._kinds[(kind, threads)] = _Kind({n: _Count() for n in candidate_counts(threads)})
         state.trying = None
-        for n, count in state.counts.items():           # largest first: measure every count once
-            if not count.times:
-                return n
-        best = state.fastest
-        for n, count in state.counts.items():
-            if n != best and state.steps >= count.next_try:
-                state.trying = n
-                return n
-        return best
+        counts = list(state.counts)                      # largest first
+        if not state.counts[counts[0]].times:
+            return counts[0]
+        best = counts.index(state.fastest)
+        for neighbour in counts[max(best - 1, 0):best] + counts[best + 1:best + 2]:
+            if state.steps >= state.counts[neighbour].next_try:
+                state.trying = neighbour
+                return neighbour
+        return counts[best]
 
     def record(self, kind: Hashable, threads: int, used: int, seconds_per_unit: float) -> None:
         """The step of `kind` chosen out of `threads` ran on `used` threads and took this long."""
@@ -107,14 +110,16 @@ class ThreadCountTuner:
             count.warmed_up = True
             return
         if state.trying == used:
-            previous_best = state.fastest
+            previous_best, first_time = state.fastest, not count.times
             count.times.clear()            # what it measured before is stale
             count.times.append(seconds_per_unit)
             if state.fastest == used != previous_best:
                 for other in state.counts.values():
-                    other.interval, other.next_try = PROBE_INTERVAL, state.steps + PROBE_INTERVAL
+                    if other.times:        # a count never measured stays due at once
+                        other.interval, other.next_try = PROBE_INTERVAL, state.steps + PROBE_INTERVAL
             else:
-                count.interval = min(2 * count.interval, MAX_PROBE_INTERVAL)
+                if not first_time:
+                    count.interval = min(2 * count.interval, MAX_PROBE_INTERVAL)
                 count.next_try = state.steps + count.interval
             return
         count.times.append(seconds_per_unit)

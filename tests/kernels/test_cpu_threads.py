@@ -166,3 +166,18 @@ def test_every_thread_count_computes_the_same_logits(tiny_model, case):
         np.testing.assert_array_equal(logits, results[0][0])
         np.testing.assert_array_equal(k, results[0][1])
         np.testing.assert_array_equal(v, results[0][2])
+
+
+def test_on_many_cores_the_tuner_walks_down_only_while_fewer_threads_win():
+    """16 threads: 8 and 4 are faster (busy neighbours), 2 and 1 slower. The tuner settles on 4 and
+    never runs a step on 1 thread, which was never 4's neighbour."""
+    tuner = ThreadCountTuner()
+    times = {16: 0.040, 8: 0.025, 4: 0.020, 2: 0.030, 1: 0.055}
+    used = []
+    for _ in range(600):
+        n = tuner.choose(KIND, 16)
+        tuner.record(KIND, 16, n, times[n])
+        used.append(n)
+    assert 1 not in used
+    assert used[:8] == [16, 16, 8, 8, 4, 4, 2, 2]
+    assert used[-100:].count(4) >= 97
