@@ -20,8 +20,9 @@ neighbour it need not ever run a step on one thread. The first run of each count
 not counted: it may include a compile or a cold model's wait for its weights.
 
 Numba's `set_num_threads` applies to the calling thread only, so a device's worker thread can
-change it per step without touching other threads. The one-region decode step sizes itself by it
-(`cpu_decode_step`), and so do the BLAS GEMMs (`cpu_pool`).
+change it per step without touching other threads. The one-region decode step runs one part per
+thread (`cpu_decode_step`); every other parallel kernel, `cpu_pool`'s GEMMs too, spreads its work
+items over that many threads.
 """
 from __future__ import annotations
 
