@@ -2,12 +2,13 @@
 it replaces, and the barrier its threads meet at (`kernels.cpu_sync`).
 
 Both paths run the same helpers in the same order; on the Zen 3 VM their logits and caches are
-bit-identical when both were compiled in the same process or both loaded from Numba's cache. Not
-always when one was compiled and the other loaded: decode attention over 201 keys, run on the same
-inputs, came out up to 3e-8 apart between a freshly compiled kernel and the same kernel loaded from
-the cache (cause unknown); through the layers that reached ~2e-6 and failed an exact comparison
-of the V cache once. The tolerance below (1e-5) covers that and LLVM vectorising an inlined loop
-differently on another CPU."""
+bit-identical in almost every process. Not always: the same cached machine code for decode
+attention over 201 keys, on the same inputs, gave results up to 3e-8 apart in different processes,
+and in one process when its inputs sat elsewhere in memory (no out-of-bounds read: NaN guards
+around them change nothing). Likely LLVM's runtime alias checks picking a loop's vector or scalar
+version by address, which sums in another order. Through the layers that reached ~2e-6 and failed
+an exact comparison of the V cache once. The tolerance below (1e-5) covers that and LLVM
+vectorising an inlined loop differently on another CPU."""
 from __future__ import annotations
 
 import dataclasses
