@@ -129,13 +129,14 @@ class ThreadCountTuner:
 
 
 def step_kind(step: Any) -> tuple[Hashable, int]:
-    """A step's kind and its units of work: a decode step by its batch (its time is the weight
-    stream, nearly the same per step), a prefill by the power of two of its token count, timed per
-    token."""
+    """A step's kind and its units of work: a decode step by the power of two of its batch, timed
+    per step (its time is mostly the weight stream, within ~1.3x across a bucket); a prefill by the
+    power of two of its token count, timed per token. Buckets, not exact sizes, because a serving
+    batch changes size every few steps, and each new kind starts by trying every count."""
     if step.is_prefill:
         tokens = len(step.token_ids)
         return ("prefill", tokens.bit_length()), tokens
-    return ("decode", len(step.context_lens)), 1
+    return ("decode", len(step.context_lens).bit_length()), 1
 
 
 class ThreadTunedModel:

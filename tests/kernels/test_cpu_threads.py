@@ -94,7 +94,9 @@ def test_kinds_and_caller_counts_learn_apart():
 
 def test_step_kinds():
     rng = np.random.default_rng(0)
-    assert step_kind(decode_step(TINY, 3, 40, rng)) == (("decode", 3), 1)
+    assert step_kind(decode_step(TINY, 3, 40, rng)) == (("decode", 2), 1)
+    assert step_kind(decode_step(TINY, 1, 40, rng))[0] != step_kind(decode_step(TINY, 2, 40, rng))[0]
+    assert step_kind(decode_step(TINY, 8, 40, rng))[0] == step_kind(decode_step(TINY, 15, 40, rng))[0]
     assert step_kind(prefill_step(TINY, 100, rng)) == (("prefill", 7), 100)
     assert step_kind(prefill_step(TINY, 127, rng))[0] == step_kind(prefill_step(TINY, 64, rng))[0]
 
