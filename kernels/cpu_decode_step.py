@@ -52,6 +52,7 @@ from kernels.cpu_sync import SYNC_WORDS, barrier, check_in, checked_in
 from kernels.cpu_threads import POOL_THREADS
 from kernels.few_token_gemm import GEMV_MAX_TOKENS, gemv_item_count, gemv_items
 from kernels.interface import Array
+from kernels.model_wrapper import ModelWrapper
 
 MAX_SEQUENCES = GEMV_MAX_TOKENS    # more, and the few-token GEMM (not the GEMV) is the faster kernel
 assert MAX_SEQUENCES <= bf16_gemv.MOST_ROWS     # a region's bf16-weights step is one the op-by-op path reads bf16
@@ -183,17 +184,13 @@ def _program(head_dim: int, group: int, block_tokens: int, kv_heads: int):
     return decode_step
 
 
-class CpuDecodeModel:
+class CpuDecodeModel(ModelWrapper):
     """A model whose decode steps of up to `MAX_SEQUENCES` sequences run as one parallel region;
     everything else is the wrapped model's (`models.llama.LlamaModel` on `CpuKernels`)."""
 
     def __init__(self, model: Any):
-        self.model = model
+        super().__init__(model)
         self._weights: tuple | None = None     # the typed lists, once every weight is resident
-
-    def __getattr__(self, name: str) -> Any:
-        # config, kernels, weights: the wrapped model's (only called for names not found here)
-        return getattr(self.__dict__["model"], name)
 
     def forward(self, step: Any, k_cache: Array, v_cache: Array,
                 observe: Callable[[str, Array], None] | None = None) -> Array:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Hashable
 import numba
 
 from kernels.interface import Array
+from kernels.model_wrapper import ModelWrapper
 
 PROBE_INTERVAL = 32        # steps of a kind between tries of a count that is not the fastest
 MAX_PROBE_INTERVAL = 1024  # ...doubling after each try it loses, up to this
@@ -139,17 +140,13 @@ def step_kind(step: Any) -> tuple[Hashable, int]:
     return ("decode", len(step.context_lens).bit_length()), 1
 
 
-class ThreadTunedModel:
+class ThreadTunedModel(ModelWrapper):
     """A CPU model whose every step runs on the thread count that `ThreadCountTuner` finds fastest
     for it now; everything else is the wrapped model's."""
 
     def __init__(self, model: Any):
-        self.model = model
+        super().__init__(model)
         self.tuner = ThreadCountTuner()
-
-    def __getattr__(self, name: str) -> Any:
-        # config, kernels, weights: the wrapped model's (only called for names not found here)
-        return getattr(self.__dict__["model"], name)
 
     def forward(self, step: Any, k_cache: Array, v_cache: Array,
                 observe: Callable[[str, Array], None] | None = None) -> Array:

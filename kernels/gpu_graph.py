@@ -34,6 +34,7 @@ import numpy as np
 
 from kernels.gpu import GEMV_MAX_ROWS
 from kernels.interface import Array
+from kernels.model_wrapper import ModelWrapper
 
 MAX_BATCH = GEMV_MAX_ROWS  # above it `linear` would call cuBLAS, which capture refuses
 MIN_TABLE_WIDTH = 8
@@ -86,23 +87,19 @@ class _DecodeGraph:
     logits: cupy.ndarray  # [Bb, V], rewritten by every replay
 
 
-class GraphedDecodeModel:
+class GraphedDecodeModel(ModelWrapper):
     """A model whose decode steps replay CUDA graphs; everything else is the wrapped model's."""
 
     def __init__(self, model: Any, max_batch: int = MAX_BATCH):
         if max_batch > MAX_BATCH:
             raise ValueError(f"decode steps of more than {MAX_BATCH} sequences cannot be captured")
-        self.model = model
+        super().__init__(model)
         self.max_batch = max_batch
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._cache_addresses: tuple[int, int] | None = None
         self._pool = cupy.cuda.MemoryPool()
         with model.kernels.device:
             self._stream = cupy.cuda.Stream()
-
-    def __getattr__(self, name: str) -> Any:
-        # config, kernels, weights: the wrapped model's (only called for names not found here)
-        return getattr(self.__dict__["model"], name)
 
     @property
     def num_graphs(self) -> int:

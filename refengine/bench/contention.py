@@ -23,6 +23,7 @@ import numpy as np
 
 from kernels.cpu_threads import ThreadTunedModel, candidate_counts
 from refengine.bench import steps
+from refengine.bench.report import markdown_table
 
 TUNED = "tuned"
 
@@ -113,7 +114,6 @@ def run(model: Any, busy_counts: tuple[int, ...], cases: tuple[Case, ...], num_s
 
 def report(results: dict[tuple[int, Case, str], float], num_steps: int, rounds: int) -> str:
     """One row per (busy processes, case): tokens/s per policy, and the tuner against the best fixed count."""
-    from refengine.bench.report import markdown_table
     names = policies()
     rows = []
     for busy, case in dict.fromkeys((b, c) for b, c, _ in results):

@@ -21,7 +21,6 @@ class Machine:
 
     def __init__(self, times: dict[int, float]):
         self.times = dict(times)
-        self.used: list[int] = []
 
     def run(self, tuner: ThreadCountTuner, steps: int, threads: int = 2) -> list[int]:
         used = []
@@ -29,7 +28,6 @@ class Machine:
             n = tuner.choose(KIND, threads)
             tuner.record(KIND, threads, n, self.times[n])
             used.append(n)
-        self.used += used
         return used
 
 
