@@ -6,11 +6,21 @@ GIL, so Python threads keep several reads in flight. O_DIRECT needs the buffer a
 offset and the length aligned to the device's block; the buffer here is page-aligned and the packed
 checkpoint pads every chunk to `ALIGN`. Where the file system refuses O_DIRECT (EINVAL on open or on a
 read) the reader falls back to ordinary reads for good and says so in `direct`.
+
+A fresh buffer has no pages yet: a direct read first has the kernel map and zero the pages it will
+fill, with no I/O in flight for that reader meanwhile. So `read_chunks` faults the chunks' pages in
+on a thread of its own, running ahead of the readers in file order (`fault_in_ahead`). Measured on
+the Zen 3 VM (2026-12-07, 538 MB from a dropped page cache, 4 readers, median of 9): 0.251 s into a
+fresh buffer, 0.221 s into one written before, 0.222 s fresh with the thread running ahead; each
+reader faulting its own chunk in just before reading it gave 0.246 s.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -18,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ALIGN = 4096
+MADV_POPULATE_WRITE = 23   # Linux 5.14+: map a range's pages for writing in one call
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -84,11 +95,34 @@ def read_chunks(reader: FileReader, buffer: np.ndarray, chunks: Sequence[tuple[i
     """Read each (offset, nbytes) chunk of the file into the same bytes of `buffer` on `pool`, in
     order of submission (so the file is read front to back by the pool's threads together), then
     call `on_chunk(i)` on the reading thread. One future per chunk."""
+    fault_in_ahead(buffer, chunks)
+
     def read(i: int, offset: int, nbytes: int) -> None:
         reader.read_into(buffer[offset:offset + nbytes], offset)
         on_chunk(i)
 
     return [pool.submit(read, i, offset, nbytes) for i, (offset, nbytes) in enumerate(chunks)]
+
+
+def fault_in_ahead(buffer: np.ndarray, chunks: Sequence[tuple[int, int]]) -> threading.Thread | None:
+    """Map `buffer`'s pages for each (offset, nbytes) chunk in turn, on a daemon thread (the call
+    releases the GIL), so that readers find them ready. Best effort: where the call is missing or
+    refused (not Linux, a kernel before 5.14, a buffer not page-aligned), the thread stops and the
+    reads fault their own pages in. None where there is nothing to try."""
+    if not sys.platform.startswith("linux") or not chunks:
+        return None
+    address = buffer.ctypes.data
+
+    def fault_in() -> None:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for offset, nbytes in chunks:
+            if madvise(address + offset, nbytes, MADV_POPULATE_WRITE) != 0:
+                return
+
+    thread = threading.Thread(target=fault_in, name="fault-in-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 def _open_direct(path: Path) -> int | None:

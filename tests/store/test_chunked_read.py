@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refengine.store.chunked_read import ALIGN, FileReader, aligned_empty, drop_page_cache, read_chunks
+from refengine.store.chunked_read import (ALIGN, FileReader, aligned_empty, drop_page_cache, fault_in_ahead,
+                                          read_chunks)
 
 SIZE = 5 * ALIGN * 16 + 3 * ALIGN + 123     # the last chunk neither full nor block-aligned
 
@@ -98,3 +100,32 @@ def test_reading_past_the_end_says_where(data_file) -> None:
 def test_page_cache_can_be_dropped(data_file) -> None:
     path, _ = data_file
     assert drop_page_cache(path)
+
+
+def resident_anonymous_bytes() -> int:
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("RssAnon:"))
+    return int(kib) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are faulted in ahead on Linux only")
+def test_pages_are_faulted_in_ahead_of_the_reads() -> None:
+    nbytes = 64 << 20
+    buffer = aligned_empty(nbytes)      # fresh from the kernel: no page mapped yet
+    before = resident_anonymous_bytes()
+    thread = fault_in_ahead(buffer, [(offset, 16 << 20) for offset in range(0, nbytes, 16 << 20)])
+    thread.join(timeout=30)
+    assert resident_anonymous_bytes() - before > 0.9 * nbytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are faulted in ahead on Linux only")
+def test_faulting_in_a_buffer_the_call_refuses_stops_quietly(data_file) -> None:
+    """madvise wants a page-aligned start: the thread gives up and the reads still land every byte."""
+    path, data = data_file
+    buffer = aligned_empty(SIZE + 1)[1:]
+    thread = fault_in_ahead(buffer, [(0, SIZE)])
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    with FileReader(path) as reader:
+        read_all(reader, buffer, 16 * ALIGN)
+    assert buffer.tobytes() == data
