@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kernels.interface import Kernels
 from models.llama import LlamaModel
@@ -11,6 +12,9 @@ from refengine.engine.tokenizer import Tokenizer
 from refengine.store.cache import ModelFiles, is_prepared, model_files
 from refengine.store.model_store import ModelStore
 from refengine.store.prepare import prepare
+
+if TYPE_CHECKING:      # the CPU's modules import Numba: only a CPU model needs them
+    from kernels.cpu_threads import ThreadCountTuner
 
 
 @dataclass
@@ -40,7 +44,8 @@ def load_llama(files: ModelFiles, kernels: Kernels, execute_while_load: bool = F
     return with_fast_decode(load.model if execute_while_load else load.wait().model)
 
 
-def with_fast_decode(model: LlamaModel, tune_threads: bool = True) -> LlamaModel:
+def with_fast_decode(model: LlamaModel, tune_threads: bool = True,
+                     tuner: ThreadCountTuner | None = None) -> LlamaModel:
     """Small decode steps without a Python call per kernel, which at batch 1 cost more than the
     work between calls: on the CuPy backend they replay captured CUDA graphs (a step is ~350
     launches; 6x at batch 1 on an H200, docs/benchmarks_gpu.md), on the CPU backend they run as one
@@ -48,7 +53,7 @@ def with_fast_decode(model: LlamaModel, tune_threads: bool = True) -> LlamaModel
     large batches run op by op; the reference backend as it is. On the CPU every step also runs on
     the thread count found fastest for it lately (`kernels.cpu_threads`): fewer threads than cores
     while another process holds a core (unless not `tune_threads`: the latency profile measures the
-    quiet machine)."""
+    quiet machine), learning into `tuner` if given (one shared by the models one thread steps)."""
     name = getattr(model.kernels, "name", None)
     if name == "cuda":
         from kernels.gpu_graph import GraphedDecodeModel
@@ -56,7 +61,7 @@ def with_fast_decode(model: LlamaModel, tune_threads: bool = True) -> LlamaModel
     if name == "cpu":
         from kernels.cpu_decode_step import CpuDecodeModel
         from kernels.cpu_threads import ThreadTunedModel
-        return ThreadTunedModel(CpuDecodeModel(model)) if tune_threads else CpuDecodeModel(model)
+        return ThreadTunedModel(CpuDecodeModel(model), tuner) if tune_threads else CpuDecodeModel(model)
     return model
 
 

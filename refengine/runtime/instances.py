@@ -14,6 +14,7 @@ from contextlib import suppress
 from functools import partial
 from typing import Callable
 
+from kernels.cpu_threads import ThreadCountTuner
 from kernels.interface import Kernels
 from refengine.engine.instance import Instance
 from refengine.engine.loader import with_fast_decode
@@ -39,7 +40,8 @@ class LiveInstance:
 
     # ---- memory actions
     def load(self, store: ModelStore, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer,
-             submit: Callable[[Callable[[], None]], None], done: Callable[[float], None]) -> None:
+             tuner: ThreadCountTuner, submit: Callable[[Callable[[], None]], None],
+             done: Callable[[float], None]) -> None:
         """Carry out a `Load` without holding the device, as SLINFER's separate loading queue
         assumes. `submit(job)` runs a job on the device's thread: one starts the load, another
         builds the engine once the bytes are in (milliseconds each), and other instances step in
@@ -61,7 +63,7 @@ class LiveInstance:
             submit(partial(finish, started))
 
         def finish(started: float) -> None:
-            self.finish_load(tokenizer)
+            self.finish_load(tokenizer, tuner)
             done(time.perf_counter() - started)
 
         submit(begin)
@@ -73,10 +75,10 @@ class LiveInstance:
         self._lease = store.load(files, kernels, self.node)
         return self._lease.load
 
-    def finish_load(self, tokenizer: Tokenizer) -> None:
+    def finish_load(self, tokenizer: Tokenizer, tuner: ThreadCountTuner) -> None:
         """The weights are in: build the engine and attach the requests that waited. A failed load
         raises its error here, on the device's thread, where it fails the instance."""
-        model = with_fast_decode(self._lease.load.wait().model)
+        model = with_fast_decode(self._lease.load.wait().model, tuner=tuner)
         self.engine = Instance(model, num_blocks=self._kv_blocks, fixed_pool=False,
                                new_detokenizer=partial(IncrementalDecoder, tokenizer))
         for _, apply in self._before_load:

@@ -32,6 +32,7 @@ from functools import partial
 from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
+from kernels.cpu_threads import ThreadCountTuner
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
@@ -59,6 +60,9 @@ class LiveRuntime:
         self._instances: dict[str, LiveInstance] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._workers = {device.name: DeviceWorker(device) for device in options.devices}
+        # what each device's worker has learnt of CPU thread counts, per weights: a new instance of a
+        # model there starts from it instead of trying every count again (`kernels.cpu_threads`)
+        self._thread_tuners: dict[tuple[str, str], ThreadCountTuner] = {}
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -326,7 +330,8 @@ class LiveRuntime:
 
     def _load(self, inst: LiveInstance, load: act.Load) -> None:
         kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
-        inst.load(self.store, self._files[inst.weights], kernels, self._tokenizers[inst.weights],
+        tuner = self._thread_tuners.setdefault((inst.node, inst.weights), ThreadCountTuner())
+        inst.load(self.store, self._files[inst.weights], kernels, self._tokenizers[inst.weights], tuner,
                   submit=partial(self._submit, inst),
                   done=lambda seconds: self._post(self._memory_done, inst, load, {}, seconds))
 

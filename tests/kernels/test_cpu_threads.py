@@ -2,6 +2,8 @@
 and the model wrapper that applies it (same logits, the caller's thread count restored)."""
 from __future__ import annotations
 
+import time
+
 import numba
 import numpy as np
 import pytest
@@ -140,6 +142,30 @@ def test_a_failing_step_still_restores_the_thread_count():
         with pytest.raises(ValueError, match="bad step"):
             wrapped.forward(decode_step(TINY, 1, 10, np.random.default_rng(3)), None, None)
         assert numba.get_num_threads() == threads
+
+
+@pytest.mark.skipif(numba.get_num_threads() < 2, reason="needs at least 2 Numba threads to choose from")
+def test_a_model_on_a_shared_tuner_starts_from_what_it_learnt():
+    """The live runtime keeps one tuner per device and weights: a new instance's model runs its first
+    step on the count found fastest, with no warm-up; a model with a tuner of its own starts on
+    every thread."""
+    seen = []
+
+    class BesideABusyProcess:           # one thread is the faster here
+        def forward(self, *args):
+            seen.append(numba.get_num_threads())
+            time.sleep(0.001 if seen[-1] == 1 else 0.010)
+
+    step = decode_step(TINY, 1, 10, np.random.default_rng(4))
+    shared = ThreadCountTuner()
+    earlier = ThreadTunedModel(BesideABusyProcess(), shared)
+    for _ in range(6):
+        earlier.forward(step, None, None)
+    assert seen[-2:] == [1, 1]
+    seen.clear()
+    ThreadTunedModel(BesideABusyProcess(), shared).forward(step, None, None)
+    ThreadTunedModel(BesideABusyProcess()).forward(step, None, None)
+    assert seen == [1, numba.get_num_threads()]
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs a Numba pool of at least 2 threads")

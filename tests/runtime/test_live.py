@@ -68,6 +68,37 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
 
 
+def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(model_home, monkeypatch):
+    """Scaled to zero and started again, a model's new instance starts from what the device's earlier
+    instances of its weights learnt of thread counts, instead of trying every count again; so does
+    another model on the same weights (the same steps take the same time)."""
+    import refengine.runtime.instances as instances
+    tuners: list = []
+    real = instances.with_fast_decode
+
+    def spy(model, tuner=None):
+        tuners.append(tuner)
+        return real(model, tuner=tuner)
+
+    monkeypatch.setattr(instances, "with_fast_decode", spy)
+
+    async def scenario():
+        rt = runtime(model_home, replicas=1, keep_alive=0.3)
+        await rt.start()
+        try:
+            await collect(rt, "smollm2-135m-instruct", max_tokens=2)
+            await asyncio.sleep(1.0)                              # past the keep-alive: scaled to zero
+            await collect(rt, "smollm2-135m-instruct", max_tokens=2)
+            await collect(rt, "smollm2-135m-instruct-r1", max_tokens=2)
+            return rt.counters["cold_starts"]
+        finally:
+            await rt.stop()
+
+    assert asyncio.run(scenario()) == 3
+    first, again, replica = tuners
+    assert first is not None and again is first and replica is first
+
+
 def test_cancelled_stream_frees_its_blocks_and_the_runtime_keeps_serving(model_home):
     async def scenario():
         rt = runtime(model_home, keep_alive=5.0)
