@@ -116,7 +116,9 @@ def _warn_if_slower_than_the_slo(table: LatencyTable, slo: SloPolicy) -> None:
 
 
 def _profiled_model(store: ModelStore, files: ModelFiles, kernels, device: str) -> LlamaModel:
-    """The model to measure a latency table on. Its lease ends at once: the arrays keep their memory
-    for as long as the profile runs, and no other load competes for the host cache meanwhile."""
+    """The model to measure a latency table on, as serving runs it but without the thread tuner (as
+    in `profile.device_profile`: its tries of other counts would land in the table). Its lease ends
+    at once: the arrays keep their memory for as long as the profile runs, and no other load
+    competes for the host cache meanwhile."""
     with store.load(files, kernels, device) as lease:
-        return with_fast_decode(lease.load.wait().model)
+        return with_fast_decode(lease.load.wait().model, tune_threads=False)
