@@ -87,7 +87,10 @@ def _runners(engine: str, options: Options) -> tuple[Callable[[int, int], float]
             model = GraphedDecodeModel(model)
         elif not engine.startswith("refengine cuda"):
             from refengine.engine.loader import with_fast_decode
-            model = with_fast_decode(model)      # as `load_model` serves it: small decode steps in one region
+            # as serving runs it (small decode steps in one region) on a quiet machine, where the
+            # thread tuner keeps every thread once it has tried fewer: its tries are left out, as they
+            # would be two of a prefill's three timed runs (`bench contention` measures the tuner)
+            model = with_fast_decode(model, tune_threads=False)
         return (lambda b, c: steps.decode_tokens_per_s(model, b, c, options.repeats),
                 lambda n: steps.prefill_tokens_per_s(model, n))
     if engine.startswith("llama.cpp"):
