@@ -111,13 +111,12 @@ def fault_in_ahead(buffer: np.ndarray, chunks: Sequence[tuple[int, int]]) -> thr
     reads fault their own pages in. None where there is nothing to try."""
     if not sys.platform.startswith("linux") or not chunks:
         return None
-    address = buffer.ctypes.data
 
-    def fault_in() -> None:
+    def fault_in() -> None:      # holds `buffer`, so its memory stays mapped until the thread ends
         madvise = ctypes.CDLL(None, use_errno=True).madvise
         madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         for offset, nbytes in chunks:
-            if madvise(address + offset, nbytes, MADV_POPULATE_WRITE) != 0:
+            if madvise(buffer.ctypes.data + offset, nbytes, MADV_POPULATE_WRITE) != 0:
                 return
 
     thread = threading.Thread(target=fault_in, name="fault-in-ahead", daemon=True)

@@ -85,6 +85,19 @@ def test_llama_cpp_engines_run_the_gguf_of_their_precision(monkeypatch, tmp_path
     assert asked == ["f32", "f16"]                                  # the shipped file serves Q4_1
 
 
+def test_our_cpu_engine_is_measured_as_served_on_a_quiet_machine(monkeypatch):
+    """Small decode steps in one region, and no thread tuner: its first tries of one thread were two
+    of a prefill case's three timed runs, and the median measured them (12-07)."""
+    from kernels.cpu_decode_step import CpuDecodeModel
+    from models.random_weights import TINY, random_tensors
+    monkeypatch.setattr(side_by_side, "_weights", lambda options: (TINY, random_tensors(TINY, seed=1), None))
+    measured = []
+    monkeypatch.setattr(steps, "prefill_tokens_per_s", lambda model, n: measured.append(model) or 1.0)
+    _, prefill = side_by_side._runners("refengine cpu fp32", side_by_side.Options("cpu", False))
+    prefill(128)
+    assert type(measured[0]) is CpuDecodeModel
+
+
 def test_stolen_cpu_time_is_read_from_proc_stat(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 5 20 900 3 1 4 30 0 0\ncpu0 50 2 10 450 1 0 2 15 0 0\n")
