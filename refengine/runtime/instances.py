@@ -12,9 +12,8 @@ import threading
 import time
 from contextlib import suppress
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from kernels.cpu_threads import ThreadCountTuner
 from kernels.interface import Kernels
 from refengine.engine.instance import Instance
 from refengine.engine.loader import with_fast_decode
@@ -25,6 +24,9 @@ from refengine.runtime.api import InstanceInfo
 from refengine.store.cache import ModelFiles
 from refengine.store.model_load import ModelLoad
 from refengine.store.model_store import Lease, ModelStore
+
+if TYPE_CHECKING:
+    from kernels.cpu_threads import ThreadCountTuner
 
 
 class LiveInstance:
@@ -40,7 +42,7 @@ class LiveInstance:
 
     # ---- memory actions
     def load(self, store: ModelStore, files: ModelFiles, kernels: Kernels, tokenizer: Tokenizer,
-             tuner: ThreadCountTuner, submit: Callable[[Callable[[], None]], None],
+             tuner: ThreadCountTuner | None, submit: Callable[[Callable[[], None]], None],
              done: Callable[[float], None]) -> None:
         """Carry out a `Load` without holding the device, as SLINFER's separate loading queue
         assumes. `submit(job)` runs a job on the device's thread: one starts the load, another
@@ -75,7 +77,7 @@ class LiveInstance:
         self._lease = store.load(files, kernels, self.node)
         return self._lease.load
 
-    def finish_load(self, tokenizer: Tokenizer, tuner: ThreadCountTuner) -> None:
+    def finish_load(self, tokenizer: Tokenizer, tuner: ThreadCountTuner | None) -> None:
         """The weights are in: build the engine and attach the requests that waited. A failed load
         raises its error here, on the device's thread, where it fails the instance."""
         model = with_fast_decode(self._lease.load.wait().model, tuner=tuner)

@@ -29,10 +29,9 @@ import itertools
 import logging
 import time
 from functools import partial
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
-from kernels.cpu_threads import ThreadCountTuner
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
@@ -48,6 +47,9 @@ from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, Reques
                               Tick)
 from scheduler.memory import optimistic_budget
 
+if TYPE_CHECKING:
+    from kernels.cpu_threads import ThreadCountTuner
+
 log = logging.getLogger("refengine.runtime")
 
 
@@ -60,7 +62,7 @@ class LiveRuntime:
         self._instances: dict[str, LiveInstance] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._workers = {device.name: DeviceWorker(device) for device in options.devices}
-        # what each device's worker has learnt of CPU thread counts, per weights: a new instance of a
+        # what each CPU device's worker has learnt of thread counts, per weights: a new instance of a
         # model there starts from it instead of trying every count again (`kernels.cpu_threads`)
         self._thread_tuners: dict[tuple[str, str], ThreadCountTuner] = {}
         self._ids = itertools.count()
@@ -330,7 +332,10 @@ class LiveRuntime:
 
     def _load(self, inst: LiveInstance, load: act.Load) -> None:
         kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
-        tuner = self._thread_tuners.setdefault((inst.node, inst.weights), ThreadCountTuner())
+        tuner = None
+        if kernels.name == "cpu":          # the Numba backend; other backends do not import Numba
+            from kernels.cpu_threads import ThreadCountTuner
+            tuner = self._thread_tuners.setdefault((inst.node, inst.weights), ThreadCountTuner())
         inst.load(self.store, self._files[inst.weights], kernels, self._tokenizers[inst.weights], tuner,
                   submit=partial(self._submit, inst),
                   done=lambda seconds: self._post(self._memory_done, inst, load, {}, seconds))

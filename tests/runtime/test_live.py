@@ -31,10 +31,11 @@ PROMPT = "The capital of France is"
 RELAXED = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=5.0)
 
 
-def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0, memory=4 << 30) -> LiveRuntime:
+def runtime(model_home, devices=("cpu:0",), replicas=1, keep_alive=1.0, memory=4 << 30,
+            backend="reference") -> LiveRuntime:
     return LiveRuntime(RuntimeOptions(Catalogue.default(replicas=replicas),
                                       [DeviceSpec(d, memory) for d in devices], keep_alive_s=keep_alive,
-                                      backend="reference", home=model_home, profile_grid=QUICK_GRID,
+                                      backend=backend, home=model_home, profile_grid=QUICK_GRID,
                                       slo=RELAXED))
 
 
@@ -68,11 +69,14 @@ def test_two_models_at_once_match_offline_greedy_then_scale_to_zero(model_home, 
     assert status.instances == [] and all(v == 0 for v in status.device_memory_actual.values())
 
 
-def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(model_home, monkeypatch):
-    """Scaled to zero and started again, a model's new instance starts from what the device's earlier
-    instances of its weights learnt of thread counts, instead of trying every count again; so does
-    another model on the same weights (the same steps take the same time)."""
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(model_home, monkeypatch, backend):
+    """On the Numba CPU backend: scaled to zero and started again, a model's new instance starts from
+    what the device's earlier instances of its weights learnt of thread counts, instead of trying
+    every count again; so does another model on the same weights (the same steps take the same time).
+    Other backends get none (nor import Numba for it)."""
     import refengine.runtime.instances as instances
+    from kernels.cpu_threads import ThreadCountTuner
     tuners: list = []
     real = instances.with_fast_decode
 
@@ -83,7 +87,7 @@ def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(mode
     monkeypatch.setattr(instances, "with_fast_decode", spy)
 
     async def scenario():
-        rt = runtime(model_home, replicas=1, keep_alive=0.3)
+        rt = runtime(model_home, replicas=1, keep_alive=0.3, backend=backend)
         await rt.start()
         try:
             await collect(rt, "smollm2-135m-instruct", max_tokens=2)
@@ -96,7 +100,10 @@ def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(mode
 
     assert asyncio.run(scenario()) == 3
     first, again, replica = tuners
-    assert first is not None and again is first and replica is first
+    if backend == "cpu":
+        assert isinstance(first, ThreadCountTuner) and again is first and replica is first
+    else:
+        assert tuners == [None, None, None]
 
 
 def test_cancelled_stream_frees_its_blocks_and_the_runtime_keeps_serving(model_home):
