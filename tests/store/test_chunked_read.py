@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +112,8 @@ def resident_anonymous_bytes() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are faulted in ahead on Linux only")
 def test_pages_are_faulted_in_ahead_of_the_reads() -> None:
     nbytes = 64 << 20
-    buffer = aligned_empty(nbytes)      # fresh from the kernel: no page mapped yet
+    # fresh from the kernel, no page mapped yet (the heap may hold resident memory it reuses)
+    buffer = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
     before = resident_anonymous_bytes()
     thread = fault_in_ahead(buffer, [(offset, 16 << 20) for offset in range(0, nbytes, 16 << 20)])
     thread.join(timeout=30)
