@@ -16,8 +16,10 @@ first right away, then after `PROBE_INTERVAL` steps of that kind, and a neighbou
 waits twice as long before its next try (up to `MAX_PROBE_INTERVAL` steps). When a neighbour takes
 over as fastest, every interval starts again, and its own other neighbour is tried next. So the
 tuner walks down from all the threads only as far as fewer keep winning: on 16 cores with one busy
-neighbour it need not ever run a step on one thread. The first run of each count for each kind is
-not counted: it may include a compile or a cold model's wait for its weights.
+neighbour it need not ever run a step on one thread. The first step of each kind is not counted:
+it may include a compile or a cold model's wait for its weights. A count's first run after that
+is: changing the count compiles nothing (the kernels take it as an argument, and Numba's pool
+started every thread at its first parallel call), so each count costs one try, not two.
 
 Numba's `set_num_threads` applies to the calling thread only, so a device's worker thread can
 change it per step without touching other threads. The one-region decode step runs one part per
@@ -57,7 +59,6 @@ def candidate_counts(threads: int) -> tuple[int, ...]:
 @dataclass
 class _Count:
     """What is known of one thread count for one kind of step."""
-    warmed_up: bool = False
     times: deque = field(default_factory=lambda: deque(maxlen=RECENT_TIMES))   # seconds per unit of work
     interval: int = PROBE_INTERVAL
     next_try: int = 0      # the step of this kind from which it is tried again
@@ -70,6 +71,7 @@ class _Count:
 @dataclass
 class _Kind:
     counts: dict[int, _Count]
+    warmed_up: bool = False       # its first step ran (and was not counted)
     steps: int = 0
     trying: int | None = None     # the count being tried again in this kind's current step
 
@@ -109,8 +111,8 @@ class ThreadCountTuner:
         state = self._kinds[(kind, threads)]
         state.steps += 1
         count = state.counts[used]
-        if not count.warmed_up:
-            count.warmed_up = True
+        if not state.warmed_up:
+            state.warmed_up = True
             return
         if state.trying == used:
             previous_best, first_time = state.fastest, not count.times
@@ -148,9 +150,9 @@ class ThreadTunedModel(ModelWrapper):
     `tuner` is what the model learns into, by default its own. Given one that earlier models of the
     same weights filled on the same thread, a new instance (a cold start after scale-to-zero) runs
     its first steps on the counts they found fastest, instead of trying every count again. On the
-    quiet 2-core Zen 3 VM such a try ran two steps of each kind on one thread: two prefills of 100
-    tokens at 310 ms against 175, two batch-1 decode steps at 29.5 ms against 20 (in-process, median
-    of 5, 2026-12-07)."""
+    quiet 2-core Zen 3 VM such a try runs one step of each kind on one thread: a prefill of 100
+    tokens at ~1.7x its time (424-440 ms against 250), a batch-1 decode step at ~1.6x (34 ms against
+    21; in-process, median of 5, 2026-12-07)."""
 
     def __init__(self, model: Any, tuner: ThreadCountTuner | None = None):
         super().__init__(model)
