@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import numba
 import numpy as np
 
-from kernels.cpu_threads import ThreadTunedModel, candidate_counts
+from kernels.cpu_threads import ThreadTunedModel
+from kernels.thread_tuner import candidate_counts
 from refengine.bench import steps
 from refengine.bench.report import markdown_table
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kernels.interface import Kernels
+from kernels.thread_tuner import ThreadCountTuner
 from models.llama import LlamaModel
 from refengine.engine.tokenizer import Tokenizer
 from refengine.store.cache import ModelFiles, is_prepared, model_files
 from refengine.store.model_store import ModelStore
 from refengine.store.prepare import prepare
-
-if TYPE_CHECKING:      # the CPU's modules import Numba: only a CPU model needs them
-    from kernels.cpu_threads import ThreadCountTuner
 
 
 @dataclass

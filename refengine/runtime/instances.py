@@ -12,9 +12,10 @@ import threading
 import time
 from contextlib import suppress
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from kernels.interface import Kernels
+from kernels.thread_tuner import ThreadCountTuner
 from refengine.engine.instance import Instance
 from refengine.engine.loader import with_fast_decode
 from refengine.engine.sequence import SamplingParams, SequenceState
@@ -24,9 +25,6 @@ from refengine.runtime.api import InstanceInfo
 from refengine.store.cache import ModelFiles
 from refengine.store.model_load import ModelLoad
 from refengine.store.model_store import Lease, ModelStore
-
-if TYPE_CHECKING:
-    from kernels.cpu_threads import ThreadCountTuner
 
 
 class LiveInstance:

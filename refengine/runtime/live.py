@@ -29,9 +29,10 @@ import itertools
 import logging
 import time
 from functools import partial
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from kernels import backend_for_device, get_kernels
+from kernels.thread_tuner import ThreadCountTuner
 from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
@@ -46,9 +47,6 @@ from scheduler.core import Scheduler
 from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
                               Tick)
 from scheduler.memory import optimistic_budget
-
-if TYPE_CHECKING:
-    from kernels.cpu_threads import ThreadCountTuner
 
 log = logging.getLogger("refengine.runtime")
 
@@ -332,10 +330,8 @@ class LiveRuntime:
 
     def _load(self, inst: LiveInstance, load: act.Load) -> None:
         kernels = get_kernels(backend_for_device(inst.node, self.options.backend), inst.node)
-        tuner = None
-        if kernels.name == "cpu":          # the Numba backend; other backends do not import Numba
-            from kernels.cpu_threads import ThreadCountTuner
-            tuner = self._thread_tuners.setdefault((inst.node, inst.weights), ThreadCountTuner())
+        tuner = (self._thread_tuners.setdefault((inst.node, inst.weights), ThreadCountTuner())
+                 if kernels.name == "cpu" else None)      # only the Numba backend sets thread counts
         inst.load(self.store, self._files[inst.weights], kernels, self._tokenizers[inst.weights], tuner,
                   submit=partial(self._submit, inst),
                   done=lambda seconds: self._post(self._memory_done, inst, load, {}, seconds))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kernels.cpu import CpuKernels
-from kernels.cpu_threads import MAX_PROBE_INTERVAL, PROBE_INTERVAL, ThreadCountTuner, ThreadTunedModel, \
-    candidate_counts, step_kind
+from kernels.cpu_threads import ThreadTunedModel, step_kind
+from kernels.thread_tuner import MAX_PROBE_INTERVAL, PROBE_INTERVAL, ThreadCountTuner, candidate_counts
 from models.llama import LlamaModel, LlamaWeights
 from models.random_weights import TINY, random_tensors
 from refengine.bench.steps import decode_step, prefill_step, random_cache

@@ -76,7 +76,7 @@ def test_a_model_s_instances_on_a_device_learn_thread_counts_into_one_tuner(mode
     every count again; so does another model on the same weights (the same steps take the same time).
     Other backends get none (nor import Numba for it)."""
     import refengine.runtime.instances as instances
-    from kernels.cpu_threads import ThreadCountTuner
+    from kernels.thread_tuner import ThreadCountTuner
     tuners: list = []
     real = instances.with_fast_decode
 
