@@ -1,13 +1,11 @@
 """The decode step as one parallel region (`kernels.cpu_decode_step`) against the op-by-op forward
 it replaces, and the barrier its threads meet at (`kernels.cpu_sync`).
 
-Both paths run the same helpers in the same order; on the Zen 3 VM their logits and caches are
-bit-identical in almost every process. Not always: the same cached machine code for decode
-attention over 201 keys, on the same inputs, gave results up to 3e-8 apart in different processes,
-and in one process when its inputs sat elsewhere in memory (no out-of-bounds read: NaN guards
-around them change nothing). Likely LLVM's runtime alias checks picking a loop's vector or scalar
-version by address, which sums in another order. Through the layers that reached ~2e-6 and failed
-an exact comparison of the V cache once. The tolerance below (1e-5) covers that and LLVM
+Both paths run the same helpers in the same order, so in a process where both were compiled, or
+both loaded from Numba's cache, their logits and caches are bit-identical. Where one was compiled
+here and the other loaded, they differ at the ulp level: a parallel kernel's cached code is not the
+code this process compiled (`test_cpu_reproducible`). Through the layers that reached ~2e-6 and
+failed an exact comparison of the V cache once. The tolerance below (1e-5) covers that and LLVM
 vectorising an inlined loop differently on another CPU."""
 from __future__ import annotations
 
