@@ -3,10 +3,10 @@
 Why: on a shared machine another process often holds a core. Then a step that splits its work
 across every core waits at each barrier and join for the thread that is not running. On the 2-core
 Zen 3 VM beside one busy process, one thread beat two on every kind of step (`bench contention`,
-docs/BENCHMARKS.md, 2026-12-07): batch-1 decode 30.1 against 21.1 tok/s, batch 8 119 against 50,
-prefill of 128 tokens 291 against 201. On the quiet machine two threads won by 1.5-1.6x. Load
+docs/BENCHMARKS.md, 2026-12-07): batch-1 decode 32.2 against 22.2 tok/s, batch 8 117 against 45,
+prefill of 128 tokens 327 against 206. On the quiet machine two threads won by 1.6-1.8x. Load
 averages and run-queue counts do not say which will win, so `ThreadCountTuner` measures it. With
-it, the same run got 1.4-2.3x the two-thread figures beside the busy process and 0.95-1.02x of them
+it, the same run got 1.45-2.5x the two-thread figures beside the busy process and 0.93-1.05x of them
 on the quiet machine.
 
 `ThreadCountTuner` (`kernels/thread_tuner.py`, pure logic) picks the count per kind of step

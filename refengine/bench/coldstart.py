@@ -5,6 +5,8 @@ without execute-while-load, beside the same request on a model loaded from safet
 model already in place (the floor)."""
 from __future__ import annotations
 
+import time
+
 from kernels.interface import Kernels
 from models.llama import LlamaModel
 from refengine.bench.load_bench import Case, safetensors_model
@@ -25,13 +27,16 @@ def first_token(model: LlamaModel, prompt: list[int]) -> None:
 
 
 def store_case(store: ModelStore, files: ModelFiles, kernels: Kernels, device: str, prompt: list[int],
-               execute_while_load: bool, from_host: bool) -> Case:
-    """From asking the store for the model to its first token, with the model cold in the given tier."""
+               execute_while_load: bool, from_host: bool, after_load: list[float]) -> Case:
+    """From asking the store for the model to its first token, with the model cold in the given tier.
+    Each run appends to `after_load` how long the first token came after the last weight was
+    resident: the part of the prefill the load did not hide."""
     def request() -> None:
         with store.load(files, kernels, device) as lease:
             if not execute_while_load:
                 lease.load.wait()
             first_token(lease.model, prompt)
+            after_load.append(time.perf_counter() - lease.load.wait().finished)
 
     def make_cold() -> None:
         if not from_host:
