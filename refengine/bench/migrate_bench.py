@@ -40,7 +40,10 @@ PINNED_TABLE = {"format": FORMAT, "unit": "s",
                 "source": "pinned so that placement follows from batch sizes alone",
                 "prefill": {"tokens": [1, 100_000], "latency": [0.001, 100.0]},
                 "decode": [{"context": 100_000, "batch": [1, 64], "latency": [0.1, 6.4]}]}
-MAX_TOKENS = 96      # the moved request's output: long enough to migrate mid-stream
+# The moved request's output: it must outlast the rebuild, or it ends at the source before the
+# hand-over. On 2 cores the rebuild of 1,024 tokens takes ~2.2 s while the source streams a token
+# every 25-40 ms: with 96 tokens (enough at 12-04's 47 ms) the 12-07 run was not moved at 1,024.
+MAX_TOKENS = 256
 PINNED_SLO = SloPolicy(ttft_floor=60.0, ttft_cap=60.0, tpot=0.4)
 MOVED, BURST = f"{DEFAULT_MODEL}-r1", DEFAULT_MODEL
 TEXT = ("The river runs past the old mill, under the stone bridge and out across the meadows, where "
