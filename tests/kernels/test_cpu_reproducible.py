@@ -1,10 +1,10 @@
 """The CPU backend gives the same bits in every process that loads its kernels from Numba's cache.
 
 Why this is the guarantee, and not "the same bits in every process": a kernel with `parallel=True`
-that was compiled in this process and the same kernel loaded from the cache in another run
-different machine code. Measured on the Zen 3 VM (2026-12-07): decode attention over 201 keys gave
-outputs 3e-8 apart, compiling process against loading process; SmolLM2's shape through TINY's layers
-gave logits 2e-6 apart. A serial wrapper around the same attention code gave identical bits in both,
+gives other bits in the process that compiled it than in a process that loaded it from the
+cache. Measured on the Zen 3 VM (2026-12-07): decode attention over 201 keys gave outputs 3e-8
+apart, compiling process against loading process, and a decode step through TINY's layers gave
+logits 2e-6 apart. A serial wrapper around the same attention code gave identical bits in both,
 and so did every process that loaded from the cache. Our reading: Numba links a parallel kernel's
 loop body into its caller and optimises it again when the caller is cached, and with `reassoc`
 LLVM may then sum a reduction in another order (numba/numba#8085 describes that second optimisation
