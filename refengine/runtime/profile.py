@@ -14,6 +14,10 @@ guest: 30% of it on one VM here), and one stalled point is enough to make the sc
 every request: a batch-1 decode step profiled at 260 ms instead of ~50 failed the 250 ms TPOT SLO,
 so `serve` answered each request with 429. So each point is the median of REPEATS steps, and the
 table is made `stall_free` before it is used.
+
+`warm_up` runs the same kinds of step once, for `serve` to call at start-up whether its table was
+cached or not: it is what compiles the kernels, or loads them from Numba's cache, before a request
+waits for it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import logging
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 import numpy as np
@@ -120,6 +125,24 @@ def measure_table(model: LlamaModel, profile: str, hardware: str, grid: dict = F
     return LatencyTable.from_dict({
         "format": FORMAT, "profile": profile, "hardware": hardware, "unit": "ms", "source": _source(repeats),
         "prefill": {"tokens": list(grid["prefill"]), "latency": capped_prefill.tolist()}, "decode": rows})
+
+
+# What `warm_up` runs: a prompt below and one above the CPU's bf16 threshold (`CpuKernels.bf16_min_tokens`),
+# decode of one sequence (the one-region step / a CUDA graph) and of more than that path takes (op by op)
+WARM_UP_PREFILLS = (16, 128)
+WARM_UP_BATCHES = (1, 8)
+
+
+def warm_up(model: LlamaModel) -> float:
+    """Run each kind of step serving runs, once, and return the seconds it took. Serving calls it at
+    start-up, so that the first request does not pay for compiling the kernels (a cold Numba cache:
+    ~50 s on the Zen 3 VM) or loading them from the cache (~0.3 s)."""
+    started = time.perf_counter()
+    for tokens in WARM_UP_PREFILLS:
+        _prefill_latency(model, tokens, repeats=1)
+    for batch in WARM_UP_BATCHES:
+        _decode_latency(model, batch, context=16, repeats=1)
+    return time.perf_counter() - started
 
 
 def machine_of(device: str) -> str:

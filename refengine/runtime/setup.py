@@ -1,5 +1,6 @@
 """What a live runtime sets up before it serves, once: weights, tokenizers, the model store with its
-measured tier bandwidths, a latency table per (weights, hardware), and the scheduler.
+measured tier bandwidths, a latency table per (weights, hardware), kernels warmed up on each device,
+and the scheduler.
 
 It runs before the server accepts requests (`LiveRuntime.prepare`), so a damaged model cache is an
 error at start-up, and the first cold start finds its weights in the host cache.
@@ -19,7 +20,7 @@ from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.model_tiers import (HOST, TierReports, describe, host_allocator, measure_disk_to_host,
                                           measure_host_to_device)
 from refengine.runtime.options import RuntimeOptions, scheduler_config
-from refengine.runtime.profile import cached_table, machine_of
+from refengine.runtime.profile import cached_table, machine_of, warm_up
 from refengine.store.cache import ModelFiles, model_home
 from refengine.store.model_store import ModelStore
 from scheduler.core import Scheduler
@@ -48,7 +49,8 @@ class RuntimeSetup:
 
 def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
     """Prepare weights and load tokenizers; measure the tiers' bandwidths (filling the host cache);
-    profile each (weights, hardware); build the scheduler and tell it where each model is."""
+    profile each (weights, hardware) and warm its kernels up; build the scheduler and tell it where
+    each model is."""
     catalogue = options.catalogue
     files = {w: ensure_prepared(w, options.home) for w in catalogue.weights}
     copies_lm_head = options.backend == BF16_WEIGHTS
@@ -66,6 +68,9 @@ def set_up(options: RuntimeOptions, now: float) -> RuntimeSetup:
         for weights, f in files.items():
             tables.append(cached_table(partial(_profiled_model, store, f, kernels, device.name), weights, hardware,
                                        profiles, machine_of(device.name), options.profile_grid))
+            if kernels.name != "reference":      # numpy's kernels have nothing to compile
+                seconds = warm_up(_profiled_model(store, f, kernels, device.name))
+                log.info("%s: %s's kernels warmed up in %.1f s", device.name, weights, seconds)
         bandwidths = LoadBandwidths(disk_to_host, measure_host_to_device(store, files.values(), device, kernels))
         nodes.append(NodeSpec(device.name, device.kind, hardware, device.memory_bytes, host=HOST,
                               bandwidths=bandwidths, bf16_copies=keeps_bf16_copies(kernels)))
@@ -116,9 +121,9 @@ def _warn_if_slower_than_the_slo(table: LatencyTable, slo: SloPolicy) -> None:
 
 
 def _profiled_model(store: ModelStore, files: ModelFiles, kernels, device: str) -> LlamaModel:
-    """The model to measure a latency table on, as serving runs it but without the thread tuner (as
-    in `profile.device_profile`: its tries of other counts would land in the table). Its lease ends
-    at once: the arrays keep their memory for as long as the profile runs, and no other load
-    competes for the host cache meanwhile."""
+    """The model to measure a latency table on or warm the kernels up with, as serving runs it but
+    without the thread tuner (as in `profile.device_profile`: its tries of other counts would land
+    in the table). Its lease ends at once: the arrays keep their memory for as long as the profile
+    runs, and no other load competes for the host cache meanwhile."""
     with store.load(files, kernels, device) as lease:
         return with_fast_decode(lease.load.wait().model, tune_threads=False)

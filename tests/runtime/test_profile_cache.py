@@ -1,12 +1,16 @@
 """Latency tables are cached per machine: one measured on another machine or another way, or unreadable, is
-measured again; stalled points do not survive into a table."""
+measured again; stalled points do not survive into a table. The warm-up serving runs at start-up."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
-from refengine.runtime.profile import QUICK_GRID, SOURCE, cached_table, kernels_fingerprint, machine_of, stall_free
+from kernels.cpu import CpuKernels
+from kernels.cpu_decode_step import MAX_SEQUENCES
+from kernels.model_wrapper import ModelWrapper
+from refengine.runtime.profile import (QUICK_GRID, SOURCE, WARM_UP_BATCHES, WARM_UP_PREFILLS, cached_table,
+                                      kernels_fingerprint, machine_of, stall_free, warm_up)
 from scheduler.costmodel import profile_filename
 
 
@@ -116,3 +120,25 @@ def test_a_stalled_point_is_capped_and_reported(tiny_model, monkeypatch, caplog)
     assert table["prefill"]["latency"] == [20.0, 20.0]
     assert [row["latency"] for row in table["decode"]] == [[64.0, 256.0], [256.0, 1024.0]]
     assert "1 of 6 points stalled" in caplog.text
+
+
+class _StepRecorder(ModelWrapper):
+    """Records (prefill?, tokens, sequences) of every step it runs."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.steps = []
+
+    def forward(self, step, k_cache, v_cache, observe=None):
+        self.steps.append((step.is_prefill, len(step.token_ids), len(step.context_lens)))
+        return self.model.forward(step, k_cache, v_cache, observe)
+
+
+def test_warm_up_runs_every_kind_of_step_serving_runs(tiny_model):
+    """Prompts below and above the CPU's bf16 threshold, decode on the small-batch path and past it."""
+    recorder = _StepRecorder(tiny_model)
+    assert warm_up(recorder) > 0
+    prefills = {tokens for prefill, tokens, _ in recorder.steps if prefill}
+    batches = {sequences for prefill, _, sequences in recorder.steps if not prefill}
+    assert prefills == set(WARM_UP_PREFILLS) and min(WARM_UP_PREFILLS) < CpuKernels().bf16_min_tokens <= max(WARM_UP_PREFILLS)
+    assert batches == set(WARM_UP_BATCHES) and min(WARM_UP_BATCHES) <= MAX_SEQUENCES < max(WARM_UP_BATCHES)
