@@ -4,7 +4,7 @@ Events in, actions out: `Scheduler(models, nodes, cost, config).handle(event, no
 threads, arrays or I/O, so the simulator and the live runtime drive the same code. Module map:
 
 - `specs`       ModelSpec, NodeSpec, LoadBandwidths: what the scheduler is told at construction
-- `events`      RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed,
+- `events`      RequestArrived, StepFinished, HandedOver, MemoryDone, RequestCancelled, InstanceFailed,
                 ModelTierChanged, Tick
 - `actions`     Grant, Assign, CreateInstance, ReleaseInstance, Load, Unload, KvResize, Evict,
                 Migrate, HandOver, Drop, ColdStartGrace
@@ -35,7 +35,8 @@ Executor loop (the simulator in `refengine/sim/simulator.py` is a complete examp
             Load / Unload / KvResize / Evict -> do it now; then MemoryDone(action_id, seconds)
             Assign          -> queue the request on the instance (re-prefill resume_tokens too)
             Migrate         -> rebuild the request's KV on the destination (at its next prefill)
-            HandOver        -> move the request's stream from source to destination
+            HandOver        -> move the request's stream from source to destination; HandedOver
+                               if its catch-up made the request's next token
             Grant           -> run up to `iterations` steps of `kind`; StepFinished after each
             Drop            -> fail the request (it counts as an SLO miss)
             ColdStartGrace  -> note it for SLO accounting
@@ -47,15 +48,15 @@ from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, D
 from scheduler.config import PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
-from scheduler.events import (Event, InstanceFailed, MemoryDone, ModelTierChanged, RequestArrived,
-                              RequestCancelled, StepFinished, Tick)
+from scheduler.events import (Event, HandedOver, InstanceFailed, MemoryDone, ModelTierChanged,
+                              RequestArrived, RequestCancelled, StepFinished, Tick)
 from scheduler.slo import SloPolicy
 from scheduler.specs import LoadBandwidths, ModelSpec, NodeSpec
 
 __all__ = [
     "Action", "Assign", "ColdStartGrace", "CreateInstance", "CostModel", "Drop", "Event", "Evict",
-    "Grant", "HandOver", "InstanceFailed", "KvResize", "LatencyTable", "Load", "LoadBandwidths",
-    "MemoryDone", "Migrate", "ModelSpec", "ModelTierChanged", "NodeSpec", "PRESETS",
+    "Grant", "HandOver", "HandedOver", "InstanceFailed", "KvResize", "LatencyTable", "Load",
+    "LoadBandwidths", "MemoryDone", "Migrate", "ModelSpec", "ModelTierChanged", "NodeSpec", "PRESETS",
     "ReleaseInstance", "RequestArrived", "RequestCancelled", "Scheduler", "SchedulerConfig",
     "SloPolicy", "StepFinished", "Tick", "Unload", "load_table", "preset",
 ]

@@ -30,7 +30,8 @@ Frozen dataclasses of ids and numbers (JSON via `codec.py`). Semantics the execu
   source first).
 - `HandOver`: after the rebuild, with the source between grants: the request leaves the source
   (its KV freed there) and continues on the destination, which first takes in the tokens the
-  source produced since the rebuild. Carried out at once, like `Assign`; nothing answers it.
+  source produced since the rebuild, and may make its next token in that pass (`HandedOver`
+  reports the pass). Carried out at once, like `Assign`.
 - `ColdStartGrace`: informational, sent when the request's instance first becomes ready; the
   request waited for a cold start and its TTFT SLO is extended by `seconds` (§4.5 "cold-start
   fairness"): the estimated start-up, bounded by the actual wait (`lifecycle.py`).

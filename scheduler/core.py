@@ -21,15 +21,15 @@ from scheduler.admission import ShadowValidator
 from scheduler.config import SchedulerConfig
 from scheduler.costmodel import CostModel
 from scheduler.estimate import Estimator
-from scheduler.events import (Event, InstanceFailed, MemoryDone, ModelTierChanged, RequestArrived,
-                              RequestCancelled, StepFinished, Tick)
+from scheduler.events import (Event, HandedOver, InstanceFailed, MemoryDone, ModelTierChanged,
+                              RequestArrived, RequestCancelled, StepFinished, Tick)
 from scheduler.kv import OutputEstimator
 from scheduler.lifecycle import Lifecycle, Timers
 from scheduler.memory import MemoryOrchestrator
 from scheduler.placement import Placement
 from scheduler.specs import ModelSpec, NodeSpec
 from scheduler.startup import StartupEstimator
-from scheduler.state import MemoryOp, Node, Request
+from scheduler.state import Instance, MemoryOp, Node, Request
 from scheduler.tokensched import TokenScheduler
 
 
@@ -66,6 +66,8 @@ class Scheduler:
         self.life.touched.clear()
         if isinstance(event, StepFinished):
             self._step_finished(event, now)
+        elif isinstance(event, HandedOver):
+            self._handed_over(event, now)
         elif isinstance(event, MemoryDone):
             self._memory_done(event, now)
         elif isinstance(event, RequestArrived):
@@ -130,19 +132,47 @@ class Scheduler:
         else:
             self.life.enqueue(req, now)
 
+    def _ran(self, instance_id: str, elapsed: float, kv_blocks_used: int) -> Instance | None:
+        """`instance_id` computed for `elapsed` s and now holds `kv_blocks_used` blocks; None if
+        it is gone."""
+        inst = self.life.instances.get(instance_id)
+        if inst is not None:
+            inst.busy_time += elapsed
+            inst.kv_used = kv_blocks_used
+            self._touched.add(inst.node.id)
+        return inst
+
     def _step_finished(self, ev: StepFinished, now: float) -> None:
-        inst = self.life.instances.get(ev.instance)
+        inst = self._ran(ev.instance, ev.elapsed, ev.kv_blocks_used)
         if inst is None:
             return
-        inst.busy_time += ev.elapsed
-        inst.kv_used = ev.kv_blocks_used
         requests = self.life.requests
         if ev.kind == "decode" and ev.sequences:
             stepped = [requests[rid] for rid in ev.sequences if rid in requests]
             self.estimator.observe_decode(inst, len(stepped), sum(r.context for r in stepped),
                                           ev.elapsed)
+        self._tokens_made(inst, ev.sequences, ev.finished, now)
+        if ev.kind == "prefill":
+            self.life.rebuilt(inst)
+        if ev.grant_done and inst.node.grant_instance is inst:
+            self.tokens.release(inst.node)
+        self.life.guard_kv(inst, now)
+
+    def _handed_over(self, ev: HandedOver, now: float) -> None:
+        """The catch-up of a hand-over ran on the destination: like a step's, without a grant."""
+        inst = self._ran(ev.instance, ev.elapsed, ev.kv_blocks_used)
+        if inst is None:
+            return
+        self._tokens_made(inst, (ev.request_id,) if ev.produced else (),
+                          (ev.request_id,) if ev.finished else (), now)
+        self.life.guard_kv(inst, now)
+
+    def _tokens_made(self, inst: Instance, sequences: tuple[str, ...], finished: tuple[str, ...],
+                     now: float) -> None:
+        """`inst` made the next token of each of `sequences`; `finished` ended there."""
+        requests = self.life.requests
         inst.deadlines_changed()
-        for rid in ev.sequences:
+        for rid in sequences:
             req = requests.get(rid)
             if req is None:
                 continue
@@ -155,16 +185,10 @@ class Scheduler:
                     inst.mark_prefilled(req)
             elif req.instance is not None:
                 req.instance.deadlines_changed()
-        for rid in ev.finished:
+        for rid in finished:
             req = requests.get(rid)
             if req is not None:
                 self.life.finish(req, now)
-        if ev.kind == "prefill":
-            self.life.rebuilt(inst)
-        if ev.grant_done and inst.node.grant_instance is inst:
-            self.tokens.release(inst.node)
-        self.life.guard_kv(inst, now)
-        self._touched.add(inst.node.id)
 
     def _memory_done(self, ev: MemoryDone, now: float) -> None:
         inst = self.life.instances.get(ev.instance)

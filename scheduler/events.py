@@ -7,6 +7,7 @@ one, in time order, and carries out the returned actions.
 Invariants the executor keeps:
 - one `StepFinished` per engine iteration it ran under a grant; the last one of a grant says
   `grant_done=True` (it ran all granted iterations or had nothing left of the granted kind);
+- at most one `HandedOver` per `HandOver` action, after it was carried out;
 - one `MemoryDone` per `Load`/`Unload`/`KvResize`/`Evict` action, echoing its `action_id`, with
   the measured duration;
 - `RequestCancelled` only after the executor has already stopped the request itself;
@@ -61,6 +62,23 @@ class StepFinished:
 
 
 @dataclass(frozen=True)
+class HandedOver:
+    """`instance` took `request_id` over (the `HandOver` action) and prefilled the tokens its
+    source made since the rebuild; `produced`: that pass also made the request's next token (the
+    client's pause is one weight pass), and `finished`: the token ended it. `kv_blocks_used` and
+    `elapsed` as in `StepFinished`. It ran outside any grant. An executor whose hand-over makes no
+    token and costs nothing (the simulator takes the gap's KV in for free) need not send it.
+    """
+
+    instance: str
+    request_id: str
+    produced: bool
+    finished: bool
+    kv_blocks_used: int
+    elapsed: float
+
+
+@dataclass(frozen=True)
 class MemoryDone:
     """The memory action `action_id` on `instance` completed after `duration` seconds."""
 
@@ -110,5 +128,5 @@ class Tick:
     """Time passed; sent at (or after) `Scheduler.next_wakeup()` for timers."""
 
 
-Event = Union[RequestArrived, StepFinished, MemoryDone, RequestCancelled, InstanceFailed,
+Event = Union[RequestArrived, StepFinished, HandedOver, MemoryDone, RequestCancelled, InstanceFailed,
               ModelTierChanged, Tick]

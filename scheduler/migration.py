@@ -17,7 +17,8 @@ absorb a re-prefill):
   to be placed again): stall = rebuild, late by max(0, now + rebuild − deadline);
 - migrate: the stream continues at the source while the destination starts up (if it is still
   loading: its estimated start-up, `startup.py`; 0 when unknown) and rebuilds, then stops for the
-  catch-up prefill of the `gap` tokens produced meanwhile: stall = catch-up, late by max(0, now +
+  catch-up prefill of the `gap` tokens produced meanwhile, which also makes the next token (the
+  live engine samples it from that pass): stall = catch-up, late by max(0, now +
   start-up + rebuild + catch-up − (deadline + gap · TPOT)); plus the extra lateness of the
   preempting request, whose first token now waits for the slowest destination node to finish its
   start-ups and rebuilds (a new request's wait within its TTFT SLO is no stall: it has not started

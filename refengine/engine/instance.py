@@ -13,7 +13,8 @@ becomes waiting again: its next prefill recomputes prompt and output alike.
 Live migration moves a sequence between instances by its tokens (ServerlessLLM §4): `export` stops
 it here and returns its `SequenceState`; on the destination, `prefetch` has its KV rebuilt by
 prefill iterations while it still runs elsewhere (a *catching-up* sequence, never sampled), and
-`take_over` makes it the real sequence, decoding from the next step. `adopt` continues an exported
+`take_over` makes it the real sequence: it prefills the tokens the source made meanwhile and samples
+the next one from that same pass, then decodes on from the next step. `adopt` continues an exported
 sequence from scratch instead: its next prefill recomputes everything (re-placement after an
 eviction), as a preempted sequence's does.
 """
@@ -136,20 +137,30 @@ class Instance:
             seq = self.incoming[seq_id] = Sequence(seq_id, [], SamplingParams(), catching_up=True)
         seq.prompt_ids.extend(token_ids)
 
-    def take_over(self, seq_id: int, state: SequenceState) -> Sequence:
+    def take_over(self, seq_id: int, state: SequenceState) -> StepResult | None:
         """A migration's hand-over: the exported sequence continues here as the catching-up `seq_id`
-        (or from scratch if there is none), decoding from the next step. The tokens the source made
-        since the rebuild are prefilled now — the one pause the client sees — all but the newest,
-        which the next decode feeds to sample with the state's generator."""
+        (or from scratch if there is none), and decodes on from the next step. The tokens the source
+        made since the rebuild are prefilled now — the one pause the client sees — and that pass's
+        last logits give the next token (sampled with the state's generator), so the client waits
+        for one weight pass, not that one and a decode. Its result, as a prefill step's; None when
+        the rebuild already reached the newest token, which the next decode then feeds with the
+        other running sequences'."""
+        started = time.perf_counter()
         seq = self._continue(seq_id, state)
-        while seq.num_uncached_tokens > 1:
-            n = min(seq.num_uncached_tokens - 1, self.max_prefill_tokens)
+        if seq.num_uncached_tokens <= 1:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            return None
+        seq.status = SequenceStatus.WAITING     # a prompt part-cached: sampling makes it running
+        self.waiting.appendleft(seq)
+        while True:
+            n = min(seq.num_uncached_tokens, self.max_prefill_tokens)
             if not self.kv.reserve(seq, seq.num_cached_tokens + n):
                 raise RuntimeError(f"no KV blocks left to take over sequence {seq_id}")
-            self._forward([(seq, n)], StepKind.PREFILL)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
-        return seq
+            last = n == seq.num_uncached_tokens
+            caught_up = self._iterate([(seq, n)], StepKind.PREFILL, [], started)
+            if last:
+                return caught_up
 
     def adopt(self, seq_id: int, state: SequenceState) -> Sequence:
         """Continue an exported sequence here as `seq_id`, re-prefilled: its next prefill feeds every
@@ -181,6 +192,12 @@ class Instance:
         kind, scheduled, preempted = self._schedule(kind)
         if not scheduled:
             return None
+        return self._iterate(scheduled, kind, preempted, started)
+
+    def _iterate(self, scheduled: Scheduled, kind: StepKind, preempted: list[Sequence],
+                 started: float) -> StepResult:
+        """Run the model over what was scheduled, sample every sequence it left fully cached, and
+        report the iteration."""
         inputs, logits = self._forward(scheduled, kind)
         completed = [i for i, (seq, _) in enumerate(scheduled)
                      if seq.num_uncached_tokens == 0 and not seq.catching_up]

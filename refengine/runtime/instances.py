@@ -131,15 +131,23 @@ class LiveInstance:
         """A live migration's rebuild: a request's tokens to recompute its KV from, as `seq_id`."""
         self._apply(seq_id, request_id, lambda engine: engine.prefetch(seq_id, token_ids))
 
-    def take_over(self, seq_id: int, request_id: str, state: SequenceState) -> None:
-        """A live migration's hand-over: the request continues here from its rebuilt `seq_id`."""
-        self._apply(seq_id, request_id, lambda engine: engine.take_over(seq_id, state))
+    def take_over(self, seq_id: int, request_id: str, state: SequenceState) -> StepResult | None:
+        """A live migration's hand-over: the request continues here from its rebuilt `seq_id`; the
+        catch-up's result, if it made the request's next token (`Instance.take_over`). A hand-over
+        follows the rebuild, so the weights are in."""
+        if self.engine is None:
+            raise RuntimeError(f"{self.name} was handed {request_id} before its weights were loaded")
+        self._map(seq_id, request_id)
+        return self.engine.take_over(seq_id, state)
 
     def _apply(self, seq_id: int, request_id: str, apply: Callable[[Instance], object]) -> None:
         if self.engine is None:
             self._before_load.append((seq_id, apply))
         else:
             apply(self.engine)
+        self._map(seq_id, request_id)
+
+    def _map(self, seq_id: int, request_id: str) -> None:
         self._request_of[seq_id] = request_id
         self._seq_of[request_id] = seq_id
 

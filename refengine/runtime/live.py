@@ -8,7 +8,7 @@ engine's construction, with the model store's threads reading and copying in bet
 device steps other instances (SLINFER loads on a queue of their own).
 
     HTTP request --RequestArrived--> scheduler --Grant/Assign/Load/KvResize/...--> device workers
-    device workers --StepFinished/MemoryDone--> scheduler          tokens --> the request's queue
+    device workers --StepFinished/HandedOver/MemoryDone--> scheduler   tokens --> the request's queue
 
 A job that raises fails its instance, not the device or the server: the instance's memory is freed,
 each of its requests gets a `DeviceFailure`, and the scheduler forgets it (`InstanceFailed`).
@@ -34,6 +34,7 @@ from typing import AsyncIterator, Callable
 from kernels import backend_for_device, get_kernels
 from kernels.thread_tuner import ThreadCountTuner
 from refengine.engine.sequence import SamplingParams, SequenceState
+from refengine.engine.step_result import StepResult
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
                                    ShuttingDown, SloOverride, TokenChunk)
@@ -44,8 +45,8 @@ from refengine.runtime.requests import LiveRequest, Migration
 from refengine.runtime.setup import set_up
 from scheduler import actions as act
 from scheduler.core import Scheduler
-from scheduler.events import (InstanceFailed, MemoryDone, RequestArrived, RequestCancelled, StepFinished,
-                              Tick)
+from scheduler.events import (HandedOver, InstanceFailed, MemoryDone, RequestArrived, RequestCancelled,
+                              StepFinished, Tick)
 from scheduler.memory import optimistic_budget
 
 log = logging.getLogger("refengine.runtime")
@@ -216,28 +217,34 @@ class LiveRuntime:
 
         self._submit(inst, job)
 
-    def _step_done(self, inst: LiveInstance, grant: act.Grant, result, grant_done: bool) -> None:
-        sequences, finished = [], []
-        if result is not None:
-            now = self._now()
-            for token in result.tokens:
-                req = self._requests.get(inst.request_of(token.seq_id))
-                if req is None:
-                    continue
-                sequences.append(req.id)
-                req.output_ids.append(token.token_id)
-                req.first_token_at = req.first_token_at or now
-                req.events.put_nowait(TokenChunk(token.token_id, token.text, token.logprobs))
-            for done in result.finished:
-                req = self._requests.pop(inst.forget(done.seq_id), None)
-                if req is None:
-                    continue
-                finished.append(req.id)
-                req.done = True
-                req.events.put_nowait(req.finished(done.reason.value, now))
-            self.counters["preemptions"] += len(result.preempted)
-        self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, tuple(sequences), tuple(finished),
+    def _step_done(self, inst: LiveInstance, grant: act.Grant, result: StepResult | None,
+                   grant_done: bool) -> None:
+        sequences, finished = self._deliver(inst, result) if result is not None else ((), ())
+        self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, sequences, finished,
                                   inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
+
+    def _deliver(self, inst: LiveInstance, result: StepResult) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Put a step's tokens and endings on their requests' streams; return the ids of the
+        requests that got a token, and of those that ended."""
+        sequences, finished = [], []
+        now = self._now()
+        for token in result.tokens:
+            req = self._requests.get(inst.request_of(token.seq_id))
+            if req is None:
+                continue
+            sequences.append(req.id)
+            req.output_ids.append(token.token_id)
+            req.first_token_at = req.first_token_at or now
+            req.events.put_nowait(TokenChunk(token.token_id, token.text, token.logprobs))
+        for done in result.finished:
+            req = self._requests.pop(inst.forget(done.seq_id), None)
+            if req is None:
+                continue
+            finished.append(req.id)
+            req.done = True
+            req.events.put_nowait(req.finished(done.reason.value, now))
+        self.counters["preemptions"] += len(result.preempted)
+        return tuple(sequences), tuple(finished)
 
     def _assign(self, assign: act.Assign) -> None:
         req = self._requests.get(assign.request_id)
@@ -274,7 +281,8 @@ class LiveRuntime:
 
     def _hand_over(self, handover: act.HandOver) -> None:
         """The source lets the request go between its steps and the destination takes it over,
-        prefilling the tokens made since the rebuild, before any step it is granted next (`relay`)."""
+        prefilling the tokens made since the rebuild (and making the next one from that pass),
+        before any step it is granted next (`relay`)."""
         req = self._requests.get(handover.request_id)
         moving = req.migration if req is not None else None
         if moving is None or moving.destination != handover.destination:
@@ -288,20 +296,26 @@ class LiveRuntime:
         def take_over(state: SequenceState | None) -> None:
             if dest.failed:
                 return
+            caught_up = None
             if state is None:
                 dest.abort_request(req.id)          # the source failed first: the request ended there
             else:
-                dest.take_over(moving.seq_id, req.id, state)
-            self._post(self._taken_over, req, moving, state is not None)
+                caught_up = dest.take_over(moving.seq_id, req.id, state)
+            self._post(self._taken_over, dest, req, moving, state is not None, caught_up)
 
         relay(self._workers[source.node], self._workers[dest.node], export, take_over,
               partial(self._job_failed, source), partial(self._job_failed, dest))
 
-    def _taken_over(self, req: LiveRequest, moving: Migration, moved: bool) -> None:
-        """Counted once the destination holds the request: before its first token there."""
+    def _taken_over(self, dest: LiveInstance, req: LiveRequest, moving: Migration, moved: bool,
+                    caught_up: StepResult | None) -> None:
+        """Counted once the destination holds the request, with the token its catch-up made."""
         if req.migration is moving:
             req.migration = None
         self.counters["migrations"] += moved
+        if moved:
+            produced, finished = self._deliver(dest, caught_up) if caught_up is not None else ((), ())
+            self._handle(HandedOver(dest.name, req.id, bool(produced), bool(finished), dest.kv_blocks_used,
+                                    caught_up.elapsed_s if caught_up is not None else 0.0))
 
     def _memory_action(self, action) -> None:
         inst = self._instances[action.instance]

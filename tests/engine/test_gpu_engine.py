@@ -126,7 +126,9 @@ def test_a_sequence_migrated_between_gpu_instances_keeps_its_tokens(gpu_model, p
     assert dest.step().tokens == ()
     source.step()
     source.step()
-    moved = dest.take_over(9, source.export(seq.seq_id))
+    caught_up = dest.take_over(9, source.export(seq.seq_id))     # samples the 7th token
+    moved = dest.running[0]
     while dest.has_work:
         dest.step()
+    assert len(caught_up.tokens) == 1 and moved.seq_id == 9
     assert moved.output_ids == unmoved.output_ids and source.kv.num_used_blocks == 0

@@ -55,10 +55,10 @@ def unmigrated(model, params) -> Client:
     return client
 
 
-def migrated(model, params, after: int, live: bool) -> tuple[Client, Instance]:
+def migrated(model, params, after: int, live: bool, meanwhile: int = 3) -> tuple[Client, Instance]:
     """Decode `after` tokens on a source, then move the sequence: `live`, the destination rebuilds
-    the KV while the source decodes three more tokens, then takes over (a decode step next); else it
-    re-prefills everything."""
+    the KV while the source decodes `meanwhile` more tokens, then takes over; else it re-prefills
+    everything."""
     client, source, dest = Client(), instance(model), instance(model)
     seq = source.add_request(PROMPT, params)
     while len(client.tokens) < after:
@@ -67,13 +67,19 @@ def migrated(model, params, after: int, live: bool) -> tuple[Client, Instance]:
         dest.prefetch(7, seq.token_ids)                    # the rebuild: everything so far
         rebuild = dest.step()
         assert rebuild.kind is StepKind.PREFILL and rebuild.tokens == () and not dest.has_work
-        for _ in range(3):
+        for _ in range(meanwhile):
             client.take(source.step(StepKind.DECODE))
     state = source.export(seq.seq_id)
     assert source.kv.num_used_blocks == 0 and not source.has_work
     if live:
-        moved = dest.take_over(7, state)                   # the three made meanwhile, prefilled now
-        assert moved.num_uncached_tokens == 1 and dest.running == [moved]
+        caught_up = dest.take_over(7, state)
+        assert not dest.waiting and all(seq.num_uncached_tokens == 1 for seq in dest.running)
+        if meanwhile:        # the rebuild's newest token and those made meanwhile, in one pass that samples
+            assert caught_up.kind is StepKind.PREFILL and caught_up.num_tokens == meanwhile + 1
+            assert [t.seq_id for t in caught_up.tokens] == [7]
+            client.take(caught_up)
+        else:                # nothing to catch up: the next decode feeds the newest token
+            assert caught_up is None
     else:
         dest.adopt(7, state)
     client.run(dest)
@@ -95,6 +101,35 @@ def test_a_migrated_sequence_continues_with_identical_tokens(tiny_model, name, l
     assert got.tokens == expected.tokens and len(got.tokens) == 16
     assert got.text == expected.text and got.finished == expected.finished == "length"
     assert dest.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("meanwhile", [0, 1, 7])
+def test_the_hand_over_samples_from_its_catch_up_as_a_decode_would(tiny_model, meanwhile):
+    """Whether the source made no token since the rebuild, one or several, the tokens are the same."""
+    params = CASES["seeded"]
+    expected = unmigrated(tiny_model, params)
+    got, dest = migrated(tiny_model, params, after=4, live=True, meanwhile=meanwhile)
+    assert got.tokens == expected.tokens and got.text == expected.text
+    assert dest.kv.num_used_blocks == 0
+
+
+def test_a_hand_over_that_makes_the_last_token_finishes_there(tiny_model):
+    """max_tokens reached by the catch-up's token: the sequence ends in the take-over, its blocks freed."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = unmigrated(tiny_model, params)
+    client, source, dest = Client(), instance(tiny_model), instance(tiny_model)
+    seq = source.add_request(PROMPT, params)
+    while len(client.tokens) < 5:
+        client.take(source.step())
+    dest.prefetch(7, seq.token_ids)
+    dest.step()
+    for _ in range(2):
+        client.take(source.step(StepKind.DECODE))
+    caught_up = dest.take_over(7, source.export(seq.seq_id))
+    client.take(caught_up)
+    assert [f.seq_id for f in caught_up.finished] == [7] and client.finished == "length"
+    assert client.tokens == expected.tokens and len(client.tokens) == 8
+    assert not dest.has_work and dest.kv.num_used_blocks == 0
 
 
 def test_a_stop_string_across_the_hand_over_still_stops_the_text(tiny_model):

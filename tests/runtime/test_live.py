@@ -21,6 +21,7 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime, RuntimeOptions
 from refengine.runtime.profile import QUICK_GRID
 from scheduler import actions as act
+from scheduler.events import HandedOver
 from scheduler.slo import SloPolicy
 from refengine.bench.migrate_bench import PINNED_SLO, pinned_home
 from tests.runtime.two_devices import kv_after_evictions, record_actions
@@ -258,20 +259,23 @@ LONG = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when 
 
 def preempted_neighbour(model_home, tmp_path, migration: bool):
     """The two-device scene: the neighbour streams on cpu:0 until a burst of three on another model
-    overloads it. Returns the neighbour's events, the burst's, the scheduler's actions, the status."""
+    overloads it. Returns the neighbour's events, the burst's, the scheduler's actions, the status,
+    and the events the scheduler was handed."""
+    handled = []
+
     async def scenario():
         rt = LiveRuntime(RuntimeOptions(
             Catalogue.default(replicas=1), [DeviceSpec("cpu:0", 4 << 30), DeviceSpec("cpu:1", 4 << 30)],
             keep_alive_s=5.0, backend="reference", home=pinned_home(model_home, tmp_path, "cpu-reference"),
             slo=PINNED_SLO, migration=migration))
         await rt.start()
-        actions = record_actions(rt)
+        actions = record_actions(rt, handled)
         try:
             stream = rt.generate(NEIGHBOUR, rt.tokenizer(NEIGHBOUR).encode(PROMPT), LONG)
             events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
             bursting = asyncio.gather(*(collect(rt, BURST, p, max_tokens=4) for p in BURST_PROMPTS))
             events += [e async for e in stream]
-            return events, await bursting, actions, rt.status()
+            return events, await bursting, actions, rt.status(), handled
         finally:
             await rt.stop()
 
@@ -297,7 +301,7 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
                                                    SamplingParams(max_tokens=4))]
     expected_neighbour = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
     freed = kv_after_evictions(monkeypatch)
-    events, bursts, actions, status = preempted_neighbour(model_home, tmp_path, migration)
+    events, bursts, actions, status, handled = preempted_neighbour(model_home, tmp_path, migration)
     created = [a for a in actions if isinstance(a, act.CreateInstance)]
     assert [(a.model, a.node) for a in created] == [(neighbour, "cpu:0"), (burst, "cpu:0"), (neighbour, "cpu:1")]
     old, packed, new = (a.instance for a in created)
@@ -311,6 +315,9 @@ def test_two_cpu_devices_bin_pack_a_burst_and_preempt_the_smaller_neighbour(mode
         assert not any(isinstance(a, act.Evict) for a in actions)
         assert [a.instance for a in assigns if a.request_id == moved] == [old]     # never re-prefilled
         assert status.migrations == 1
+        (caught_up,) = [e for e in handled if isinstance(e, HandedOver)]       # its token, if it made one
+        assert (caught_up.instance, caught_up.request_id, caught_up.finished) == (new, moved, False)
+        assert caught_up.kv_blocks_used > 0
     else:
         (evict,) = [a for a in actions if isinstance(a, act.Evict)]
         assert evict.instance == old and evict.requests == (moved,)
@@ -329,7 +336,7 @@ def test_a_destination_failing_during_the_rebuild_leaves_the_stream_at_its_sourc
     uninterrupted and exact; the source, draining, unloads once it has finished."""
     fail_once(monkeypatch, "prefetch")
     expected = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
-    events, _, actions, status = preempted_neighbour(model_home, tmp_path, migration=True)
+    events, _, actions, status, _ = preempted_neighbour(model_home, tmp_path, migration=True)
     (migrate,) = [a for a in actions if isinstance(a, act.Migrate)]
     assert not any(isinstance(a, (act.HandOver, act.Evict)) for a in actions)
     assert text_of(events) == expected and events[-1].completion_tokens == 24

@@ -7,11 +7,14 @@ from refengine.runtime.instances import LiveInstance
 from refengine.runtime.live import LiveRuntime
 
 
-def record_actions(rt: LiveRuntime) -> list:
-    """Every action the scheduler hands the runtime from now on, in order."""
+def record_actions(rt: LiveRuntime, events: list | None = None) -> list:
+    """Every action the scheduler hands the runtime from now on, in order (and into `events`, if
+    given, every event it is handed)."""
     actions, handle = [], rt.scheduler.handle
 
     def recording(event, now):
+        if events is not None:
+            events.append(event)
         decided = handle(event, now)
         actions.extend(decided)
         return decided

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler import (CreateInstance, Evict, Grant, HandOver, InstanceFailed, Load, Migrate,
-                       RequestArrived, StepFinished, Unload)
+from scheduler import (CreateInstance, Evict, Grant, HandedOver, HandOver, InstanceFailed, Load,
+                       Migrate, RequestArrived, StepFinished, Unload)
 from scheduler.admission import ShadowValidator
 from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator
@@ -168,6 +168,43 @@ def test_a_migration_rebuilds_hands_over_between_grants_then_unloads_the_victim(
     assert r.instance is dest and r.prefilled and r.generated == generated + 1
     assert victim.retired and only(acts, Unload).instance == "V"  # its memory goes to q next
     assert next(a for a in acts if isinstance(a, Grant)).instance == "D"   # r decodes on D
+
+
+def handed_over(sched, victim, dest, r) -> float:
+    """Run the migration up to its hand-over; the time it happened."""
+    rebuild, source = preempt_by_migration(sched, victim, dest)
+    sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 1.0, True), 1.0)
+    acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True), 1.07)
+    assert only(acts, HandOver) == HandOver("r", "V", "D")
+    return 1.07
+
+
+def test_the_token_a_hand_over_made_counts_as_a_step_of_the_destination():
+    """The catch-up prefill sampled r's next token: r and D account for it as for a step's, and D's
+    KV is what the executor reports; no grant was running, so none is released."""
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    t = handed_over(sched, victim, dest, r)
+    generated, context, busy = r.generated, dest.context_tokens, dest.busy_time
+    grant = dest.node.grant_instance
+    sched.handle(HandedOver("D", "r", True, False, 66, 0.02), t + 0.02)
+    assert r.generated == generated + 1 and dest.context_tokens == context + 1
+    assert dest.kv_used == 66 and dest.busy_time == pytest.approx(busy + 0.02)
+    assert dest.node.grant_instance is grant and r.instance is dest
+
+
+def test_a_hand_over_whose_token_ends_the_request_finishes_it():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    t = handed_over(sched, victim, dest, r)
+    sched.handle(HandedOver("D", "r", True, True, 3, 0.02), t + 0.02)
+    assert "r" not in sched.requests and "r" not in dest.requests
+
+
+def test_a_hand_over_that_made_no_token_changes_only_the_kv():
+    sched, victim, target, dest, r = scheduler_with_cluster()
+    t = handed_over(sched, victim, dest, r)
+    generated = r.generated
+    sched.handle(HandedOver("D", "r", False, False, 64, 0.0), t)
+    assert r.generated == generated and dest.kv_used == 64 and r.instance is dest
 
 
 def test_a_request_ending_before_its_hand_over_drops_the_rebuild():

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from scheduler import (Assign, Evict, Grant, KvResize, PRESETS, RequestArrived, StepFinished,
-                       preset)
+from scheduler import (Assign, Evict, Grant, HandedOver, KvResize, PRESETS, RequestArrived,
+                       StepFinished, preset)
 from scheduler.codec import decode, encode
 from scheduler.partition import fixed_kv_blocks, instance_cap, time_share
 from sched_builders import model, node_spec
@@ -31,6 +31,7 @@ def test_presets_differ_only_in_configuration():
     RequestArrived("r", "m", 10, 20, 1.5),
     RequestArrived("r", "m", 10, 20, 1.5, ttft_slo=2.0, tpot_slo=None),
     StepFinished("i", 3, "decode", ("a", "b"), ("b",), 12, 0.05, True),
+    HandedOver("i", "r", True, False, 12, 0.02),
     Grant(1, "g0", "i", "decode", 2), Assign("r", "i", 10, 3), KvResize(7, "i", 40, 10),
     Evict(8, "i", ("a",)),
 ])
