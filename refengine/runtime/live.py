@@ -37,7 +37,7 @@ from refengine.engine.sequence import SamplingParams, SequenceState
 from refengine.engine.step_result import StepResult
 from refengine.engine.tokenizer import Tokenizer
 from refengine.runtime.api import (DeviceFailure, Finished, GenerationEvent, Overloaded, RuntimeStatus,
-                                   ShuttingDown, SloOverride, TokenChunk)
+                                   ShuttingDown, SloOverride)
 from refengine.runtime.devices import DeviceWorker, relay
 from refengine.runtime.instances import LiveInstance
 from refengine.runtime.options import RuntimeOptions
@@ -92,8 +92,7 @@ class LiveRuntime:
         self._closing = True
         for req in list(self._requests.values()):
             if not req.done:
-                req.events.put_nowait(req.finished("abort", self._now()) if req.output_ids
-                                      else ShuttingDown())
+                req.events.put_nowait(req.cut_short(self._now(), ShuttingDown()))
 
     async def stop(self) -> None:
         if self._timer:
@@ -219,13 +218,15 @@ class LiveRuntime:
 
     def _step_done(self, inst: LiveInstance, grant: act.Grant, result: StepResult | None,
                    grant_done: bool) -> None:
-        sequences, finished = self._deliver(inst, result) if result is not None else ((), ())
+        sequences, finished = self._deliver(inst, result)
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, sequences, finished,
                                   inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
 
-    def _deliver(self, inst: LiveInstance, result: StepResult) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Put a step's tokens and endings on their requests' streams; return the ids of the
-        requests that got a token, and of those that ended."""
+    def _deliver(self, inst: LiveInstance, result: StepResult | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Put a step's tokens and endings (if it ran) on their requests' streams; return the ids of
+        the requests that got a token, and of those that ended."""
+        if result is None:
+            return (), ()
         sequences, finished = [], []
         now = self._now()
         for token in result.tokens:
@@ -233,16 +234,13 @@ class LiveRuntime:
             if req is None:
                 continue
             sequences.append(req.id)
-            req.output_ids.append(token.token_id)
-            req.first_token_at = req.first_token_at or now
-            req.events.put_nowait(TokenChunk(token.token_id, token.text, token.logprobs))
+            req.stream(token, now)
         for done in result.finished:
             req = self._requests.pop(inst.forget(done.seq_id), None)
             if req is None:
                 continue
             finished.append(req.id)
-            req.done = True
-            req.events.put_nowait(req.finished(done.reason.value, now))
+            req.end(req.finished(done.reason.value, now))
         self.counters["preemptions"] += len(result.preempted)
         return tuple(sequences), tuple(finished)
 
@@ -313,7 +311,7 @@ class LiveRuntime:
             req.migration = None
         self.counters["migrations"] += moved
         if moved:
-            produced, finished = self._deliver(dest, caught_up) if caught_up is not None else ((), ())
+            produced, finished = self._deliver(dest, caught_up)
             self._handle(HandedOver(dest.name, req.id, bool(produced), bool(finished), dest.kv_blocks_used,
                                     caught_up.elapsed_s if caught_up is not None else 0.0))
 
@@ -364,13 +362,9 @@ class LiveRuntime:
         req = self._requests.pop(drop.request_id, None)
         if req is None:
             return
-        req.done = True
         self.counters["drops"] += 1
-        if req.output_ids:
-            req.events.put_nowait(req.finished("abort", self._now()))
-        else:
-            req.events.put_nowait(Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
-                                             retry_after_s=1.0))
+        req.end(req.cut_short(self._now(), Overloaded(f"the request cannot meet its SLO now: {drop.reason}",
+                                                      retry_after_s=1.0)))
 
     def _cancel(self, req: LiveRequest) -> None:
         """The client went away: stop the sequence on its device, then tell the scheduler."""
@@ -405,7 +399,5 @@ class LiveRuntime:
                  if req.instance == inst.name or (req.migration and req.migration.source == inst.name)]
         for req in ended:
             del self._requests[req.id]
-            req.done = True
-            req.events.put_nowait(DeviceFailure(
-                f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
+            req.end(DeviceFailure(f"{inst.node} failed while serving {inst.model}: {type(error).__name__}: {error}"))
         self._handle(InstanceFailed(inst.name, tuple(req.id for req in ended)))

@@ -6,7 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 from refengine.engine.sequence import SamplingParams, SequenceState
-from refengine.runtime.api import Finished
+from refengine.engine.step_result import TokenOutput
+from refengine.runtime.api import Finished, GenerationEvent, TokenChunk
 
 
 @dataclass
@@ -45,3 +46,19 @@ class LiveRequest:
         ttft = (self.first_token_at or now) - self.arrival
         return Finished(reason, len(self.prompt_ids), len(self.output_ids), ttft, self.cold_start,
                         self.cold_start_grace_s)
+
+    def cut_short(self, now: float, before_any_token: GenerationEvent) -> GenerationEvent:
+        """The end of a stream stopped by the server: an aborted finish once tokens went out, else
+        `before_any_token` (the client may retry a request that produced nothing)."""
+        return self.finished("abort", now) if self.output_ids else before_any_token
+
+    def stream(self, token: TokenOutput, now: float) -> None:
+        """Send the client its next token."""
+        self.output_ids.append(token.token_id)
+        self.first_token_at = self.first_token_at or now
+        self.events.put_nowait(TokenChunk(token.token_id, token.text, token.logprobs))
+
+    def end(self, last: GenerationEvent) -> None:
+        """Send the client its stream's last event; the runtime follows the request no further."""
+        self.done = True
+        self.events.put_nowait(last)
