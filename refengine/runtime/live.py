@@ -210,17 +210,19 @@ class LiveRuntime:
             for i in range(grant.iterations):
                 result = inst.step(grant.kind)
                 last = result is None or i == grant.iterations - 1
-                self._post(self._step_done, inst, grant, result, last)
+                self._post(self._step_done, inst, grant, result, inst.kv_blocks_used, last)
                 if result is None:
                     return
 
         self._submit(inst, job)
 
     def _step_done(self, inst: LiveInstance, grant: act.Grant, result: StepResult | None,
-                   grant_done: bool) -> None:
+                   kv_blocks_used: int, grant_done: bool) -> None:
+        """`kv_blocks_used` is read on the device thread right after the step: by now that thread
+        may be running the grant's next iteration."""
         sequences, finished = self._deliver(inst, result)
         self._handle(StepFinished(inst.name, grant.grant_id, grant.kind, sequences, finished,
-                                  inst.kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
+                                  kv_blocks_used, result.elapsed_s if result else 0.0, grant_done))
 
     def _deliver(self, inst: LiveInstance, result: StepResult | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Put a step's tokens and endings (if it ran) on their requests' streams; return the ids of
@@ -299,20 +301,21 @@ class LiveRuntime:
                 dest.abort_request(req.id)          # the source failed first: the request ended there
             else:
                 caught_up = dest.take_over(moving.seq_id, req.id, state)
-            self._post(self._taken_over, dest, req, moving, state is not None, caught_up)
+            self._post(self._taken_over, dest, req, moving, state is not None, caught_up, dest.kv_blocks_used)
 
         relay(self._workers[source.node], self._workers[dest.node], export, take_over,
               partial(self._job_failed, source), partial(self._job_failed, dest))
 
     def _taken_over(self, dest: LiveInstance, req: LiveRequest, moving: Migration, moved: bool,
-                    caught_up: StepResult | None) -> None:
-        """Counted once the destination holds the request, with the token its catch-up made."""
+                    caught_up: StepResult | None, kv_blocks_used: int) -> None:
+        """Counted once the destination holds the request, with the token its catch-up made (and the
+        KV it held then, read on its device thread, as `_step_done`'s)."""
         if req.migration is moving:
             req.migration = None
         self.counters["migrations"] += moved
         if moved:
             produced, finished = self._deliver(dest, caught_up)
-            self._handle(HandedOver(dest.name, req.id, bool(produced), bool(finished), dest.kv_blocks_used,
+            self._handle(HandedOver(dest.name, req.id, bool(produced), bool(finished), kv_blocks_used,
                                     caught_up.elapsed_s if caught_up is not None else 0.0))
 
     def _memory_action(self, action) -> None:
