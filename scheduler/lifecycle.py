@@ -120,6 +120,16 @@ class Lifecycle:
             self.memory.register(inst, "weights", 0)
         if inst.kv.target:
             self.memory.register(inst, "kv", 0)
+        self._regrow(inst.node)
+
+    def _regrow(self, node: Node) -> None:
+        """Memory was given back on `node`: grow each instance there whose next iteration needs
+        more KV than its target. It gets no grant until it grows, so no step of its own would
+        (`guard_kv`): a preempting instance whose victim drained its requests away by live
+        migration waited for this memory."""
+        for inst in node.instances.values():
+            if not inst.retired and kv_blocks_needed(inst) > inst.kv.target:
+                self._grow_kv(inst)
 
     def reclaim_if_idle(self, inst: Instance, idle_since: float) -> None:
         """Keep-alive expired: scale the instance to zero unless it served since (§4.5)."""

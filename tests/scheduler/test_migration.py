@@ -16,6 +16,7 @@ from scheduler.estimate import Estimator
 from scheduler.kv import OutputEstimator
 from scheduler.migration import Migrator, move_cost
 from scheduler.state import Instance, Node, Request
+from scheduler.tokensched import kv_blocks_needed
 from sched_builders import EXACT, TABLE, make_scheduler, model, node_spec
 
 CONFIG = replace(EXACT, migration=True)
@@ -131,8 +132,8 @@ def only(actions, cls):
     return found
 
 
-def scheduler_with_cluster(config=CONFIG, warm_destination=True):
-    sched = make_scheduler(config, models=[A, B], nodes=[node_spec("g0", memory=MEMORY),
+def scheduler_with_cluster(config=CONFIG, warm_destination=True, g0_memory=MEMORY):
+    sched = make_scheduler(config, models=[A, B], nodes=[node_spec("g0", memory=g0_memory),
                                                          node_spec("g1", memory=MEMORY)])
     victim, target, dest, r = cluster()
     for inst in (victim, target, dest) if warm_destination else (victim, target):
@@ -172,7 +173,11 @@ def test_a_migration_rebuilds_hands_over_between_grants_then_unloads_the_victim(
 
 def handed_over(sched, victim, dest, r) -> float:
     """Run the migration up to its hand-over; the time it happened."""
-    rebuild, source = preempt_by_migration(sched, victim, dest)
+    return hand_over(sched, *preempt_by_migration(sched, victim, dest))
+
+
+def hand_over(sched, rebuild, source) -> float:
+    """D's rebuild and V's decode grant end: the hand-over; the time it happened."""
     sched.handle(StepFinished("D", rebuild.grant_id, "prefill", (), (), 63, 1.0, True), 1.0)
     acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True), 1.07)
     assert only(acts, HandOver) == HandOver("r", "V", "D")
@@ -266,3 +271,16 @@ def test_a_rebuild_takes_another_round_while_the_source_runs_ahead():
     assert r.copy_ready and not [a for a in acts if isinstance(a, HandOver)]   # V is decoding
     acts = sched.handle(StepFinished("V", source.grant_id, "decode", ("r",), (), 63, 0.07, True), t)
     assert only(acts, HandOver) == HandOver("r", "V", "D")
+
+
+def test_the_victims_memory_grows_the_preempting_instance_once_it_is_retired():
+    """On a g0 with room for only 30 more of T's blocks beside V, q joins T when V is chosen; but V
+    keeps its memory while r streams on, so T's KV grows by those 30 only, short of what q's
+    prompt needs, and T is granted nothing until it has grown. V's retirement at the hand-over
+    gives its memory back, and T grows into it (found by the simulator: T's requests waited
+    forever)."""
+    sched, victim, target, dest, r = scheduler_with_cluster(g0_memory=4_880 + 30 * 16)
+    grants = preempt_by_migration(sched, victim, dest)
+    assert target.kv.target == 80 + 30 < kv_blocks_needed(target)
+    hand_over(sched, *grants)
+    assert victim.retired and target.kv.target >= kv_blocks_needed(target)
