@@ -72,6 +72,7 @@ class Recorder:
     startups: list[float] = field(default_factory=list)
     load_sources: Counter = field(default_factory=Counter)
     migrations: int = 0
+    handover_pauses: list[float] = field(default_factory=list)   # wait for the node + catch-up, s
     sched_seconds: dict[str, array] = field(default_factory=dict)
 
     def sched_time(self, event_type: str, seconds: float) -> None:
@@ -89,6 +90,8 @@ class Recorder:
             "dropped": sum(r.dropped is not None for r in recs),
             "evictions": sum(r.evictions for r in recs),
             "migrations": self.migrations,
+            "handover_pause_p50_s": percentile(self.handover_pauses, 0.5),
+            "handover_pause_max_s": max(self.handover_pauses, default=math.nan),
             "ttft_p50_s": percentile(ttfts, 0.5),
             "ttft_p90_s": percentile(ttfts, 0.9),
             "ttft_p99_s": percentile(ttfts, 0.99),

@@ -3,9 +3,14 @@
 A virtual clock and a heap of events, ordered by (time, kind, sequence number); no polling. The
 simulator replays arrivals, carries out the scheduler's actions — steps take their profiled
 latency, memory actions their modelled duration (`cluster.MemoryCosts`; with a `Storage`, loads
-come from simulated tiers, `loading.py`) — and reports back the events the live runtime would:
-`StepFinished`, `MemoryDone`, `ModelTierChanged`, `Tick` at `next_wakeup()`. It holds no policy;
-every decision is `Scheduler.handle`.
+come from simulated tiers, `loading.py`), a migration's hand-over the catch-up prefill of the tokens
+its source made since the rebuild — and reports back the events the live runtime would:
+`StepFinished`, `HandedOver`, `MemoryDone`, `ModelTierChanged`, `Tick` at `next_wakeup()`. It
+holds no policy; every decision is `Scheduler.handle`.
+
+As on the live runtime, where each device has one thread, a node computes one thing at a time: a
+catch-up waits for the step running on its node, and the steps granted during it (and the memory
+actions of the instance catching up) wait for it.
 
 Invariant: the scheduler is timed with a real clock around `handle` only.
 """
@@ -13,8 +18,9 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
+from functools import partial
 from time import perf_counter
 from typing import IO, Callable
 
@@ -24,13 +30,14 @@ from refengine.sim.loading import Loader, LoadTiming, Receiver, Storage
 from refengine.sim.metrics import Recorder, RequestRecord
 from refengine.sim.workload import Workload
 from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
-                       HandOver, KvResize, Load, MemoryDone, Migrate, ModelTierChanged, NodeSpec,
-                       ReleaseInstance, RequestArrived, Scheduler, SchedulerConfig, StepFinished,
-                       Tick, Unload)
+                       HandedOver, HandOver, KvResize, Load, MemoryDone, Migrate,
+                       ModelTierChanged, NodeSpec, ReleaseInstance, RequestArrived, Scheduler,
+                       SchedulerConfig, StepFinished, Tick, Unload)
 from scheduler.codec import encode
 
-# Event kinds, in tie-break order at equal times (a tier report informs the next decision).
-TIER, MEMORY, STEP, ARRIVAL, TICK, SAMPLE = range(6)
+# Event kinds, in tie-break order at equal times (a tier report informs the next decision; work
+# deferred behind a catch-up starts once its hand-over is reported).
+TIER, MEMORY, STEP, HANDED, DEFERRED, ARRIVAL, TICK, SAMPLE = range(8)
 
 
 class Simulation:
@@ -64,6 +71,8 @@ class Simulation:
         self._tick_at: float | None = None
         self._instances: dict[str, SimInstance] = {}
         self._grants: dict[str, list] = {}
+        self._free_at: dict[str, float] = defaultdict(float)   # node -> when its compute is free
+        self._arriving: Counter = Counter()     # instance -> hand-overs to it waiting for a catch-up
         self._born: dict[str, float] = {}
         self._started: set[str] = set()
         self._loads: list[tuple[SimInstance, Load]] = []
@@ -89,6 +98,7 @@ class Simulation:
                 for model in self.models:
                     self._push(0.0, TIER, (node, model, "host"))
         handlers = {TIER: self._on_tier, MEMORY: self._on_memory, STEP: self._on_step,
+                    HANDED: self._on_handed, DEFERRED: self._on_deferred,
                     ARRIVAL: self._on_arrival, TICK: self._on_tick, SAMPLE: self._on_sample}
         while self._heap:
             when, kind, _, payload = heapq.heappop(self._heap)
@@ -166,7 +176,7 @@ class Simulation:
                 rec = self.rec.requests[rid]
                 if rec.first_token is None:
                     rec.first_token = self.now
-        else:
+        elif outcome.batch:
             self.rec.decode_tokens[kind] += len(outcome.sequences)
             self.rec.batch_hist[kind][outcome.batch] += 1
         for rid in outcome.finished:
@@ -179,6 +189,23 @@ class Simulation:
                                   outcome.elapsed, done))
         if not done:
             self._start_step(inst, grant)
+
+    def _on_handed(self, payload) -> None:
+        inst, request_id, fed, elapsed = payload
+        finished = ()
+        if fed:
+            finished = inst.caught_up(request_id)
+            self.rec.decode_tokens[self.node_specs[inst.node].kind] += 1
+        for rid in finished:
+            self.rec.requests[rid].finish = self.now
+            self._unresolved -= 1
+        self._handle(HandedOver(inst.instance_id, request_id, bool(fed), bool(finished),
+                                inst.kv_used, elapsed))
+
+    def _on_deferred(self, start: Callable[[], None]) -> None:
+        start()
+        if self._loads:
+            self._start_loads()
 
     def _on_memory(self, payload) -> None:
         inst, action, duration = payload
@@ -197,18 +224,52 @@ class Simulation:
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def _start_step(self, inst: SimInstance, grant: Grant) -> None:
-        outcome: StepOutcome = inst.step(grant.kind)
+    def _deferred(self, node: str, start: Callable[[], None]) -> bool:
+        """Queue `start` until the node's compute is free, if it is busy (a catch-up); True if so."""
+        if self._free_at[node] <= self.now:
+            return False
+        self._push(self._free_at[node], DEFERRED, start)
+        return True
+
+    def _computes(self, inst: SimInstance, start: float, seconds: float) -> float:
+        """Occupy the instance's node for a pass of `seconds` (profiled) from `start`; returns its
+        duration, longer while its weights are still arriving (executing while loading)."""
         timing = self._timings.get(inst.instance_id)
-        if timing is not None and self.now < timing.full:     # executing while loading
-            outcome.elapsed = timing.step_seconds(self.now, outcome.elapsed,
-                                                  self.storage.hop_seconds)
+        if timing is not None and start < timing.full:
+            seconds = timing.step_seconds(start, seconds, self.storage.hop_seconds)
+        self._free_at[inst.node] = start + seconds
+        return seconds
+
+    def _start_step(self, inst: SimInstance, grant: Grant) -> None:
+        if self._deferred(inst.node, partial(self._start_step, inst, grant)):
+            return
+        if grant.kind == "prefill" or inst.running:
+            outcome: StepOutcome = inst.step(grant.kind)
+            outcome.elapsed = self._computes(inst, self.now, outcome.elapsed)
+        else:       # its one request ended in the catch-up it waited for: the grant runs empty
+            outcome = StepOutcome(grant.kind, (), (), 0.0, 0)
         self._push(self.now + outcome.elapsed, STEP, (inst, grant, outcome))
+
+    def _hand_over(self, action: HandOver) -> None:
+        """The destination catches up behind its node's running step and makes the request's next
+        token from that pass (`HANDED`); none to catch up, the request decodes on at once. (A
+        request moved on while its last hand-over catches up leaves once that ends, with its
+        token, as the live runtime's device thread exports it after the catch-up.)"""
+        if self._arriving[action.destination]:
+            self._arriving[action.destination] -= 1
+        seq = self._instances[action.source].remove(action.request_id)
+        dest = self._instances[action.destination]
+        fed = dest.take_over(seq)
+        self.rec.migrations += 1
+        start = max(self.now, self._free_at[dest.node])
+        elapsed = self._computes(dest, start, dest.table.prefill(fed)) if fed else 0.0
+        self.rec.handover_pauses.append(start + elapsed - self.now)
+        self._push(start + elapsed, HANDED, (dest, action.request_id, fed, elapsed))
 
     def _apply(self, action) -> None:
         if isinstance(action, Grant):
             inst = self._instances[action.instance]
-            if not inst.has_work(action.kind):
+            if not inst.has_work(action.kind) and not self._arriving[action.instance]:
                 raise RuntimeError(f"grant {action} for an instance with no {action.kind} work")
             self._grants[action.instance] = [action, action.iterations]
             if action.instance not in self._started:
@@ -220,15 +281,17 @@ class Simulation:
             self._instances[action.instance].add(
                 Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
         elif isinstance(action, Migrate):
-            seq = self._instances[action.source].running[action.request_id]
+            seq = self._instances[action.source].decoding(action.request_id)
             self._instances[action.destination].add(Sequence(
                 seq.request_id, seq.input_tokens, seq.generated, seq.output_tokens, rebuild=True))
         elif isinstance(action, HandOver):
             if action.source in self._grants:
                 raise RuntimeError(f"{action} while the source is computing")
-            seq = self._instances[action.source].remove(action.request_id)
-            self._instances[action.destination].take_over(seq)
-            self.rec.migrations += 1
+            if action.request_id in self._instances[action.source].handing:
+                self._arriving[action.destination] += 1     # (its own hand-over still catching up)
+                self._deferred(self._instances[action.source].node, partial(self._hand_over, action))
+            else:
+                self._hand_over(action)
         elif isinstance(action, CreateInstance):
             model = self.models[action.model]
             hw = self.node_specs[action.node].hardware
@@ -249,6 +312,8 @@ class Simulation:
 
     def _start_memory(self, action) -> None:
         inst = self._instances[action.instance]
+        if inst.handing and self._deferred(inst.node, partial(self._start_memory, action)):
+            return
         kind = self.node_specs[inst.node].kind
         costs = self.memory_costs
         if isinstance(action, Load) and self.loader is not None:

@@ -8,7 +8,7 @@ import pytest
 from refengine.sim.loading import Storage
 from refengine.sim.simulator import Simulation
 from refengine.sim.workload import DEFAULT_TRACE, TraceRequest, Workload
-from scheduler import Assign, Drop, Evict, Grant, HandOver, StepFinished, preset
+from scheduler import Assign, Drop, Evict, Grant, HandedOver, HandOver, StepFinished, preset
 from scheduler.memory import pessimistic_usage
 
 
@@ -24,6 +24,8 @@ class InvariantChecker:
         self.evicted_at: dict[str, int] = {}
         self.evictions = 0
         self.migrations = 0
+        self.catch_ups = 0
+        self.ended_in_catch_up = 0
 
     def __call__(self, event, actions) -> None:
         sim = self.sim
@@ -36,6 +38,10 @@ class InvariantChecker:
             self.ended.update(event.finished)
             if event.grant_done:
                 self.live_grant.pop(sim._instances[event.instance].node, None)
+        elif isinstance(event, HandedOver):
+            self.ended.update([event.request_id] if event.finished else [])
+            self.catch_ups += event.produced
+            self.ended_in_catch_up += event.finished
         for a in actions:
             if isinstance(a, Grant):
                 assert a.node not in self.live_grant, f"second grant on {a.node}"
@@ -50,7 +56,7 @@ class InvariantChecker:
                         self.evictions += 1
                         self.evicted_at[rid] = seq.generated
             elif isinstance(a, HandOver):                       # no token lost or repeated
-                seq = sim._instances[a.source].running[a.request_id]
+                seq = sim._instances[a.source].decoding(a.request_id)
                 assert seq.generated == sim.scheduler.requests[a.request_id].generated
                 assert a.request_id in sim._instances[a.destination].rebuilt
                 self.migrations += 1
