@@ -57,11 +57,12 @@ def test_invariants_hold_with_tiers_and_startup_estimates(items, system, loading
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=st.lists(arrival, min_size=5, max_size=40), size=st.sampled_from(["7b", "13b"]),
-       cpus=st.integers(0, 1), gpus=st.integers(2, 3))
-def test_invariants_hold_with_live_migration(items, size, cpus, gpus):
-    """Preemption victims migrate live: no token lost or repeated at a hand-over (checked on
-    every `HandOver`), and the invariants above."""
-    simulate_checked(workload(items, N_MODELS), "slinfer", size, cpus, gpus, migration=True)
+       cpus=st.integers(0, 1), gpus=st.integers(2, 3), wider=st.booleans())
+def test_invariants_hold_with_live_migration(items, size, cpus, gpus, wider):
+    """Preemption victims migrate live (`wider`: CPU victims and cold destinations too): no token
+    lost or repeated at a hand-over (checked on every `HandOver`), and the invariants above."""
+    simulate_checked(workload(items, N_MODELS), "slinfer", size, cpus, gpus, migration=True,
+                     migration_compute_victims=wider, migration_cold_destinations=wider)
 
 
 def simulate_burst(seed: int, **overrides):
