@@ -80,6 +80,9 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
 @click.option("--shadow", type=click.Choice(["edf", "full"]), help="Shadow-validation fidelity.")
 @click.option("--migration", is_flag=True, default=None,
               help="Preemption migrates requests live where cheaper (ServerlessLLM).")
+@click.option("--migration-rounds", type=click.IntRange(1), metavar="N",
+              help="With --migration: rebuild in up to N rounds, each taking the tokens the "
+              "source made during the last, so the hand-over has fewer to catch up.")
 @click.option("--loading", help="Simulated tiers and loading: local (ServerlessLLM: each node "
               "from its fastest tier) or multicast (λScale: GPU-to-GPU multicast, execute while "
               "loading); comma-separated to compare. Default: the legacy fixed load cost.")
@@ -99,8 +102,8 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="Compare local (ServerlessLLM) and multicast (λScale) loading on the same "
               "traces; writes a section of docs/PAPER_REPRODUCTION.md.")
 def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
-             keep_alive, shadow, migration, loading, host_cache, jobs, out, make_plots, log_path,
-             reproduce, compare_loading) -> None:
+             keep_alive, shadow, migration, migration_rounds, loading, host_cache, jobs, out,
+             make_plots, log_path, reproduce, compare_loading) -> None:
     """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
     if reproduce:
         from refengine.sim.reproduce import reproduce as run_reproduction
@@ -119,6 +122,8 @@ def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, dura
             slinfer_trace(models, trace)
         except (FileNotFoundError, ValueError) as e:
             raise click.ClickException(str(e)) from None
+    if migration_rounds is not None and not migration:
+        raise click.UsageError("--migration-rounds needs --migration")
     if cpus + gpus == 0:
         raise click.UsageError("a cluster needs at least one node: give --cpus or --gpus above 0")
     names = _systems(systems)
@@ -126,7 +131,8 @@ def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, dura
     if log_path is not None and len(names) * len(loadings) != 1:
         raise click.ClickException("--log needs exactly one system and loading")
     overrides = tuple((k, v) for k, v in (("watermark", watermark), ("keep_alive", keep_alive),
-                                          ("shadow", shadow), ("migration", migration))
+                                          ("shadow", shadow), ("migration", migration),
+                                          ("migration_rounds", migration_rounds))
                       if v is not None)
     specs = [RunSpec(s, size, models, cpus, gpus, workload, str(trace) if trace else None, rps,
                      seed, duration, overrides, ld, host_cache)

@@ -3,7 +3,8 @@
 It mirrors `Instance.step()` of the real engine (DESIGN.md): a prefill iteration runs every waiting
 prompt at once and yields each its next token; a decode iteration yields one token for every
 running sequence. A *rebuild* (live migration's copy of another instance's request) is prefilled
-like a prompt but yields nothing and waits, KV held, for its hand-over; there, as
+like a prompt but yields nothing and waits, KV held, for its hand-over, or for another round
+(`extend`: the tokens its source made since, prefilled on top of the KV it holds); there, as
 `Instance.take_over()` does, a catch-up prefill of the tokens the source made meanwhile yields the
 request's next token (`take_over`, then `caught_up`). Step time is the profiled
 latency of the (model, hardware) table — the truth of the simulator — so the scheduler's estimates
@@ -22,11 +23,16 @@ class Sequence:
     input_tokens: int
     generated: int
     output_tokens: int
-    rebuild: bool = False
+    source: str | None = None   # a rebuild: the instance whose sequence it copies
+    cached: int = 0             # tokens whose KV it holds already (a rebuild's earlier rounds)
 
     @property
     def context(self) -> int:
         return self.input_tokens + self.generated
+
+    @property
+    def rebuild(self) -> bool:
+        return self.source is not None
 
 
 @dataclass
@@ -62,6 +68,8 @@ class SimInstance:
     def remove(self, request_id: str) -> Sequence | None:
         """Drop a sequence (waiting, running, rebuilt or handing over) and its KV; returns it."""
         seq = self.waiting.pop(request_id, None)
+        if seq is not None:
+            self.kv_used -= self.model.blocks_for(seq.cached)
         held = self.rebuilt.pop(request_id, None) or self.handing.pop(request_id, None)
         if held is not None:
             self.kv_used -= self.model.blocks_for(held.context)
@@ -72,6 +80,13 @@ class SimInstance:
             self._running_ids = None
             return running
         return seq
+
+    def extend(self, request_id: str, generated: int) -> None:
+        """Another round of the rebuild of `request_id`: its source has `generated` tokens now; the
+        next prefill feeds those it lacks, on top of the KV it holds."""
+        copy = self.rebuilt.pop(request_id)
+        copy.cached, copy.generated = copy.context, generated
+        self.waiting[request_id] = copy
 
     def decoding(self, request_id: str) -> Sequence:
         """The running (or handing-over) sequence of `request_id`; or the one the step in flight
@@ -120,9 +135,9 @@ class SimInstance:
         if kind == "prefill":
             batch = list(self.waiting.values())
             self.waiting.clear()
-            elapsed = self.table.prefill(sum(s.context for s in batch))
+            elapsed = self.table.prefill(sum(s.context - s.cached for s in batch))
             for s in batch:
-                self.kv_used += blocks_for(s.context + (0 if s.rebuild else 1))
+                self.kv_used += blocks_for(s.context + (0 if s.rebuild else 1)) - blocks_for(s.cached)
                 if s.rebuild:
                     self.rebuilt[s.request_id] = s
                     continue

@@ -7,6 +7,8 @@ COLUMNS = [
     ("rate", "slo_met_rate", "{:.1%}"),
     ("no grace", "slo_met_no_grace", "{:d}"),
     ("dropped", "dropped", "{:d}"),
+    ("evicted", "evictions", "{:d}"),
+    ("migrated", "migrations", "{:d}"),
     ("TTFT p50 s", "ttft_p50_s", "{:.2f}"),
     ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
     ("startup s", "startup_mean_s", "{:.2f}"),

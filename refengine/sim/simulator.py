@@ -73,6 +73,7 @@ class Simulation:
         self._grants: dict[str, list] = {}
         self._free_at: dict[str, float] = defaultdict(float)   # node -> when its compute is free
         self._arriving: Counter = Counter()     # instance -> hand-overs to it waiting for a catch-up
+        self._stepping: dict[str, tuple[str, ...]] = {}  # instance -> what its step in flight advances
         self._born: dict[str, float] = {}
         self._started: set[str] = set()
         self._loads: list[tuple[SimInstance, Load]] = []
@@ -167,6 +168,7 @@ class Simulation:
 
     def _on_step(self, payload) -> None:
         inst, grant, outcome = payload
+        self._stepping.pop(inst.instance_id, None)
         state = self._grants[inst.instance_id]
         state[1] -= 1
         done = state[1] == 0 or not inst.has_work(grant.kind)
@@ -246,6 +248,7 @@ class Simulation:
         if grant.kind == "prefill" or inst.running:
             outcome: StepOutcome = inst.step(grant.kind)
             outcome.elapsed = self._computes(inst, self.now, outcome.elapsed)
+            self._stepping[inst.instance_id] = outcome.sequences
         else:       # its one request ended in the catch-up it waited for: the grant runs empty
             outcome = StepOutcome(grant.kind, (), (), 0.0, 0)
         self._push(self.now + outcome.elapsed, STEP, (inst, grant, outcome))
@@ -269,6 +272,8 @@ class Simulation:
     def _apply(self, action) -> None:
         if isinstance(action, Grant):
             inst = self._instances[action.instance]
+            if action.kind == "prefill":
+                self._send_new_tokens(inst)
             if not inst.has_work(action.kind) and not self._arriving[action.instance]:
                 raise RuntimeError(f"grant {action} for an instance with no {action.kind} work")
             self._grants[action.instance] = [action, action.iterations]
@@ -281,9 +286,11 @@ class Simulation:
             self._instances[action.instance].add(
                 Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
         elif isinstance(action, Migrate):
-            seq = self._instances[action.source].decoding(action.request_id)
+            source = self._instances[action.source]
+            seq = source.decoding(action.request_id)
             self._instances[action.destination].add(Sequence(
-                seq.request_id, seq.input_tokens, seq.generated, seq.output_tokens, rebuild=True))
+                seq.request_id, seq.input_tokens, self._delivered(source, seq), seq.output_tokens,
+                source=action.source))
         elif isinstance(action, HandOver):
             if action.source in self._grants:
                 raise RuntimeError(f"{action} while the source is computing")
@@ -309,6 +316,22 @@ class Simulation:
                 self._unresolved -= 1
         elif isinstance(action, ColdStartGrace):
             self.rec.requests[action.request_id].grace = action.seconds
+
+    def _delivered(self, inst: SimInstance, seq: Sequence) -> int:
+        """The tokens of `seq` the scheduler has heard of: a step in flight on `inst` already
+        advanced it (its state moves when the step begins), and the live runtime sends a
+        migration only the tokens its client has."""
+        return seq.generated - (seq.request_id in self._stepping.get(inst.instance_id, ()))
+
+    def _send_new_tokens(self, dest: SimInstance) -> None:
+        """Before a prefill of `dest`, each rebuild there takes the tokens its source made since
+        its last round (ServerlessLLM's multi-round migration), as the live runtime sends them."""
+        for copy in list(dest.rebuilt.values()):
+            source = self._instances.get(copy.source)
+            seq = source and (source.running.get(copy.request_id)
+                              or source.handing.get(copy.request_id))
+            if seq is not None and self._delivered(source, seq) > copy.generated:
+                dest.extend(copy.request_id, self._delivered(source, seq))
 
     def _start_memory(self, action) -> None:
         inst = self._instances[action.instance]

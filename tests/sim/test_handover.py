@@ -119,3 +119,32 @@ def test_a_request_moved_on_during_its_catch_up_leaves_after_it_with_its_token()
     assert sim._instances["dst"].kv_used == 0 and not sim._arriving["dst2"]
     # the client's pauses: each from the token before it (the first catch-up made one)
     assert sim.rec.handover_pauses == [pytest.approx(first), pytest.approx(second)]
+
+
+def test_a_later_round_rebuilds_only_the_tokens_made_since_the_last():
+    """ServerlessLLM's multi-round migration: before a prefill of the destination, its rebuild
+    takes the tokens the source made since, and prefills those on top of the KV it holds."""
+    sim, _ = scene()
+    decode(sim, "src", 3)
+    rebuild(sim, "src", "dst")                  # round 1: the 104 tokens known
+    decode(sim, "src", 6)                       # r0 has 10 tokens
+    dst = sim._instances["dst"]
+    sim._apply(Grant(1, "gpu1", "dst", "prefill", 1))
+    step = next(payload for _, kind, _, payload in sim._heap if kind == STEP)[2]
+    assert step.elapsed == pytest.approx(dst.table.prefill(6)) and step.sequences == ()
+    assert dst.rebuilt["r0"].context == PROMPT + 10 and kv_held(sim, "dst") == dst.kv_used
+    run_events(sim)
+    decode(sim, "src", 1)
+    sim._apply(HandOver("r0", "src", "dst"))
+    assert dst.table.prefill(11 - 10 + 1) == pytest.approx(sim.rec.handover_pauses[0])
+
+
+def test_a_migration_sends_only_the_tokens_the_client_has():
+    """The source's state moves when its step begins; a move decided while that step runs copies
+    the tokens delivered so far, as the live runtime sends what the client has."""
+    sim, _ = scene()
+    decode(sim, "src", 3)
+    sim._apply(Grant(1, "gpu0", "src", "decode", 1))   # r0's 5th token is being made
+    sim._apply(Migrate("r0", "src", "dst"))
+    assert sim._instances["src"].running["r0"].generated == 5
+    assert sim._instances["dst"].waiting["r0"].generated == 4

@@ -62,10 +62,12 @@ def test_simulate_command(tmp_path):
 def test_simulate_with_overrides(tmp_path):
     result = CliRunner().invoke(simulate, [
         "--models", "16", "--duration", "30", "--systems", "slinfer", "--shadow", "full",
-        "--watermark", "0.5", "--keep-alive", "2", "--no-plots", "--out", str(tmp_path),
+        "--watermark", "0.5", "--keep-alive", "2", "--migration", "--migration-rounds", "2",
+        "--no-plots", "--out", str(tmp_path),
         "--log", str(tmp_path / "run.jsonl")])
     assert result.exit_code == 0, result.output
-    assert "slinfer 16x7b 4C+4G watermark=0.5 keep_alive=2 shadow=full" in result.output
+    assert ("slinfer 16x7b 4C+4G watermark=0.5 keep_alive=2 shadow=full migration=True "
+            "migration_rounds=2") in result.output
     assert (tmp_path / "run.jsonl").read_text().count("\n") > 50
 
 
@@ -80,6 +82,8 @@ def test_simulate_with_overrides(tmp_path):
     (["--duration", "-5"], "'--duration'"),
     (["--keep-alive", "-1"], "'--keep-alive'"),
     (["--watermark", "-0.1"], "'--watermark'"),
+    (["--migration-rounds", "3"], "--migration-rounds needs --migration"),
+    (["--migration", "--migration-rounds", "0"], "'--migration-rounds': 0 is not in the range"),
 ])
 def test_simulate_rejects_bad_input_clearly(args, message):
     result = CliRunner().invoke(simulate, args + ["--no-plots"])
