@@ -45,7 +45,7 @@ Executor loop (the simulator in `refengine/sim/simulator.py` is a complete examp
 """
 from scheduler.actions import (Action, Assign, ColdStartGrace, CreateInstance, Drop, Evict, Grant,
                                HandOver, KvResize, Load, Migrate, ReleaseInstance, Unload)
-from scheduler.config import PRESETS, SchedulerConfig, preset
+from scheduler.config import LIVE_MIGRATION, PRESETS, SchedulerConfig, preset
 from scheduler.core import Scheduler
 from scheduler.costmodel import CostModel, LatencyTable, load_table
 from scheduler.events import (Event, HandedOver, InstanceFailed, MemoryDone, ModelTierChanged,

@@ -111,6 +111,11 @@ PRESETS: dict[str, SchedulerConfig] = {c.name: c for c in (
             node_order="balance", preemption=False),
 )}
 
+# Live migration as `serve` runs it (`refengine/runtime/options.py`) and the simulator can compare:
+# from any victim, to a new instance if need be, in up to 8 rounds.
+LIVE_MIGRATION: Mapping[str, object] = {"migration": True, "migration_compute_victims": True,
+                                        "migration_cold_destinations": True, "migration_rounds": 8}
+
 
 def preset(name: str, **overrides) -> SchedulerConfig:
     """A named preset (see `PRESETS`), with fields overridden."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from models.catalogue import Catalogue
 from refengine.runtime.devices import DeviceSpec
 from refengine.runtime.profile import FULL_GRID
-from scheduler.config import SchedulerConfig, preset
+from scheduler.config import LIVE_MIGRATION, SchedulerConfig, preset
 from scheduler.slo import SloPolicy
 
 
@@ -31,8 +31,7 @@ def scheduler_config(name: str, keep_alive_s: float, weights: set[str], slo: Slo
     """`slinfer`, or `exclusive`: ServerlessLLM-style one instance per node, FCFS up to a
     concurrency limit, CPU first (the sllm+c preset with limits for our models). With `migration`,
     a preemption moves requests live from any device, to a new instance if need be, in rounds."""
-    moves = dict.fromkeys(("migration", "migration_compute_victims", "migration_cold_destinations"), migration)
-    overrides = {"keep_alive": keep_alive_s, **moves, "migration_rounds": 8, **({"slo": slo} if slo else {})}
+    overrides = {"keep_alive": keep_alive_s, **(LIVE_MIGRATION if migration else {}), **({"slo": slo} if slo else {})}
     if name == "slinfer":
         return preset("slinfer", **overrides)
     if name == "exclusive":
