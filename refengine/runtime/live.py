@@ -282,7 +282,9 @@ class LiveRuntime:
     def _hand_over(self, handover: act.HandOver) -> None:
         """The source lets the request go between its steps and the destination takes it over,
         prefilling the tokens made since the rebuild (and making the next one from that pass),
-        before any step it is granted next (`relay`)."""
+        before any step it is granted next (`relay`). A client that left before the take-over
+        leaves nothing on the destination; one leaving later is aborted there by the job
+        `_cancel` queues behind it."""
         req = self._requests.get(handover.request_id)
         moving = req.migration if req is not None else None
         if moving is None or moving.destination != handover.destination:
@@ -296,12 +298,12 @@ class LiveRuntime:
         def take_over(state: SequenceState | None) -> None:
             if dest.failed:
                 return
-            caught_up = None
-            if state is None:
-                dest.abort_request(req.id)          # the source failed first: the request ended there
-            else:
+            moved, caught_up = state is not None and not req.done, None
+            if moved:
                 caught_up = dest.take_over(moving.seq_id, req.id, state)
-            self._post(self._taken_over, dest, req, moving, state is not None, caught_up, dest.kv_blocks_used)
+            else:       # the source failed first, or the client left since: it ended; drop the rebuild
+                dest.abort_request(req.id)
+            self._post(self._taken_over, dest, req, moving, moved, caught_up, dest.kv_blocks_used)
 
         relay(self._workers[source.node], self._workers[dest.node], export, take_over,
               partial(self._job_failed, source), partial(self._job_failed, dest))

@@ -257,10 +257,25 @@ BURST_PROMPTS = [PROMPT, "Once upon a time", "The sky is"]
 LONG = SamplingParams(max_tokens=24, ignore_eos=True)     # still decoding when the move completes
 
 
-def preempted_neighbour(model_home, tmp_path, migration: bool):
+async def read_all(stream) -> list:
+    return [e async for e in stream]
+
+
+async def settled(rt: LiveRuntime, timeout: float = 30.0):
+    """The status once no instance holds a sequence (the devices' queued jobs have run)."""
+    for _ in range(int(timeout / 0.05)):
+        status = rt.status()
+        if all(i.running == i.waiting == 0 for i in status.instances):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"instances still hold sequences: {rt.status().instances}")
+
+
+def preempted_neighbour(model_home, tmp_path, migration: bool, client=read_all):
     """The two-device scene: the neighbour streams on cpu:0 until a burst of three on another model
-    overloads it. Returns the neighbour's events, the burst's, the scheduler's actions, the status,
-    and the events the scheduler was handed."""
+    overloads it, its client reading the rest of its stream with `client`. Returns the neighbour's
+    events, the burst's, the scheduler's actions, the status once settled, and the events the
+    scheduler was handed."""
     handled = []
 
     async def scenario():
@@ -274,8 +289,9 @@ def preempted_neighbour(model_home, tmp_path, migration: bool):
             stream = rt.generate(NEIGHBOUR, rt.tokenizer(NEIGHBOUR).encode(PROMPT), LONG)
             events = [await anext(stream), await anext(stream)]        # decoding on cpu:0
             bursting = asyncio.gather(*(collect(rt, BURST, p, max_tokens=4) for p in BURST_PROMPTS))
-            events += [e async for e in stream]
-            return events, await bursting, actions, rt.status(), handled
+            events += await client(stream)
+            bursts = await bursting
+            return events, bursts, actions, await settled(rt), handled
         finally:
             await rt.stop()
 
@@ -398,3 +414,32 @@ def test_an_idle_model_gives_way_to_one_that_needs_its_memory(model_home):
     assert isinstance(first[-1], Finished) and isinstance(second[-1], Finished)
     assert second[-1].completion_tokens == 2 and second[-1].cold_start
     assert [i.model for i in status.instances] == ["smollm2-135m-instruct-r1"]
+
+
+def test_a_client_leaving_as_its_request_is_handed_over_ends_it_on_both_devices(model_home, tmp_path,
+                                                                                monkeypatch):
+    """The client goes away after the hand-over began (the request already counts as the
+    destination's) but before the source let the sequence go: the destination must not take over a
+    request nobody reads. It drops the rebuild instead, and both devices end up holding nothing."""
+    exporting, cancelled, evict = threading.Event(), threading.Event(), LiveInstance.evict
+
+    def export_after_the_client_left(self, request_ids):    # (no Evict in this scene: only the export)
+        exporting.set()
+        assert cancelled.wait(60)
+        return evict(self, request_ids)
+
+    monkeypatch.setattr(LiveInstance, "evict", export_after_the_client_left)
+
+    async def leave_at_the_hand_over(stream):
+        assert await asyncio.to_thread(exporting.wait, 120)
+        await stream.aclose()
+        cancelled.set()
+        return []
+
+    _, bursts, actions, status, handled = preempted_neighbour(model_home, tmp_path, migration=True,
+                                                             client=leave_at_the_hand_over)
+    assert [type(a) for a in actions if isinstance(a, (act.Migrate, act.HandOver))] == [act.Migrate,
+                                                                                       act.HandOver]
+    assert status.migrations == 0 and not [e for e in handled if isinstance(e, HandedOver)]
+    assert all(i.kv_blocks_used == 0 for i in status.instances)
+    assert all(isinstance(b[-1], Finished) for b in bursts)             # the runtime kept serving
