@@ -445,3 +445,28 @@ def test_a_client_leaving_during_a_migration_ends_it_on_both_devices(model_home,
     assert status.migrations == 0 and not [e for e in handled if isinstance(e, HandedOver)]
     assert all(i.kv_blocks_used == 0 for i in status.instances)
     assert all(isinstance(b[-1], Finished) for b in bursts)
+
+
+def test_a_destination_failing_at_the_take_over_ends_the_request_with_a_clear_error(model_home, smollm2,
+                                                                                    tmp_path, monkeypatch):
+    """The source has let the sequence go; the destination's take-over raises. The request ends with
+    a DeviceFailure after the tokens it had streamed (a prefix of greedy's, none repeated), the
+    failed instance's memory is freed, and the burst is served."""
+    fail_once(monkeypatch, "take_over")
+    expected = generate(smollm2, [PromptSpec(PROMPT)], LONG)[0].text
+
+    async def until_the_error(stream):
+        events = []
+        with pytest.raises(DeviceFailure, match="injected take_over failure"):
+            async for event in stream:
+                events.append(event)
+        return events
+
+    events, bursts, actions, status, _ = preempted_neighbour(model_home, tmp_path, migration=True,
+                                                            client=until_the_error)
+    (handover,) = [a for a in actions if isinstance(a, act.HandOver)]
+    assert expected.startswith(text_of(events)) and len(events) >= 2
+    assert status.failures == 1 and status.migrations == 0
+    assert handover.destination not in {i.instance for i in status.instances}
+    assert all(i.kv_blocks_used == 0 for i in status.instances)
+    assert all(isinstance(b[-1], Finished) for b in bursts)
