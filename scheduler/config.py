@@ -10,6 +10,7 @@ every system shares). The ablations switch off one SLINFER mechanism each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Literal, Mapping
 
 from scheduler.slo import SloPolicy
@@ -113,8 +114,9 @@ PRESETS: dict[str, SchedulerConfig] = {c.name: c for c in (
 
 # Live migration as `serve` runs it (`refengine/runtime/options.py`) and the simulator can compare:
 # from any victim, to a new instance if need be, in up to 8 rounds.
-LIVE_MIGRATION: Mapping[str, object] = {"migration": True, "migration_compute_victims": True,
-                                        "migration_cold_destinations": True, "migration_rounds": 8}
+LIVE_MIGRATION: Mapping[str, object] = MappingProxyType({
+    "migration": True, "migration_compute_victims": True, "migration_cold_destinations": True,
+    "migration_rounds": 8})
 
 
 def preset(name: str, **overrides) -> SchedulerConfig:
