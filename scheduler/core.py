@@ -207,12 +207,19 @@ class Scheduler:
         self._touched.add(inst.node.id)
 
     def _cancelled(self, ev: RequestCancelled, now: float) -> None:
+        """The executor aborted the request (its KV freed with it) and reports no step for that:
+        its blocks leave the instance's count here, as an eviction's do. Every step the executor
+        measured before the abort was reported before this event; one after it counts them no
+        more. Left in, they would hold the count above the truth until the instance's next step,
+        which a next request needing that room would then never get."""
         req = self.life.requests.get(ev.request_id)
         if req is not None:
-            node = req.instance.node.id if req.instance else None
+            inst = req.instance
+            if inst is not None and req.prefilled:
+                inst.kv_used = max(0, inst.kv_used - inst.model.blocks_for(req.context))
             self.life.finish(req, now)
-            if node:
-                self._touched.add(node)
+            if inst is not None:
+                self._touched.add(inst.node.id)
 
     def _instance_failed(self, ev: InstanceFailed, now: float) -> None:
         inst = self.life.instances.get(ev.instance)

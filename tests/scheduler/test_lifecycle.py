@@ -5,7 +5,8 @@ from scheduler import (Assign, ColdStartGrace, CreateInstance, Drop, Evict, Gran
                        StepFinished, Tick, Unload)
 from dataclasses import replace
 
-from sched_builders import EXACT, make_scheduler, model, node_spec
+from sched_builders import EXACT, make_scheduler, model, node_spec, ready_instance
+from scheduler.state import Request
 from scheduler.slo import SloPolicy
 
 
@@ -218,3 +219,27 @@ def test_a_busy_instance_does_not_give_way():
     sched.handle(RequestArrived("r3", "m", 16, 4, 1.1), 1.1)       # m is serving again
     acts = sched.handle(RequestArrived("r2", "n", 16, 4, 1.2), 1.2)
     assert "Unload" not in kinds(acts) and "CreateInstance" not in kinds(acts)
+
+
+def test_a_cancelled_request_s_blocks_leave_its_instance_s_count():
+    """The executor aborts a cancelled request and has no step to report the freed KV by, so its
+    blocks leave the count here. Kept, they held instance A, 700 blocks, above a 4,000-token
+    prompt's room for good: 501 stale + 251 > 700, so no grant, hence no step to correct it."""
+    a_spec, b_spec = model("a", max_context=8192), model("b", max_context=8192)
+    sched = make_scheduler(models=[a_spec, b_spec], nodes=[node_spec(memory=100_000)])
+    node = sched.nodes["g0"]
+    a, b = ready_instance(node, "A", a_spec, kv_blocks=700), ready_instance(node, "B", b_spec)
+    for inst in (a, b):
+        sched.life.instances[inst.id] = inst
+        sched.life.by_model[inst.model.name] = [inst]
+    long = Request("long", "a", 8000, 1000, 0.0, 10.0, 0.25)
+    a.attach(long)
+    a.mark_prefilled(long)
+    a.kv_used = a_spec.blocks_for(8000)
+    sched.life.requests["long"] = long
+    b.computing, node.grant_instance = True, b          # B steps meanwhile: A waits for the permit
+    sched.handle(RequestCancelled("long"), 1.0)
+    assert a.kv_used == 0
+    assert only(sched.handle(RequestArrived("next", "a", 4000, 100, 1.1), 1.1), Assign).instance == "A"
+    acts = sched.handle(StepFinished("B", 1, "decode", (), (), 0, 0.07, True), 1.2)
+    assert only(acts, Grant).instance == "A"
