@@ -32,6 +32,7 @@ class RequestRecord:
     finish: float | None = None
     grace: float = 0.0
     dropped: str | None = None
+    cancelled: bool = False     # its client left before the end (`Simulation(cancellations=...)`)
     evictions: int = 0
 
     @property
@@ -88,6 +89,7 @@ class Recorder:
             "slo_met_rate": met / len(recs) if recs else math.nan,
             "slo_met_no_grace": sum(r.slo_met(with_grace=False) for r in recs),
             "dropped": sum(r.dropped is not None for r in recs),
+            "cancelled": sum(r.cancelled for r in recs),
             "evictions": sum(r.evictions for r in recs),
             "migrations": self.migrations,
             "handover_pause_p50_s": percentile(self.handover_pauses, 0.5),

@@ -8,6 +8,10 @@ its source made since the rebuild — and reports back the events the live runti
 `StepFinished`, `HandedOver`, `MemoryDone`, `ModelTierChanged`, `Tick` at `next_wakeup()`. It
 holds no policy; every decision is `Scheduler.handle`.
 
+`cancellations` (request id → tokens) makes clients leave: once a request has streamed that many
+tokens, the executor stops its sequence and sends `RequestCancelled`, as the live runtime does when
+a client disconnects.
+
 As on the live runtime, where each device has one thread, a node computes one thing at a time: a
 catch-up waits for the step running on its node, and the steps granted during it (and the memory
 actions of the instance catching up) wait for it.
@@ -22,7 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from functools import partial
 from time import perf_counter
-from typing import IO, Callable
+from typing import IO, Callable, Mapping
 
 from refengine.sim.cluster import MemoryCosts, model_spec, nodes as make_nodes
 from refengine.sim.engine import Sequence, SimInstance, StepOutcome
@@ -31,13 +35,13 @@ from refengine.sim.metrics import Recorder, RequestRecord
 from refengine.sim.workload import Workload
 from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
                        HandedOver, HandOver, KvResize, Load, MemoryDone, Migrate,
-                       ModelTierChanged, NodeSpec, ReleaseInstance, RequestArrived, Scheduler,
-                       SchedulerConfig, StepFinished, Tick, Unload)
+                       ModelTierChanged, NodeSpec, ReleaseInstance, RequestArrived,
+                       RequestCancelled, Scheduler, SchedulerConfig, StepFinished, Tick, Unload)
 from scheduler.codec import encode
 
 # Event kinds, in tie-break order at equal times (a tier report informs the next decision; work
 # deferred behind a catch-up starts once its hand-over is reported).
-TIER, MEMORY, STEP, HANDED, DEFERRED, ARRIVAL, TICK, SAMPLE = range(8)
+TIER, MEMORY, STEP, HANDED, DEFERRED, CANCEL, ARRIVAL, TICK, SAMPLE = range(9)
 
 
 class Simulation:
@@ -47,9 +51,11 @@ class Simulation:
                  node_specs: list[NodeSpec] | None = None,
                  storage: Storage | None = None,
                  log: IO[str] | None = None,
-                 observer: Callable[[object, list], None] | None = None):
+                 observer: Callable[[object, list], None] | None = None,
+                 cancellations: Mapping[str, int] | None = None):
         """`storage` switches LOADs to the tier model (and tells the scheduler the bandwidths);
-        `log` gets a JSON line per event; `observer(event, actions)` runs after each one."""
+        `log` gets a JSON line per event; `observer(event, actions)` runs after each one;
+        `cancellations`: the requests whose clients leave, after how many tokens (≥ 1)."""
         self.workload = workload
         self.cost = cost or CostModel.shipped()
         self.models = {name: model_spec(name, size) for name in workload.models}
@@ -79,6 +85,8 @@ class Simulation:
         self._loads: list[tuple[SimInstance, Load]] = []
         self._timings: dict[str, LoadTiming] = {}
         self._outputs = {r.request_id: r.output_tokens for r in workload.requests}
+        self._leave_after = dict(cancellations or {})
+        self._streamed: Counter = Counter()     # request -> tokens made, for those that leave
         self._unresolved = len(workload.requests)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -99,7 +107,7 @@ class Simulation:
                 for model in self.models:
                     self._push(0.0, TIER, (node, model, "host"))
         handlers = {TIER: self._on_tier, MEMORY: self._on_memory, STEP: self._on_step,
-                    HANDED: self._on_handed, DEFERRED: self._on_deferred,
+                    HANDED: self._on_handed, DEFERRED: self._on_deferred, CANCEL: self._on_cancel,
                     ARRIVAL: self._on_arrival, TICK: self._on_tick, SAMPLE: self._on_sample}
         while self._heap:
             when, kind, _, payload = heapq.heappop(self._heap)
@@ -169,6 +177,10 @@ class Simulation:
     def _on_step(self, payload) -> None:
         inst, grant, outcome = payload
         self._stepping.pop(inst.instance_id, None)
+        if self._leave_after:           # a client that left during the step hears of it no more
+            outcome.sequences, outcome.finished = (
+                tuple(r for r in ids if not self.rec.requests[r].cancelled)
+                for ids in (outcome.sequences, outcome.finished))
         state = self._grants[inst.instance_id]
         state[1] -= 1
         done = state[1] == 0 or not inst.has_work(grant.kind)
@@ -181,9 +193,8 @@ class Simulation:
         elif outcome.batch:
             self.rec.decode_tokens[kind] += len(outcome.sequences)
             self.rec.batch_hist[kind][outcome.batch] += 1
-        for rid in outcome.finished:
-            self.rec.requests[rid].finish = self.now
-            self._unresolved -= 1
+        self._finished(outcome.finished)
+        self._count_streamed(outcome.sequences)
         if done:
             del self._grants[inst.instance_id]
         self._handle(StepFinished(inst.instance_id, grant.grant_id, outcome.kind,
@@ -194,15 +205,43 @@ class Simulation:
 
     def _on_handed(self, payload) -> None:
         inst, request_id, fed, elapsed = payload
+        made = bool(fed) and request_id in inst.handing     # (not if its client left meanwhile)
         finished = ()
-        if fed:
+        if made:
             finished = inst.caught_up(request_id)
             self.rec.decode_tokens[self.node_specs[inst.node].kind] += 1
-        for rid in finished:
+            self._count_streamed((request_id,))
+        self._finished(finished)
+        self._handle(HandedOver(inst.instance_id, request_id, made, bool(finished), inst.kv_used,
+                                elapsed))
+
+    def _finished(self, request_ids: tuple[str, ...]) -> None:
+        for rid in request_ids:
             self.rec.requests[rid].finish = self.now
             self._unresolved -= 1
-        self._handle(HandedOver(inst.instance_id, request_id, bool(fed), bool(finished),
-                                inst.kv_used, elapsed))
+
+    def _count_streamed(self, request_ids: tuple[str, ...]) -> None:
+        """Clients that leave do so once they have their number of tokens (`CANCEL`, now)."""
+        for rid in request_ids:
+            if rid in self._leave_after:
+                self._streamed[rid] += 1
+                if self._streamed[rid] == self._leave_after[rid]:
+                    self._push(self.now, CANCEL, rid)
+
+    def _on_cancel(self, request_id: str) -> None:
+        """The client left: its sequence stops where it runs (a rebuild of it elsewhere is the
+        scheduler's to drop), and the scheduler hears of it. Nothing, if it ended meanwhile."""
+        rec = self.rec.requests[request_id]
+        if rec.finish is not None or rec.dropped is not None:
+            return
+        for inst in self._instances.values():
+            seq = (inst.waiting.get(request_id) or inst.running.get(request_id)
+                   or inst.handing.get(request_id))
+            if seq is not None and not seq.rebuild:
+                inst.remove(request_id)
+        rec.cancelled = True
+        self._unresolved -= 1
+        self._handle(RequestCancelled(request_id))
 
     def _on_deferred(self, start: Callable[[], None]) -> None:
         start()
@@ -262,6 +301,9 @@ class Simulation:
             self._arriving[action.destination] -= 1
         seq = self._instances[action.source].remove(action.request_id)
         dest = self._instances[action.destination]
+        if seq is None:                             # its client left during the catch-up: the
+            dest.remove(action.request_id)          # destination drops the rebuild
+            return
         fed = dest.take_over(seq)
         self.rec.migrations += 1
         start = max(self.now, self._free_at[dest.node])

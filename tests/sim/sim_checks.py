@@ -8,7 +8,8 @@ import pytest
 from refengine.sim.loading import Storage
 from refengine.sim.simulator import Simulation
 from refengine.sim.workload import DEFAULT_TRACE, TraceRequest, Workload
-from scheduler import Assign, Drop, Evict, Grant, HandedOver, HandOver, StepFinished, preset
+from scheduler import (Assign, Drop, Evict, Grant, HandedOver, HandOver, RequestCancelled,
+                       StepFinished, preset)
 from scheduler.memory import pessimistic_usage
 
 
@@ -38,6 +39,8 @@ class InvariantChecker:
             self.ended.update(event.finished)
             if event.grant_done:
                 self.live_grant.pop(sim._instances[event.instance].node, None)
+        elif isinstance(event, RequestCancelled):
+            self.ended[event.request_id] += 1
         elif isinstance(event, HandedOver):
             self.ended.update([event.request_id] if event.finished else [])
             self.catch_ups += event.produced
@@ -69,14 +72,15 @@ class InvariantChecker:
         assert all(n == 1 for n in self.ended.values()), "a request ended twice"
         assert self.sim._unresolved == 0
         for rid, rec in self.sim.rec.requests.items():
-            assert (rec.finish is None) == (rec.dropped is not None), rid
+            assert (rec.finish is None) == (rec.dropped is not None or rec.cancelled), rid
 
 
 def simulate_checked(workload: Workload, system: str, size: str, cpus: int, gpus: int,
-                     storage: Storage | None = None, **overrides) -> InvariantChecker:
+                     storage: Storage | None = None, cancellations: dict[str, int] | None = None,
+                     **overrides) -> InvariantChecker:
     checker = InvariantChecker()
     sim = Simulation(workload, preset(system, **overrides), size=size, cpus=cpus, gpus=gpus,
-                     storage=storage, observer=checker)
+                     storage=storage, observer=checker, cancellations=cancellations)
     checker.sim = sim
     sim.run()
     checker.check_end(workload)

@@ -6,7 +6,8 @@ import pytest
 
 from refengine.sim.metrics import RequestRecord
 from refengine.sim.simulator import DEFERRED, HANDED, STEP, Simulation
-from scheduler import Assign, CreateInstance, Grant, HandedOver, HandOver, Migrate, StepFinished, preset
+from scheduler import (Assign, CreateInstance, Grant, HandedOver, HandOver, Migrate, RequestCancelled,
+                       StepFinished, preset)
 from sim_checks import workload
 
 PROMPT = 100
@@ -37,6 +38,14 @@ def rebuild(sim: Simulation, source: str, dest: str) -> None:
     sim._instances[dest].step("prefill")
 
 
+def hand_over_after_3_more(sim: Simulation) -> None:
+    """r0, rebuilt on dst at 4 tokens, is handed over there at 7: dst catches up 4 tokens."""
+    decode(sim, "src", 3)
+    rebuild(sim, "src", "dst")
+    decode(sim, "src", 3)
+    sim._apply(HandOver("r0", "src", "dst"))
+
+
 def run_events(sim: Simulation) -> None:
     """The simulator's loop, over the events the applied actions queued."""
     handlers = {HANDED: sim._on_handed, DEFERRED: sim._on_deferred, STEP: sim._on_step}
@@ -53,11 +62,8 @@ def kv_held(sim: Simulation, iid: str) -> int:
 
 def test_the_catch_up_is_charged_and_makes_the_next_token():
     sim, events = scene()
-    decode(sim, "src", 3)                       # r0 has 4 tokens when the rebuild starts
-    rebuild(sim, "src", "dst")
-    decode(sim, "src", 3)                       # and 7 at the hand-over
     sim.now = t0 = 10.0
-    sim._apply(HandOver("r0", "src", "dst"))
+    hand_over_after_3_more(sim)
     dst = sim._instances["dst"]
     catch_up = dst.table.prefill(7 - 4 + 1)     # the tokens made meanwhile, and the newest
     assert "r0" in dst.handing and dst.has_work("decode") and kv_held(sim, "dst") == dst.kv_used
@@ -86,10 +92,7 @@ def test_a_rebuild_that_reached_the_newest_token_decodes_on_at_once():
 
 def test_the_catch_up_token_can_end_the_request_and_an_empty_grant_runs():
     sim, events = scene(output_tokens=8)
-    decode(sim, "src", 3)
-    rebuild(sim, "src", "dst")
-    decode(sim, "src", 3)
-    sim._apply(HandOver("r0", "src", "dst"))
+    hand_over_after_3_more(sim)
     sim._apply(Grant(1, "gpu1", "dst", "decode", 1))
     run_events(sim)
     handed, stepped = [e for e in events if isinstance(e, (HandedOver, StepFinished))]
@@ -101,10 +104,7 @@ def test_the_catch_up_token_can_end_the_request_and_an_empty_grant_runs():
 
 def test_a_request_moved_on_during_its_catch_up_leaves_after_it_with_its_token():
     sim, events = scene()
-    decode(sim, "src", 3)
-    rebuild(sim, "src", "dst")
-    decode(sim, "src", 3)
-    sim._apply(HandOver("r0", "src", "dst"))    # catching up on gpu1 until `first`
+    hand_over_after_3_more(sim)                 # catching up on gpu1 until `first`
     first = sim._instances["dst"].table.prefill(4)
     rebuild(sim, "dst", "dst2")                 # rebuilt on gpu0 from the 7 tokens known
     sim._apply(HandOver("r0", "dst", "dst2"))   # waits for the catch-up on gpu1
@@ -148,3 +148,26 @@ def test_a_migration_sends_only_the_tokens_the_client_has():
     sim._apply(Migrate("r0", "src", "dst"))
     assert sim._instances["src"].running["r0"].generated == 5
     assert sim._instances["dst"].waiting["r0"].generated == 4
+
+
+def test_a_client_leaving_during_the_catch_up_gets_no_token_from_it():
+    sim, events = scene()
+    hand_over_after_3_more(sim)
+    sim._on_cancel("r0")                        # the client left at its 7th token
+    run_events(sim)
+    cancelled, handed = events
+    assert cancelled == RequestCancelled("r0")
+    assert handed == HandedOver("dst", "r0", False, False, 0, sim._instances["dst"].table.prefill(4))
+    assert not sim._instances["dst"].handing and sim._instances["dst"].kv_used == 0
+    assert sim.rec.requests["r0"].cancelled and sim._unresolved == 0
+
+
+def test_a_client_leaving_before_a_deferred_hand_over_leaves_no_rebuild_behind():
+    sim, events = scene()
+    hand_over_after_3_more(sim)
+    rebuild(sim, "dst", "dst2")
+    sim._apply(HandOver("r0", "dst", "dst2"))   # deferred behind dst's catch-up
+    sim._on_cancel("r0")
+    run_events(sim)
+    assert all(not i.handing and not i.rebuilt and i.kv_used == 0 for i in sim._instances.values())
+    assert not sim._arriving["dst2"]
