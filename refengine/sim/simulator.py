@@ -9,8 +9,8 @@ its source made since the rebuild — and reports back the events the live runti
 holds no policy; every decision is `Scheduler.handle`.
 
 `cancellations` (request id → tokens) makes clients leave: once a request has streamed that many
-tokens, the executor stops its sequence and sends `RequestCancelled`, as the live runtime does when
-a client disconnects.
+tokens (0: as soon as it arrived, queued or waiting for a cold start), the executor stops its
+sequence and sends `RequestCancelled`, as the live runtime does when a client disconnects.
 
 As on the live runtime, where each device has one thread, a node computes one thing at a time: a
 catch-up waits for the step running on its node, and the steps granted during it (and the memory
@@ -55,7 +55,7 @@ class Simulation:
                  cancellations: Mapping[str, int] | None = None):
         """`storage` switches LOADs to the tier model (and tells the scheduler the bandwidths);
         `log` gets a JSON line per event; `observer(event, actions)` runs after each one;
-        `cancellations`: the requests whose clients leave, after how many tokens (≥ 1)."""
+        `cancellations`: the requests whose clients leave, after how many tokens."""
         self.workload = workload
         self.cost = cost or CostModel.shipped()
         self.models = {name: model_spec(name, size) for name in workload.models}
@@ -148,6 +148,8 @@ class Simulation:
     def _on_arrival(self, r) -> None:
         self._handle(RequestArrived(r.request_id, r.model, r.input_tokens, r.output_tokens,
                                     r.arrival))
+        if self._leave_after.get(r.request_id) == 0:
+            self._push(self.now, CANCEL, r.request_id)
 
     def _on_tier(self, change) -> None:
         self._handle(ModelTierChanged(*change))

@@ -116,11 +116,12 @@ def test_more_rebuild_rounds_leave_less_for_the_hand_overs_to_catch_up():
        system=st.sampled_from(["slinfer", "sllm+c+s", "slinfer+migration"]),
        size=st.sampled_from(["7b", "13b"]), cpus=st.integers(0, 1), gpus=st.integers(1, 3))
 def test_invariants_hold_when_clients_leave(items, leaving, system, size, cpus, gpus):
-    """Some clients leave after a few of their tokens (`RequestCancelled`), wherever their request
-    is then: decoding, waiting for a grant, being rebuilt elsewhere or handed over. Every request
-    still ends exactly once, and the invariants above hold."""
+    """Some clients leave after a few of their tokens, or none (`RequestCancelled`), wherever their
+    request is then: queued, waiting for a cold start or a grant, decoding, being rebuilt
+    elsewhere or handed over. Every request still ends exactly once, and the invariants above
+    hold."""
     w = workload(items, N_MODELS)
-    cancellations = {r.request_id: leaving.draw(st.integers(1, r.output_tokens))
+    cancellations = {r.request_id: leaving.draw(st.integers(0, r.output_tokens))
                      for r in w.requests if leaving.draw(st.booleans())}
     simulate_leaving(w, cancellations, system, size, cpus, gpus)
 
