@@ -217,7 +217,7 @@ class Scheduler:
             inst = req.instance
             if inst is not None and req.prefilled:
                 inst.kv_used = max(0, inst.kv_used - inst.model.blocks_for(req.context))
-            self.life.finish(req, now)
+            self.life.cancel(req, now)
             if inst is not None:
                 self._touched.add(inst.node.id)
 

@@ -323,6 +323,11 @@ class Lifecycle:
         self._forget(req, now)
         self.outputs.observe(req.model, req.generated)
 
+    def cancel(self, req: Request, now: float) -> None:
+        """Its client left: forgotten like a finished request, but its length so far says nothing
+        of the model's output lengths, so the estimate does not learn from it."""
+        self._forget(req, now)
+
     def drop(self, req: Request, reason: str, now: float) -> None:
         self._forget(req, now)
         self.emit(Drop(req.id, reason))

@@ -243,3 +243,12 @@ def test_a_cancelled_request_s_blocks_leave_its_instance_s_count():
     assert only(sched.handle(RequestArrived("next", "a", 4000, 100, 1.1), 1.1), Assign).instance == "A"
     acts = sched.handle(StepFinished("B", 1, "decode", (), (), 0, 0.07, True), 1.2)
     assert only(acts, Grant).instance == "A"
+
+
+def test_a_cancelled_request_teaches_the_output_estimate_nothing():
+    sched = make_scheduler()
+    iid, grant = cold_start(sched)
+    prior = sched.life.outputs.mean("m")
+    sched.handle(StepFinished(iid, grant.grant_id, "prefill", ("r1",), (), 2, 0.02, True), 0.62)
+    sched.handle(RequestCancelled("r1"), 0.7)           # after 1 of its 4 tokens
+    assert sched.life.outputs.mean("m") == prior
