@@ -222,7 +222,12 @@ def test_completion_logprobs_streamed_equal_whole_for_every_choice(client):
             for key, values in (c.logprobs.model_dump() if c.logprobs else {}).items():
                 streamed[c.index][key] += values
     for index, logprobs in whole.items():
-        assert streamed[index] == logprobs.model_dump()
+        got, want = streamed[index], logprobs.model_dump()
+        assert (got["tokens"], got["text_offset"]) == (want["tokens"], want["text_offset"])
+        # the two requests' steps may run on different thread counts (the tuner tries them) or
+        # batches: float32 sums in another order differ in their last bits
+        assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+        assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got["top_logprobs"], want["top_logprobs"]))
         assert len(logprobs.tokens) == 5 and all(len(top) <= 2 for top in logprobs.top_logprobs)
         lengths = [len(t) for t in logprobs.tokens]
         assert logprobs.text_offset == [sum(lengths[:k]) for k in range(5)]   # each choice counts its own
