@@ -224,8 +224,8 @@ def test_completion_logprobs_streamed_equal_whole_for_every_choice(client):
     for index, logprobs in whole.items():
         got, want = streamed[index], logprobs.model_dump()
         assert (got["tokens"], got["text_offset"]) == (want["tokens"], want["text_offset"])
-        # the two requests' steps may run on different thread counts (the tuner tries them) or
-        # batches: float32 sums in another order differ in their last bits
+        # the two requests may batch their sequences into steps differently, and BLAS sums a
+        # float32 product of another shape in another order: the last bits differ
         assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
         assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got["top_logprobs"], want["top_logprobs"]))
         assert len(logprobs.tokens) == 5 and all(len(top) <= 2 for top in logprobs.top_logprobs)
