@@ -83,6 +83,9 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
 @click.option("--migration-rounds", type=click.IntRange(1), metavar="N",
               help="With --migration: rebuild in up to N rounds, each taking the tokens the "
               "source made during the last, so the hand-over has fewer to catch up.")
+@click.option("--leave-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of clients that leave early, after a random number of their tokens "
+              "(the SLO rate is of those that stay).")
 @click.option("--loading", help="Simulated tiers and loading: local (ServerlessLLM: each node "
               "from its fastest tier) or multicast (λScale: GPU-to-GPU multicast, execute while "
               "loading); comma-separated to compare. Default: the legacy fixed load cost.")
@@ -102,8 +105,8 @@ def _run_with_bar(spec: RunSpec, log_path: Path | None) -> dict:
               help="Compare local (ServerlessLLM) and multicast (λScale) loading on the same "
               "traces; writes a section of docs/PAPER_REPRODUCTION.md.")
 def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, duration, watermark,
-             keep_alive, shadow, migration, migration_rounds, loading, host_cache, jobs, out,
-             make_plots, log_path, reproduce, compare_loading) -> None:
+             keep_alive, shadow, migration, migration_rounds, leave_rate, loading, host_cache,
+             jobs, out, make_plots, log_path, reproduce, compare_loading) -> None:
     """Simulate serverless LLM serving on CPU + GPU nodes (SLINFER §6)."""
     if reproduce:
         from refengine.sim.reproduce import reproduce as run_reproduction
@@ -135,7 +138,7 @@ def simulate(systems, size, models, cpus, gpus, workload, trace, rps, seed, dura
                                           ("migration_rounds", migration_rounds))
                       if v is not None)
     specs = [RunSpec(s, size, models, cpus, gpus, workload, str(trace) if trace else None, rps,
-                     seed, duration, overrides, ld, host_cache)
+                     seed, duration, overrides, ld, host_cache, leave_rate)
              for s in names for ld in loadings]
     try:
         if jobs == 1 or len(specs) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Iterable
@@ -34,6 +35,7 @@ class RunSpec:
     overrides: tuple[tuple[str, float | str], ...] = field(default_factory=tuple)
     loading: str | None = None         # local | multicast: simulated tiers (None: legacy loads)
     host_cache_gib: float | None = None  # per node; None: every model cached (with tiers)
+    leave_rate: float = 0.0            # share of clients that leave early (`cancellations`)
 
     @property
     def label(self) -> str:
@@ -42,6 +44,8 @@ class RunSpec:
         if self.storage() is not None:
             cache = "all" if self.host_cache_gib is None else f"{self.host_cache_gib:g}GiB"
             extra += f" loading={self.loading or 'local'} host-cache={cache}"
+        if self.leave_rate:
+            extra += f" leave-rate={self.leave_rate:g}"
         return f"{self.system} {self.models}x{self.size} {self.cpus}C+{self.gpus}G{extra}"
 
     def storage(self) -> Storage | None:
@@ -66,6 +70,14 @@ class RunSpec:
         return w
 
 
+    def cancellations(self, workload: Workload) -> dict[str, int]:
+        """Each client leaves with probability `leave_rate`, after a number of tokens drawn
+        uniformly from none to all but its last (a stream of its own, from `seed`)."""
+        rnd = random.Random(f"leave:{self.seed}")
+        return {r.request_id: rnd.randrange(max(r.output_tokens, 1)) for r in workload.requests
+                if rnd.random() < self.leave_rate}
+
+
 def _finite(x):
     """JSON has no infinity: drops (TTFT = inf) are written as null."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -84,7 +96,7 @@ def run(spec: RunSpec, on_progress: Callable[[float], None] | None = None,
     config = preset(spec.system, **dict(spec.overrides))
     start = time.perf_counter()
     sim = Simulation(workload, config, size=spec.size, cpus=spec.cpus, gpus=spec.gpus,
-                     storage=spec.storage(), log=log)
+                     storage=spec.storage(), log=log, cancellations=spec.cancellations(workload))
     rec = sim.run(on_progress)
     wall = time.perf_counter() - start
     return _finite({

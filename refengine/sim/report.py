@@ -7,6 +7,7 @@ COLUMNS = [
     ("rate", "slo_met_rate", "{:.1%}"),
     ("no grace", "slo_met_no_grace", "{:d}"),
     ("dropped", "dropped", "{:d}"),
+    ("left", "cancelled", "{:d}"),
     ("evicted", "evictions", "{:d}"),
     ("migrated", "migrations", "{:d}"),
     ("TTFT p50 s", "ttft_p50_s", "{:.2f}"),

@@ -71,6 +71,22 @@ def test_simulate_with_overrides(tmp_path):
     assert (tmp_path / "run.jsonl").read_text().count("\n") > 50
 
 
+def test_simulate_with_clients_leaving(tmp_path):
+    """Half the clients leave early, the same ones for every system (the seed's own stream); the
+    SLO rate is of those that stayed."""
+    result = CliRunner().invoke(simulate, [
+        "--models", "16", "--duration", "60", "--systems", "slinfer,sllm", "--leave-rate", "0.5",
+        "--jobs", "1", "--no-plots", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "slinfer 16x7b 4C+4G leave-rate=0.5" in result.output
+    runs = [m["summary"] for m in json.loads((tmp_path / "metrics.json").read_text())]
+    for s in runs:
+        assert 0.3 * s["requests"] < s["cancelled"] < 0.6 * s["requests"]
+        assert s["slo_met_rate"] == pytest.approx(s["slo_met"] / (s["requests"] - s["cancelled"]))
+    spec = RunSpec(models=16, duration=60.0, leave_rate=0.5)
+    assert spec.cancellations(spec.build_workload()) == spec.cancellations(spec.build_workload())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trace", "/nonexistent.json"], "does not exist"),
     (["--models", "30"], "16..128"),
@@ -84,6 +100,7 @@ def test_simulate_with_overrides(tmp_path):
     (["--watermark", "-0.1"], "'--watermark'"),
     (["--migration-rounds", "3"], "--migration-rounds needs --migration"),
     (["--migration", "--migration-rounds", "0"], "'--migration-rounds': 0 is not in the range"),
+    (["--leave-rate", "1.5"], "'--leave-rate': 1.5 is not in the range 0<=x<=1"),
 ])
 def test_simulate_rejects_bad_input_clearly(args, message):
     result = CliRunner().invoke(simulate, args + ["--no-plots"])
