@@ -30,21 +30,21 @@ from typing import IO, Callable, Mapping
 
 from refengine.sim.cluster import MemoryCosts, model_spec, nodes as make_nodes
 from refengine.sim.engine import Sequence, SimInstance, StepOutcome
+from refengine.sim.event_kinds import (ARRIVAL, CANCEL, DEFERRED, HANDED, MEMORY, SAMPLE, STEP,
+                                       TICK, TIER)
 from refengine.sim.loading import Loader, LoadTiming, Receiver, Storage
 from refengine.sim.metrics import Recorder, RequestRecord
+from refengine.sim.migration import MigrationExecutor
 from refengine.sim.workload import Workload
 from scheduler import (Assign, ColdStartGrace, CostModel, CreateInstance, Drop, Evict, Grant,
-                       HandedOver, HandOver, KvResize, Load, MemoryDone, Migrate,
+                       HandOver, KvResize, Load, MemoryDone, Migrate,
                        ModelTierChanged, NodeSpec, ReleaseInstance, RequestArrived,
                        RequestCancelled, Scheduler, SchedulerConfig, StepFinished, Tick, Unload)
 from scheduler.codec import encode
 
-# Event kinds, in tie-break order at equal times (a tier report informs the next decision; work
-# deferred behind a catch-up starts once its hand-over is reported).
-TIER, MEMORY, STEP, HANDED, DEFERRED, CANCEL, ARRIVAL, TICK, SAMPLE = range(9)
 
 
-class Simulation:
+class Simulation(MigrationExecutor):
     def __init__(self, workload: Workload, config: SchedulerConfig, size: str = "7b",
                  cpus: int = 4, gpus: int = 4, cost: CostModel | None = None,
                  memory_costs: MemoryCosts = MemoryCosts(),
@@ -205,18 +205,6 @@ class Simulation:
         if not done:
             self._start_step(inst, grant)
 
-    def _on_handed(self, payload) -> None:
-        inst, request_id, fed, elapsed = payload
-        made = bool(fed) and request_id in inst.handing     # (not if its client left meanwhile)
-        finished = ()
-        if made:
-            finished = inst.caught_up(request_id)
-            self.rec.decode_tokens[self.node_specs[inst.node].kind] += 1
-            self._count_streamed((request_id,))
-        self._finished(finished)
-        self._handle(HandedOver(inst.instance_id, request_id, made, bool(finished), inst.kv_used,
-                                elapsed))
-
     def _finished(self, request_ids: tuple[str, ...]) -> None:
         for rid in request_ids:
             self.rec.requests[rid].finish = self.now
@@ -294,25 +282,6 @@ class Simulation:
             outcome = StepOutcome(grant.kind, (), (), 0.0, 0)
         self._push(self.now + outcome.elapsed, STEP, (inst, grant, outcome))
 
-    def _hand_over(self, action: HandOver) -> None:
-        """The destination catches up behind its node's running step and makes the request's next
-        token from that pass (`HANDED`); none to catch up, the request decodes on at once. (A
-        request moved on while its last hand-over catches up leaves once that ends, with its
-        token, as the live runtime's device thread exports it after the catch-up.)"""
-        if self._arriving[action.destination]:
-            self._arriving[action.destination] -= 1
-        seq = self._instances[action.source].remove(action.request_id)
-        dest = self._instances[action.destination]
-        if seq is None:                             # its client left during the catch-up: the
-            dest.remove(action.request_id)          # destination drops the rebuild
-            return
-        fed = dest.take_over(seq)
-        self.rec.migrations += 1
-        start = max(self.now, self._free_at[dest.node])
-        elapsed = self._computes(dest, start, dest.table.prefill(fed)) if fed else 0.0
-        self.rec.handover_pauses.append(start + elapsed - self.now)
-        self._push(start + elapsed, HANDED, (dest, action.request_id, fed, elapsed))
-
     def _apply(self, action) -> None:
         if isinstance(action, Grant):
             inst = self._instances[action.instance]
@@ -330,19 +299,11 @@ class Simulation:
             self._instances[action.instance].add(
                 Sequence(action.request_id, action.input_tokens, action.resume_tokens, out))
         elif isinstance(action, Migrate):
-            source = self._instances[action.source]
-            seq = source.decoding(action.request_id)
-            self._instances[action.destination].add(Sequence(
-                seq.request_id, seq.input_tokens, self._delivered(source, seq), seq.output_tokens,
-                source=action.source))
+            self._migrate(action)
         elif isinstance(action, HandOver):
             if action.source in self._grants:
                 raise RuntimeError(f"{action} while the source is computing")
-            if action.request_id in self._instances[action.source].handing:
-                self._arriving[action.destination] += 1     # (its own hand-over still catching up)
-                self._deferred(self._instances[action.source].node, partial(self._hand_over, action))
-            else:
-                self._hand_over(action)
+            self._start_hand_over(action)
         elif isinstance(action, CreateInstance):
             model = self.models[action.model]
             hw = self.node_specs[action.node].hardware
@@ -360,22 +321,6 @@ class Simulation:
                 self._unresolved -= 1
         elif isinstance(action, ColdStartGrace):
             self.rec.requests[action.request_id].grace = action.seconds
-
-    def _delivered(self, inst: SimInstance, seq: Sequence) -> int:
-        """The tokens of `seq` the scheduler has heard of: a step in flight on `inst` already
-        advanced it (its state moves when the step begins), and the live runtime sends a
-        migration only the tokens its client has."""
-        return seq.generated - (seq.request_id in self._stepping.get(inst.instance_id, ()))
-
-    def _send_new_tokens(self, dest: SimInstance) -> None:
-        """Before a prefill of `dest`, each rebuild there takes the tokens its source made since
-        its last round (ServerlessLLM's multi-round migration), as the live runtime sends them."""
-        for copy in list(dest.rebuilt.values()):
-            source = self._instances.get(copy.source)
-            seq = source and (source.running.get(copy.request_id)
-                              or source.handing.get(copy.request_id))
-            if seq is not None and self._delivered(source, seq) > copy.generated:
-                dest.extend(copy.request_id, self._delivered(source, seq))
 
     def _start_memory(self, action) -> None:
         inst = self._instances[action.instance]
