@@ -148,7 +148,8 @@ def test_simulate_compares_loading_styles_quickly(tmp_path):
 
 
 def test_simulate_rejects_an_unknown_loading(tmp_path):
-    result = CliRunner().invoke(simulate, ["--loading", "rdma", "--no-plots"])
+    # (a generated workload: the check must not need ../shared/traces)
+    result = CliRunner().invoke(simulate, ["--loading", "rdma", "--workload", "pareto", "--no-plots"])
     assert result.exit_code != 0 and "unknown loading" in result.output
 
 
